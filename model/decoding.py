@@ -1,0 +1,269 @@
+"""Batched decoding of 30 s windows that may come from many files: greedy, sampling (best-of) and beam search.
+
+The reference ``DecodingTask`` is kept in spirit — logit filters, a token decoder, a sequence ranker — but every
+rule works on the whole batch at once, the kv-cache is explicit (:class:`~model.kv_cache.KVCache`), and an audio leaves
+the active batch as soon as its result is fixed, so its cost stops. Results equal the reference's ``whisper.decode``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .audio import CHUNK_LENGTH
+from .tokenizer import Tokenizer
+from .whisper import Whisper
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    # "transcribe" (speech -> same-language text) or "translate" (speech -> English)
+    task: str = "transcribe"
+    # language of the audio; None: detected per window on multilingual models, "en" on English-only models
+    language: str | None = None
+    # 0.0 decodes greedily (or by beam search); above 0 samples from the softmax at that temperature
+    temperature: float = 0.0
+    # most tokens to sample per window (default: half the text context, 224)
+    sample_len: int | None = None
+    # candidates sampled per window when temperature > 0
+    best_of: int | None = None
+    # beams per window when temperature == 0; None decodes greedily
+    beam_size: int | None = None
+    # beam search stops once round(beam_size * patience) finished candidates exist (arXiv:2204.05424)
+    patience: float | None = None
+    # None ranks candidates by their summed logprob / length; a value alpha uses Google NMT's ((5+len)/6)**alpha
+    length_penalty: float | None = None
+    # text or tokens of a previous context, fed after <|startofprev|>
+    prompt: str | Sequence[int] | None = None
+    # comma-separated ids or a list to suppress; "-1" means the non-speech symbols
+    suppress_tokens: str | Sequence[int] | None = "-1"
+    # no blank or end-of-text as the first sampled token
+    suppress_blank: bool = True
+    # sample text tokens only (<|notimestamps|>)
+    without_timestamps: bool = False
+    # the first timestamp may not be later than this many seconds
+    max_initial_timestamp: float | None = 1.0
+
+    def validate(self) -> None:
+        if self.task not in ("transcribe", "translate"):
+            raise ValueError(f"task must be 'transcribe' or 'translate', got {self.task!r}")
+        if self.beam_size is not None and self.best_of is not None:
+            raise ValueError("beam_size and best_of can't be given together")
+        if self.temperature == 0 and self.best_of is not None:
+            raise ValueError("best_of with greedy sampling (temperature 0) is not compatible")
+        if self.patience is not None and self.beam_size is None:
+            raise ValueError("patience requires beam_size to be given")
+        if self.length_penalty is not None and not 0 <= self.length_penalty <= 1:
+            raise ValueError("length_penalty (alpha) should be a value between 0 and 1")
+
+
+@dataclass
+class DecodingResult:
+    """One window's decoded result."""
+
+    tokens: list[int]  # sampled tokens: text and timestamps, no <|endoftext|>
+    text: str
+    language: str
+    avg_logprob: float
+    no_speech_prob: float
+    temperature: float
+    compression_ratio: float
+    language_probs: dict[str, float] | None = None
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+@torch.no_grad()
+def detect_language(
+    model: Whisper, tokenizer: Tokenizer, audio_features: Tensor
+) -> tuple[list[str], list[dict[str, float]]]:
+    """Most likely language per window, from the logits after <|startoftranscript|>. audio_features: (n, S, C)."""
+    if not tokenizer.multilingual:
+        raise ValueError("this model is English-only: it has no language tokens to detect with")
+    lang_tokens = torch.tensor(tokenizer.all_language_tokens[: model.num_languages], device=audio_features.device)
+    codes = tokenizer.all_language_codes[: model.num_languages]
+    sot = torch.full((audio_features.shape[0], 1), tokenizer.sot, device=audio_features.device)
+    logits = model.logits(sot, audio_features)[:, 0]
+    probs = logits.index_select(-1, lang_tokens).softmax(-1).cpu()
+    best = probs.argmax(-1).tolist()
+    return [codes[i] for i in best], [dict(zip(codes, p.tolist())) for p in probs]
+
+
+def suppressed_tokens(tokenizer: Tokenizer, spec: str | Sequence[int] | None) -> list[int]:
+    """The ids never sampled: the given list ("-1" adds the non-speech symbols) plus the task/control tokens."""
+    if isinstance(spec, str):
+        spec = [int(t) for t in spec.split(",") if t.strip()]
+    ids = [t for t in (spec or []) if t >= 0]
+    if spec and -1 in spec:
+        ids.extend(tokenizer.non_speech_tokens)
+    ids.extend([tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm])
+    if tokenizer.no_speech is not None:
+        ids.append(tokenizer.no_speech)
+    return sorted(set(ids))
+
+
+class LogitRules:
+    """Suppress-blank, suppress-tokens and the timestamp rules, as boolean masks over the whole batch."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, options: DecodingOptions, sample_begin: int, n_vocab: int, n_audio_ctx: int, device
+    ):
+        self.tk = tokenizer
+        self.sample_begin = sample_begin
+        self.timestamps = not options.without_timestamps
+        vocab = torch.arange(n_vocab, device=device)
+        self.vocab = vocab
+        self.is_ts = vocab >= tokenizer.timestamp_begin
+        self.suppress = torch.zeros(n_vocab, dtype=torch.bool, device=device)
+        self.suppress[suppressed_tokens(tokenizer, options.suppress_tokens)] = True
+        if self.timestamps and tokenizer.no_timestamps is not None:
+            self.suppress[tokenizer.no_timestamps] = True
+        self.first = torch.zeros(n_vocab, dtype=torch.bool, device=device)  # extra mask for the first token
+        if options.suppress_blank:
+            self.first[tokenizer.encode(" ") + [tokenizer.eot]] = True
+        if self.timestamps:
+            self.first |= ~self.is_ts  # the first token is a timestamp
+            if options.max_initial_timestamp:
+                precision = CHUNK_LENGTH / n_audio_ctx  # seconds per timestamp step (0.02)
+                last_allowed = tokenizer.timestamp_begin + round(options.max_initial_timestamp / precision)
+                self.first |= vocab > last_allowed
+
+    def apply(self, logits: Tensor, tokens: Tensor) -> None:
+        """logits (rows, V) of the next token, modified in place; tokens (rows, T) decoded so far."""
+        mask = self.suppress.expand_as(logits).clone()
+        if tokens.shape[1] == self.sample_begin:
+            mask |= self.first
+        if self.timestamps:
+            mask |= self.timestamp_mask(tokens[:, self.sample_begin :])
+        logits.masked_fill_(mask, float("-inf"))
+        if self.timestamps:
+            # if the summed probability of the timestamps beats every text token, sample a timestamp
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            ts_logprob = logprobs[:, self.tk.timestamp_begin :].logsumexp(dim=-1)
+            text_max = logprobs[:, : self.tk.timestamp_begin].max(dim=-1).values
+            logits.masked_fill_((ts_logprob > text_max)[:, None] & ~self.is_ts, float("-inf"))
+
+    def timestamp_mask(self, sampled: Tensor) -> Tensor:
+        """Timestamps come in pairs (except before EOT) and never decrease. sampled: (rows, n) -> (rows, V)."""
+        rows, n = sampled.shape
+        tb = self.tk.timestamp_begin
+        if n == 0:
+            return torch.zeros(rows, self.vocab.shape[0], dtype=torch.bool, device=sampled.device)
+        last_ts = sampled[:, -1] >= tb
+        penult_ts = sampled[:, -2] >= tb if n >= 2 else torch.ones_like(last_ts)
+        no_text = (last_ts & penult_ts)[:, None] & self.is_ts  # a pair just closed: text (or EOT) next
+        only_ts = (last_ts & ~penult_ts)[:, None] & (self.vocab < self.tk.eot)  # an open pair: no text
+        # timestamps are non-decreasing, so the latest is the largest; a closed pair must move forward
+        latest = torch.where(sampled >= tb, sampled, -1).max(dim=1).values
+        floor = torch.where(last_ts & ~penult_ts, latest, latest + 1)
+        backwards = (latest >= 0)[:, None] & self.is_ts & (self.vocab < floor[:, None])
+        return no_text | only_ts | backwards
+
+
+def rank(candidates: list[list[int]], scores: list[float], length_penalty: float | None) -> int:
+    """Index of the best candidate by summed logprob over a length penalty (the reference's ranker)."""
+    best, best_score = 0, float("-inf")
+    for i, (tokens, logprob) in enumerate(zip(candidates, scores)):
+        n = len(tokens)
+        penalty = n if length_penalty is None else ((5 + n) / 6) ** length_penalty
+        score = logprob / penalty if penalty else float("-inf")
+        if score > best_score:
+            best, best_score = i, score
+    return best
+
+
+def initial_tokens(tokenizer: Tokenizer, options: DecodingOptions, language: str | None, n_text_ctx: int) -> list[int]:
+    """[<|startofprev|> prompt…] <|startoftranscript|> [<|lang|> <|task|>] [<|notimestamps|>]"""
+    tokens = list(tokenizer.sot_sequence(language, options.task))
+    if options.without_timestamps:
+        tokens.append(tokenizer.no_timestamps)
+    if options.prompt:
+        prompt = options.prompt
+        prompt_tokens = tokenizer.encode(" " + prompt.strip()) if isinstance(prompt, str) else list(prompt)
+        tokens = [tokenizer.sot_prev] + prompt_tokens[-(n_text_ctx // 2 - 1) :] + tokens
+    return tokens
+
+
+def resolve_languages(
+    model: Whisper,
+    tokenizer: Tokenizer,
+    audio_features: Tensor,
+    options: DecodingOptions,
+    languages: Sequence[str | None] | None,
+) -> tuple[list[str], list[dict[str, float] | None]]:
+    """Per window: the given language, else the option's, else (multilingual models) the detected one."""
+    n = audio_features.shape[0]
+    wanted = list(languages) if languages is not None else [None] * n
+    if len(wanted) != n:
+        raise ValueError(f"{len(wanted)} languages given for {n} windows")
+    if not tokenizer.multilingual:
+        return ["en"] * n, [None] * n
+    langs = [lang or options.language for lang in wanted]
+    probs: list[dict[str, float] | None] = [None] * n
+    unknown = [i for i, lang in enumerate(langs) if lang is None]
+    if unknown:
+        detected, detected_probs = detect_language(model, tokenizer, audio_features[unknown])
+        for i, lang, p in zip(unknown, detected, detected_probs):
+            langs[i], probs[i] = lang, p
+    return langs, probs
+
+
+@torch.no_grad()
+def decode(
+    model: Whisper,
+    tokenizer: Tokenizer,
+    audio_features: Tensor,
+    options: DecodingOptions = DecodingOptions(),
+    languages: Sequence[str | None] | None = None,
+) -> list[DecodingResult]:
+    """Decode a batch of windows at one temperature.
+
+    Args:
+        audio_features: encoder output (n_windows, n_audio_ctx, n_audio_state) — see ``Whisper.embed_audio``.
+        languages: optional per-window language codes (None entries are detected on multilingual models).
+    """
+    from .search import BeamSearch, Sampler, run_search
+
+    options.validate()
+    n_ctx = model.dims.n_text_ctx
+    langs, lang_probs = resolve_languages(model, tokenizer, audio_features, options, languages)
+    initial = [initial_tokens(tokenizer, options, lang, n_ctx) for lang in langs]
+    sample_begin = len(initial[0])
+    sot_index = initial[0].index(tokenizer.sot)
+    sample_len = options.sample_len or n_ctx // 2
+    rules = LogitRules(
+        tokenizer, options, sample_begin, model.dims.n_vocab, model.dims.n_audio_ctx, audio_features.device
+    )
+    if options.beam_size is not None and options.temperature == 0:
+        search = BeamSearch(tokenizer.eot, options.beam_size, options.patience, sample_begin, len(initial))
+    else:
+        search = Sampler(tokenizer.eot, options.best_of or 1, options.temperature, sample_begin)
+    initial_t = torch.tensor(initial, dtype=torch.long, device=audio_features.device)
+    found = run_search(model, audio_features, initial_t, search, rules, sample_len, sot_index, tokenizer.no_speech)
+
+    results = []
+    for cands, lang, probs in zip(found, langs, lang_probs):
+        best = rank(cands.tokens, cands.sum_logprobs, options.length_penalty)
+        tokens = cands.tokens[best]
+        text = tokenizer.decode(tokens).strip()
+        results.append(
+            DecodingResult(
+                tokens=tokens,
+                text=text,
+                language=lang,
+                avg_logprob=cands.sum_logprobs[best] / (len(tokens) + 1),
+                no_speech_prob=cands.no_speech_prob,
+                temperature=options.temperature,
+                compression_ratio=compression_ratio(text),
+                language_probs=probs,
+            )
+        )
+    return results

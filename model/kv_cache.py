@@ -1,0 +1,86 @@
+"""An explicit, preallocated key/value cache for batched Whisper decoding.
+
+The reference implementation caches keys and values with forward hooks keyed by ``nn.Linear`` modules and grows them
+with ``torch.cat`` every step. Here the cache is a plain object the decoder writes into:
+
+- self-attention K/V are preallocated for every decoder layer and every row for the whole decoding length;
+- cross-attention K/V are computed once per batch of windows (one entry per *audio*, shared by the ``group`` rows —
+  beams or best-of samples — decoded for that audio), so beams never copy the 1500-position encoder keys;
+- ``length`` is the next write position and therefore the positional-embedding offset.
+
+Rows are kept audio-major: row ``r`` decodes audio ``r // group``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class KVCache:
+    self_k: Tensor  # (n_layer, n_rows, n_head, max_len, d_head), preallocated
+    self_v: Tensor
+    cross_k: Tensor | None  # (n_layer, n_audio, n_head, n_audio_ctx, d_head), filled once per batch
+    cross_v: Tensor | None
+    group: int = 1  # rows per audio (beam size or best_of)
+    length: int = 0  # tokens written so far = next position
+
+    @classmethod
+    def allocate(
+        cls,
+        n_layer: int,
+        n_rows: int,
+        n_head: int,
+        d_head: int,
+        max_len: int,
+        group: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "KVCache":
+        shape = (n_layer, n_rows, n_head, max_len, d_head)
+        return cls(
+            self_k=torch.empty(shape, device=device, dtype=dtype),
+            self_v=torch.empty(shape, device=device, dtype=dtype),
+            cross_k=None,
+            cross_v=None,
+            group=group,
+        )
+
+    @property
+    def n_rows(self) -> int:
+        return self.self_k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.self_k.shape[3]
+
+    def write_self(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values (n_rows, n_head, T, d_head) of ``layer`` at ``length``; return all so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"kv-cache overflow: {end} positions > preallocated {self.max_len}")
+        self.self_k[layer, :, :, self.length : end] = k
+        self.self_v[layer, :, :, self.length : end] = v
+        return self.self_k[layer, :, :, :end], self.self_v[layer, :, :, :end]
+
+    def reorder(self, rows: Tensor) -> None:
+        """Beam search: row ``i`` continues from row ``rows[i]``; ``rows`` never crosses audios."""
+        live = slice(0, self.length)
+        self.self_k[:, :, :, live] = self.self_k[:, rows, :, live]
+        self.self_v[:, :, :, live] = self.self_v[:, rows, :, live]
+
+    def keep_audios(self, audios: Tensor) -> None:
+        """Drop finished audios: keep only ``audios`` (indices into the current audios) and their rows."""
+        rows = (audios[:, None] * self.group + torch.arange(self.group, device=audios.device)).flatten()
+        live = slice(0, self.length)  # only the written prefix is worth copying
+        shape = (self.self_k.shape[0], rows.numel(), *self.self_k.shape[2:])
+        self_k, self_v = self.self_k.new_empty(shape), self.self_v.new_empty(shape)
+        self_k[:, :, :, live] = self.self_k[:, rows, :, live]
+        self_v[:, :, :, live] = self.self_v[:, rows, :, live]
+        self.self_k, self.self_v = self_k, self_v
+        if self.cross_k is not None:
+            self.cross_k = self.cross_k.index_select(1, audios)
+            self.cross_v = self.cross_v.index_select(1, audios)

@@ -1,0 +1,272 @@
+"""The Whisper network, following the reference design and parameter names, with an explicit kv-cache.
+
+Parameter names match the official checkpoints (``encoder.blocks.0.attn.query.weight`` …), so an OpenAI
+``model_state_dict`` loads with ``strict=True``. Attention runs through ``scaled_dot_product_attention``; the decoder
+writes keys/values into a :class:`~model.kv_cache.KVCache` instead of forward hooks.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .dims import ModelDimensions
+from .kv_cache import KVCache
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32 whatever the activations' dtype, as the reference does
+        return super().forward(x.float()).type(x.dtype)
+
+
+class Linear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class Conv1d(nn.Conv1d):
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return super()._conv_forward(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> Tensor:
+    """Sinusoidal position encodings (length, channels): sin in the first half of the channels, cos in the second."""
+    if channels % 2:
+        raise ValueError(f"sinusoids need an even number of channels, got {channels}")
+    log_timescale_increment = np.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2))
+    scaled_time = torch.arange(length)[:, np.newaxis] * inv_timescales[np.newaxis, :]
+    return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.query = Linear(n_state, n_state)
+        self.key = Linear(n_state, n_state, bias=False)
+        self.value = Linear(n_state, n_state)
+        self.out = Linear(n_state, n_state)
+
+    def heads(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, H, T, C/H)"""
+        b, t, c = x.shape
+        return x.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+
+    def merge(self, x: Tensor) -> Tensor:
+        """(B, H, T, D) -> (B, T, H*D)"""
+        b, h, t, d = x.shape
+        return self.out(x.transpose(1, 2).reshape(b, t, h * d))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        """Full self-attention (encoder, or the decoder without a cache). x: (B, T, C)."""
+        q, k, v = self.heads(self.query(x)), self.heads(self.key(x)), self.heads(self.value(x))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and x.shape[1] > 1)
+        return self.merge(o)
+
+    def attend_cached(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """Decoder self-attention: write this step's K/V into the cache, attend to every position so far."""
+        q, k, v = self.heads(self.query(x)), self.heads(self.key(x)), self.heads(self.value(x))
+        k, v = cache.write_self(layer, k, v)
+        t = q.shape[2]
+        mask = None
+        if t > 1:  # several new tokens at once: new token i sees the cached prefix and new tokens <= i
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.merge(o)
+
+    def cross_kv(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder output (n_audio, S, C) -> keys and values (n_audio, H, S, D), computed once per batch."""
+        return self.heads(self.key(xa)), self.heads(self.value(xa))
+
+    def attend_cross(self, x: Tensor, k: Tensor, v: Tensor, group: int) -> Tensor:
+        """Cross-attention of ``group`` rows per audio against that audio's keys, without repeating them.
+
+        Cross-attention has no mask and each query is independent, so the group's queries can be stacked along the
+        time axis of one attention call per audio: (n_audio*group, H, T, D) -> (n_audio, H, group*T, D).
+        """
+        q = self.heads(self.query(x))
+        rows, h, t, d = q.shape
+        if group > 1:
+            q = q.view(rows // group, group, h, t, d).transpose(1, 2).reshape(rows // group, h, group * t, d)
+        o = F.scaled_dot_product_attention(q, k, v)
+        if group > 1:
+            o = o.view(rows // group, h, group, t, d).transpose(1, 2).reshape(rows, h, t, d)
+        return self.merge(o)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int, cross_attention: bool = False, layer: int = 0):
+        super().__init__()
+        self.layer = layer  # index into the kv-cache
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
+        self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
+        n_mlp = n_state * 4
+        self.mlp = nn.Sequential(Linear(n_state, n_mlp), nn.GELU(), Linear(n_mlp, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+    def forward(self, x: Tensor, xa: Tensor | None = None, causal: bool = False) -> Tensor:
+        """Uncached pass: the encoder, or the decoder over a whole token sequence."""
+        x = x + self.attn(self.attn_ln(x), causal=causal)
+        if self.cross_attn is not None:
+            k, v = self.cross_attn.cross_kv(xa)
+            x = x + self.cross_attn.attend_cross(self.cross_attn_ln(x), k, v, x.shape[0] // xa.shape[0])
+        return x + self.mlp(self.mlp_ln(x))
+
+    def forward_cached(self, x: Tensor, cache: KVCache) -> Tensor:
+        x = x + self.attn.attend_cached(self.attn_ln(x), cache, self.layer)
+        k, v = cache.cross_k[self.layer], cache.cross_v[self.layer]
+        x = x + self.cross_attn.attend_cross(self.cross_attn_ln(x), k, v, cache.group)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
+        super().__init__()
+        self.n_mels, self.n_ctx = n_mels, n_ctx
+        self.conv1 = Conv1d(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])
+        self.ln_post = LayerNorm(n_state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, n_mels, 2 * n_ctx) log-mel -> (B, n_ctx, n_state)"""
+        if x.ndim != 3 or x.shape[1] != self.n_mels or x.shape[2] != 2 * self.n_ctx:
+            raise ValueError(
+                f"mel of shape {tuple(x.shape)} does not fit this model: expected (batch, {self.n_mels}, "
+                f"{2 * self.n_ctx}) — {self.n_mels} mel bins, {2 * self.n_ctx} frames per 30 s window"
+            )
+        x = F.gelu(self.conv1(x))
+        x = F.gelu(self.conv2(x))
+        x = x.permute(0, 2, 1)  # (B, n_ctx, n_state)
+        x = (x + self.positional_embedding).to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
+        super().__init__()
+        self.n_ctx, self.n_head, self.n_state = n_ctx, n_head, n_state
+        self.token_embedding = nn.Embedding(n_vocab, n_state)
+        self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
+        self.blocks = nn.ModuleList(
+            [ResidualAttentionBlock(n_state, n_head, cross_attention=True, layer=i) for i in range(n_layer)]
+        )
+        self.ln = LayerNorm(n_state)
+
+    def embed(self, tokens: Tensor, offset: int) -> Tensor:
+        return self.token_embedding(tokens) + self.positional_embedding[offset : offset + tokens.shape[-1]]
+
+    def project(self, x: Tensor) -> Tensor:
+        x = self.ln(x)
+        return (x @ self.token_embedding.weight.to(x.dtype).T).float()
+
+    def forward(self, tokens: Tensor, xa: Tensor, cache: KVCache | None = None) -> Tensor:
+        """tokens (rows, T); xa (n_audio, n_audio_ctx, n_audio_state) -> logits (rows, T, n_vocab), fp32.
+
+        Without a cache the whole sequence is processed. With one, ``tokens`` are only the new tokens: their
+        positions start at ``cache.length``, and the cache advances by T.
+        """
+        if cache is None:
+            x = self.embed(tokens, 0).to(xa.dtype)
+            for block in self.blocks:
+                x = block(x, xa, causal=True)
+            return self.project(x)
+        x = self.embed(tokens, cache.length).to(cache.self_k.dtype)
+        for block in self.blocks:
+            x = block.forward_cached(x, cache)
+        cache.length += tokens.shape[-1]
+        return self.project(x)
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDimensions):
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(
+            dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer
+        )
+        self.decoder = TextDecoder(
+            dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer
+        )
+        # by default the last half of the decoder layers time words (the reference's default)
+        heads = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
+        heads[dims.n_text_layer // 2 :] = True
+        self.register_buffer("alignment_heads", heads, persistent=False)
+
+    def set_alignment_heads(self, dump: bytes | str) -> None:
+        """Set the heads from the reference's dump: base85-encoded, gzip-compressed booleans."""
+        raw = gzip.decompress(base64.b85decode(dump))
+        mask = torch.from_numpy(np.frombuffer(raw, dtype=bool).copy())
+        self.alignment_heads = mask.reshape(self.dims.n_text_layer, self.dims.n_text_head).to(
+            self.alignment_heads.device
+        )
+
+    def set_alignment_heads_from_pairs(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Set the heads from (layer, head) pairs, as a CTranslate2 ``config.json`` lists them."""
+        mask = torch.zeros_like(self.alignment_heads)
+        for layer, head in pairs:
+            mask[layer, head] = True
+        self.alignment_heads = mask
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.dims.is_multilingual
+
+    @property
+    def num_languages(self) -> int:
+        return self.dims.num_languages
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.positional_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.positional_embedding.dtype
+
+    def embed_audio(self, mel: Tensor) -> Tensor:
+        return self.encoder(mel)
+
+    def logits(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
+        return self.decoder(tokens, audio_features)
+
+    def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
+        return self.decoder(tokens, self.encoder(mel))
+
+    def new_cache(self, audio_features: Tensor, group: int = 1, max_len: int | None = None) -> KVCache:
+        """Allocate a cache for ``group`` rows per audio and fill its cross-attention K/V from the encoder output."""
+        d = self.dims
+        cache = KVCache.allocate(
+            n_layer=d.n_text_layer,
+            n_rows=audio_features.shape[0] * group,
+            n_head=d.n_text_head,
+            d_head=d.n_text_state // d.n_text_head,
+            max_len=max_len or d.n_text_ctx,
+            group=group,
+            device=audio_features.device,
+            dtype=audio_features.dtype,
+        )
+        self.prefill_cross(audio_features, cache)
+        return cache
+
+    def prefill_cross(self, audio_features: Tensor, cache: KVCache) -> None:
+        ks, vs = zip(*(block.cross_attn.cross_kv(audio_features) for block in self.decoder.blocks))
+        cache.cross_k, cache.cross_v = torch.stack(ks), torch.stack(vs)
+
+    def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """New tokens (rows, T) -> logits (rows, T, n_vocab); advances the cache."""
+        return self.decoder(tokens, None, cache)
