@@ -1,0 +1,39 @@
+# Set-up and entry points. Every target installs what it needs, so each works on a fresh machine.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+OUT ?= out/demo
+
+.PHONY: install install-test demo test test-fast bench clean
+
+# torch first, pinned: its CPU wheel is what this machine has; a plain requirement would pull CUDA packages.
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e .
+
+# Test-only: the reference implementation without its dependencies (torch stays pinned), the few packages
+# it imports, and Debian's espeak-ng/sox/ffmpeg for speech and containers the tests make themselves.
+install-test: install
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps openai-whisper==20250625
+	@if ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v sox >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq espeak-ng sox ffmpeg >/dev/null; \
+		else echo "warning: espeak-ng/sox/ffmpeg missing and not root: tests needing them will skip"; fi; fi
+
+# Command one: the main job on the embedded default (local Ray, packaged tiny.en, example speech in examples/).
+demo: install
+	whisper-batch run examples/manifest.jsonl -o $(OUT)
+	whisper-batch status $(OUT)
+	whisper-batch eval $(OUT)
+
+# Command two: the whole test suite (real Ray, real S3 server on 127.0.0.1, real weights; no GPU needed).
+test: install-test
+	$(PYTHON) -m pytest -m "not gpu" -q -rs --durations=15
+
+test-fast: install-test
+	$(PYTHON) -m pytest -m "not gpu and not integration and not slow" -q
+
+bench: install-test
+	$(PYTHON) -m model.bench
+
+clean:
+	rm -rf out .pytest_cache
