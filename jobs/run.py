@@ -66,8 +66,8 @@ def run(
     so = cfg.storage.storage_options
     layout = RunLayout(output_uri, so)
     plan = build_plan(input_uri, cfg, so)
-    state = check_resume(layout, plan, cfg)  # raises PlanMismatch before any work
     name, n_mels = model_label(cfg)
+    state = check_resume(layout, plan, cfg, name)  # raises PlanMismatch before any work
     invocation = start_run(layout, plan, cfg, name)
     only_rows = None
     pending = list(state.pending)
@@ -88,10 +88,11 @@ def run(
             from pipeline.graph import run_wave
 
             retry_rows = set(only_rows) if only_rows is not None else None
+            never_committed = set(state.pending)
             for shard_ids, records in iter_waves(input_uri, plan, pending, cfg.ray.shards_per_wave, so):
                 if retry_rows is not None:
                     # a committed shard redoes only its failed rows; a never-committed shard runs whole
-                    records = [r for r in records if r["shard_id"] in state.pending or r["row_index"] in retry_rows]
+                    records = [r for r in records if r["shard_id"] in never_committed or r["row_index"] in retry_rows]
                 if not records:
                     continue
                 for rec in run_wave(records, cfg, layout, plan.extra_types, n_mels, replace_failed=retry_failed):

@@ -13,10 +13,14 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .audio import N_FRAMES, FRAMES_PER_SECOND
+from .audio import FRAMES_PER_SECOND, N_FRAMES
+
 from .decoding import DecodingOptions, DecodingResult, decode
 from .tokenizer import Tokenizer
 from .whisper import Whisper
+
+TIME_PRECISION = 0.02  # seconds per timestamp token
+FRAMES_PER_TIMESTAMP = 2  # mel frames per timestamp step (the encoder halves the frame rate)
 
 
 @dataclass(frozen=True)
@@ -111,28 +115,43 @@ def decode_with_fallback(
     return results
 
 
-def split_segments(r: DecodingResult, tokenizer: Tokenizer, seconds: float) -> list[Segment]:
-    """Cut a window's tokens at timestamp pairs. ``seconds``: how much real audio the window holds."""
+def split_segments(r: DecodingResult, tokenizer: Tokenizer, frames: int) -> tuple[list[Segment], int]:
+    """Cut a window's tokens at timestamp pairs, as the reference's ``transcribe`` does.
+
+    Args:
+        frames: mel frames of real audio in the window.
+
+    Returns:
+        The segments (seconds from the window's start) and the frames they consumed. When the tokens end with a
+        closed timestamp pair the text after it is not trusted (the reference re-decodes from the last timestamp),
+        so fewer frames than ``frames`` are consumed and the caller decodes the rest as a new window.
+    """
     tokens, tb = r.tokens, tokenizer.timestamp_begin
-    precision = 0.02  # seconds per timestamp token
 
     def segment(start: float, end: float, toks: list[int]) -> Segment:
         text = tokenizer.decode([t for t in toks if t < tokenizer.eot])
         return Segment(start, end, text, toks, r.avg_logprob, r.compression_ratio, r.no_speech_prob, r.temperature)
 
     is_ts = [t >= tb for t in tokens]
+    single_ending = len(tokens) >= 2 and is_ts[-1] and not is_ts[-2]
     cuts = [i + 1 for i in range(len(tokens) - 1) if is_ts[i] and is_ts[i + 1]]
+    if not cuts:  # one segment: to the last timestamp if any, else to the end of the audio
+        ts = [t for t in tokens if t >= tb]
+        end = (ts[-1] - tb) * TIME_PRECISION if ts and ts[-1] > tb else frames / FRAMES_PER_SECOND
+        seg = segment(0.0, end, tokens)
+        return ([seg] if seg.text.strip() else []), frames
+    if single_ending:
+        cuts.append(len(tokens))
     segments, last = [], 0
     for cut in cuts:
         piece = tokens[last:cut]
-        segments.append(segment((piece[0] - tb) * precision, (piece[-1] - tb) * precision, piece))
+        segments.append(segment((piece[0] - tb) * TIME_PRECISION, (piece[-1] - tb) * TIME_PRECISION, piece))
         last = cut
-    rest = tokens[last:]
-    if any(t < tokenizer.eot for t in rest):  # text not closed by a timestamp pair
-        start = (rest[0] - tb) * precision if rest[0] >= tb else (segments[-1].end if segments else 0.0)
-        end = (rest[-1] - tb) * precision if is_ts[-1] and rest[-1] - tb > 0 else seconds
-        segments.append(segment(start, max(end, start), rest))
-    return [s for s in segments if s.text.strip()]
+    segments = [s for s in segments if s.text.strip()]
+    if single_ending:
+        return segments, frames
+    consumed = (tokens[last - 1] - tb) * FRAMES_PER_TIMESTAMP
+    return segments, consumed if 0 < consumed < frames else frames
 
 
 @torch.no_grad()
@@ -146,32 +165,61 @@ def transcribe_windows(
 ) -> list[WindowResult]:
     """Transcribe a batch of windows, possibly from many files.
 
+    A window whose decode stops at a timestamp well before its audio ends is continued from there (as the
+    reference's ``transcribe`` seeks), in further batched passes over just those windows.
+
     Args:
         mel: log-mel windows (n, n_mels, 3000), padded with zeros past the audio.
         content_frames: mel frames of real audio per window (default: all 3000).
         languages: per-window language codes, None to detect (multilingual models).
     """
-    if mel.ndim != 3 or mel.shape[1] != model.dims.n_mels:
+    if mel.ndim != 3 or mel.shape[1] != model.dims.n_mels or mel.shape[2] != N_FRAMES:
         raise ValueError(f"mel of shape {tuple(mel.shape)}: expected (windows, {model.dims.n_mels}, {N_FRAMES})")
-    frames = list(content_frames) if content_frames is not None else [N_FRAMES] * mel.shape[0]
-    audio_features = model.embed_audio(mel.to(model.device, model.dtype))
-    decoded = decode_with_fallback(model, tokenizer, audio_features, opts, languages)
-    out = []
-    for r, n_frames in zip(decoded, frames):
-        silent = is_silence(r, opts)
-        segments = [] if silent else split_segments(r, tokenizer, n_frames / FRAMES_PER_SECOND)
-        out.append(
-            WindowResult(
-                text="".join(s.text for s in segments).strip(),
-                segments=segments,
-                language=r.language,
-                tokens=[] if silent else r.tokens,
-                avg_logprob=r.avg_logprob,
-                compression_ratio=r.compression_ratio,
-                no_speech_prob=r.no_speech_prob,
-                temperature=r.temperature,
-                no_speech=silent,
-                language_probs=r.language_probs,
-            )
-        )
+    n = mel.shape[0]
+    frames = list(content_frames) if content_frames is not None else [N_FRAMES] * n
+    langs = list(languages) if languages is not None else [None] * n
+    out: list[WindowResult | None] = [None] * n
+    todo = [(i, 0) for i in range(n)]  # (window, first frame still to decode)
+    while todo:
+        batch = torch.zeros(len(todo), mel.shape[1], N_FRAMES, dtype=mel.dtype)
+        for k, (i, seek) in enumerate(todo):
+            batch[k, :, : frames[i] - seek] = mel[i, :, seek : frames[i]]
+        features = model.embed_audio(batch.to(model.device, model.dtype))
+        decoded = decode_with_fallback(model, tokenizer, features, opts, [langs[i] for i, _ in todo])
+        later = []
+        for (i, seek), r in zip(todo, decoded):
+            langs[i] = r.language
+            silent = is_silence(r, opts)
+            segments, consumed = ([], frames[i] - seek) if silent else split_segments(r, tokenizer, frames[i] - seek)
+            for s in segments:
+                s.start, s.end = s.start + seek / FRAMES_PER_SECOND, s.end + seek / FRAMES_PER_SECOND
+            out[i] = merge(out[i], r, segments, silent)
+            if seek + consumed < frames[i]:
+                later.append((i, seek + consumed))
+        todo = later
     return out
+
+
+def merge(prev: WindowResult | None, r: DecodingResult, segments: list[Segment], silent: bool) -> WindowResult:
+    """Fold one decoding pass of a window into its result (the first pass's scores describe the window)."""
+    if prev is None:
+        prev = WindowResult(
+            text="",
+            segments=[],
+            language=r.language,
+            tokens=[],
+            avg_logprob=r.avg_logprob,
+            compression_ratio=r.compression_ratio,
+            no_speech_prob=r.no_speech_prob,
+            temperature=r.temperature,
+            no_speech=silent,
+            language_probs=r.language_probs,
+        )
+    else:
+        prev.no_speech = prev.no_speech and silent
+        prev.temperature = max(prev.temperature, r.temperature)
+    prev.segments.extend(segments)
+    for s in segments:
+        prev.tokens.extend(s.tokens)
+    prev.text = "".join(s.text for s in prev.segments).strip()
+    return prev

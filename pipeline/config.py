@@ -1,0 +1,332 @@
+"""Typed run configuration: frozen dataclasses, YAML loading, dotted overrides, redaction.
+
+`load_config("configs/base.yaml", ["decode.beam_size=5"])` merges the YAML file over the defaults below, then the
+overrides (values parsed as YAML scalars), and converts every value to the field's declared type. Unknown keys and
+bad types are errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZE = ("none", "int8")
+TASKS = ("transcribe", "translate")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class ManifestConfig:
+    # rows per shard: each shard becomes one Parquet file and one completion record
+    shard_size: int = 256
+    # manifest field holding the row id (a stable id is derived from path + offset when absent)
+    id_field: str = "id"
+    # manifest field holding the audio path or URI (relative paths resolve against the manifest's folder)
+    audio_field: str = "audio_filepath"
+    # manifest field holding the reference transcript (kept as the `reference` column, used by evaluate)
+    text_field: str = "text"
+    # file extensions taken as audio when the input is a folder or a glob
+    audio_extensions: tuple[str, ...] = (".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".webm", ".mp4", ".aac")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    # decoded audio is resampled to this rate; Whisper's features need 16 kHz, so this is fixed
+    sample_rate: int = SAMPLE_RATE
+    # longest window fed to the model; Whisper's encoder sees 30 s
+    max_window_seconds: float = 30.0
+    # long audio is cut at the quietest point within this many seconds before each window end
+    cut_search_seconds: float = 5.0
+    # a file whose decode takes longer than this becomes an error row ("timeout: ...")
+    decode_timeout_seconds: float = 300.0
+    # long files are decoded in chunks of this many seconds to bound worker memory
+    streaming_chunk_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # model name, local path or URI of a checkpoint; None uses the packaged tiny.en
+    name: str | None = None
+    # "auto" picks cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
+    device: str = "auto"
+    # "auto" is float16 on cuda and float32 on cpu; or one of "float32", "float16", "bfloat16"
+    dtype: str = "auto"
+    # 30 s windows per forward pass (windows from many files are packed together)
+    batch_size: int = 16
+    # "none", or "int8" for dynamic int8 quantisation of the linear layers (cpu)
+    quantize: str = "none"
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    # "transcribe" (speech language) or "translate" (to English)
+    task: str = "transcribe"
+    # language code such as "en"; None detects it per file (multilingual models)
+    language: str | None = None
+    # None decodes greedily at temperature 0; an int is the beam width
+    beam_size: int | None = None
+    # beam search patience (None = 1.0, as in the paper)
+    patience: float | None = None
+    # None ranks beams by sum log-prob / length; a float uses Google NMT's length penalty
+    length_penalty: float | None = None
+    # temperatures tried in order; the next is used when a window fails the thresholds below
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    # gzip compression ratio above which a window is re-decoded (too repetitive)
+    compression_ratio_threshold: float | None = 2.4
+    # average log-prob below which a window is re-decoded
+    logprob_threshold: float | None = -1.0
+    # no-speech probability above which (with low log-prob) a window is taken as silence
+    no_speech_threshold: float | None = 0.6
+    # decode text only, without timestamp tokens (segments then span whole windows)
+    without_timestamps: bool = False
+    # the first timestamp token may not be later than this many seconds
+    max_initial_timestamp: float | None = 1.0
+    # comma-separated token ids to suppress; "-1" means Whisper's default non-speech symbols
+    suppress_tokens: str = "-1"
+    # suppress a blank output at the start of sampling
+    suppress_blank: bool = True
+    # text given to the model as previous context (names, spellings)
+    initial_prompt: str | None = None
+    # word-level timestamps (cross-attention alignment)
+    word_timestamps: bool = False
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # Ray cluster address ("auto", "ray://host:10001"); None starts a local Ray
+    address: str | None = None
+    # CPU actors doing audio decode + log-mel features
+    cpu_actors: int = 1
+    # model actors (one model copy each)
+    model_actors: int = 1
+    # GPUs per model actor; None means 1.0 when the cluster has GPUs, else 0
+    gpus_per_model_actor: float | None = None
+    # manifest rows per decode/feature call
+    feature_batch_size: int = 8
+    # manifest rows (files) per model actor call; their windows are packed into model.batch_size batches
+    model_batch_size: int = 8
+    # shards fed to the graph at a time; a wave's shards are committed before the next wave starts
+    shards_per_wave: int = 4
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    # fsspec storage options for input and output (s3: endpoint_url, key, secret, profile, anon, client_kwargs)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+# section name -> its dataclass, in declaration order
+SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)
+# fields of these sections can change transcripts, so a resume with different values is refused
+_RESULT_SECTIONS = ("model", "decode")
+_RESULT_KEYS = ("audio.sample_rate", "audio.max_window_seconds", "audio.cut_search_seconds")
+_NO_RESULT_KEYS = ("model.device", "model.batch_size")
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the YAML file at `path` (if any), then `section.key=value` overrides."""
+    raw = config_to_dict(RunConfig())
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path!r}: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        _merge(raw, loaded, where=path)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _merge(raw, _nest(key, value), where="--set")
+    return _build(raw)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. decode.beam_size=5)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not a YAML scalar/list: {e}") from e
+    return key.strip(), value
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    parts = dotted.split(".")
+    out: dict = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        out = {part: out}
+    return out
+
+
+def _merge(raw: dict, new: dict, where: str) -> None:
+    """Merges `new` into `raw` in place, rejecting unknown sections and keys."""
+    for section, values in new.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown config section {section!r}; valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: config section {section!r} must be a mapping, got {values!r}")
+        valid = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        for key, value in values.items():
+            if key not in valid:
+                raise ConfigError(
+                    f"{where}: unknown config key '{section}.{key}'; valid keys in '{section}': {', '.join(valid)}"
+                )
+            if section == "storage" and key == "storage_options" and isinstance(value, dict):
+                # free-form fsspec options: `--set storage.storage_options.endpoint_url=...` adds one entry
+                raw[section][key] = {**(raw[section][key] or {}), **value}
+            else:
+                raw[section][key] = value
+
+
+def _build(raw: dict) -> RunConfig:
+    sections = {}
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        values = {key: _convert(f"{name}.{key}", value, hints[key]) for key, value in raw[name].items()}
+        sections[name] = cls(**values)
+    cfg = RunConfig(**sections)
+    _validate(cfg)
+    return cfg
+
+
+def _convert(key: str, value: Any, hint: Any) -> Any:
+    """Checks/converts one value to the type hint `hint`; raises ConfigError naming `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        try:
+            return _convert(key, value, inner[0])
+        except ConfigError as e:
+            raise ConfigError(f"{e} (null is allowed too)") from None
+    if origin is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # a single temperature is a one-element schedule
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return tuple(_convert(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if origin is dict or hint is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    if hint is str and key == "decode.suppress_tokens" and isinstance(value, (int, list)):
+        return ",".join(str(v) for v in (value if isinstance(value, list) else [value]))
+    raise ConfigError(f"config key '{key}' must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _validate(cfg: RunConfig) -> None:
+    checks = [
+        (cfg.manifest.shard_size >= 1, "manifest.shard_size must be >= 1"),
+        (cfg.audio.sample_rate == SAMPLE_RATE, f"audio.sample_rate is fixed at {SAMPLE_RATE} (Whisper's features)"),
+        (0 < cfg.audio.max_window_seconds <= 30.0, "audio.max_window_seconds must be in (0, 30]"),
+        (cfg.audio.cut_search_seconds >= 0, "audio.cut_search_seconds must be >= 0"),
+        (cfg.audio.decode_timeout_seconds > 0, "audio.decode_timeout_seconds must be > 0"),
+        (cfg.audio.streaming_chunk_seconds > 0, "audio.streaming_chunk_seconds must be > 0"),
+        (cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}; got {cfg.model.dtype!r}"),
+        (cfg.model.quantize in QUANTIZE, f"model.quantize must be one of {', '.join(QUANTIZE)}"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.model.device) is not None,
+         f"model.device must be auto, cpu, cuda or cuda:N; got {cfg.model.device!r}"),
+        (cfg.model.batch_size >= 1, "model.batch_size must be >= 1"),
+        (cfg.decode.task in TASKS, f"decode.task must be one of {', '.join(TASKS)}"),
+        (cfg.decode.beam_size is None or cfg.decode.beam_size >= 1, "decode.beam_size must be None or >= 1"),
+        (len(cfg.decode.temperatures) > 0, "decode.temperatures must not be empty"),
+        (all(t >= 0 for t in cfg.decode.temperatures), "decode.temperatures must be >= 0"),
+        (cfg.ray.cpu_actors >= 1 and cfg.ray.model_actors >= 1, "ray.cpu_actors and ray.model_actors must be >= 1"),
+        (cfg.ray.gpus_per_model_actor is None or cfg.ray.gpus_per_model_actor >= 0,
+         "ray.gpus_per_model_actor must be None or >= 0"),
+        (min(cfg.ray.feature_batch_size, cfg.ray.model_batch_size, cfg.ray.shards_per_wave) >= 1,
+         "ray.feature_batch_size, ray.model_batch_size and ray.shards_per_wave must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (tuples become lists) for JSON/YAML."""
+    out = dataclasses.asdict(cfg)
+    for section in out.values():
+        for key, value in section.items():
+            if isinstance(value, tuple):
+                section[key] = list(value)
+    return out
+
+
+def config_fingerprint_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The flat `section.key -> value` subset that changes transcripts (model, decoding, audio windowing)."""
+    flat = {f"{s}.{k}": v for s, values in config_to_dict(cfg).items() for k, v in values.items()}
+    return {
+        key: value
+        for key, value in flat.items()
+        if (key.split(".")[0] in _RESULT_SECTIONS or key in _RESULT_KEYS) and key not in _NO_RESULT_KEYS
+    }
+
+
+_SECRET_WORDS = ("secret", "key", "token", "password", "passwd", "credential", "auth", "signature")
+
+
+def _is_secret(name: str) -> bool:
+    return any(word in name.lower() for word in _SECRET_WORDS)
+
+
+def redact_uri(uri: str) -> str:
+    """Masks a password in `scheme://user:password@host/...`."""
+    return re.sub(r"(?<=://)([^/@:]*):[^/@]*@", r"\1:***@", uri)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "***" if _is_secret(str(k)) and v is not None else _redact_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, str):
+        return redact_uri(value)
+    return value
+
+
+def redacted(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """`config_to_dict(cfg)` with secrets in storage options (keys, tokens, passwords in URLs) masked as "***"."""
+    out = config_to_dict(cfg)
+    out["storage"]["storage_options"] = _redact_value(out["storage"]["storage_options"])
+    if out["ray"]["address"]:
+        out["ray"]["address"] = redact_uri(out["ray"]["address"])
+    return out

@@ -1,0 +1,203 @@
+"""Where everything lives under OUTPUT, and the few primitive writes the commit protocol needs.
+
+```
+OUTPUT/run.json                        run record (written once)
+OUTPUT/plan.json                       the plan (written once)
+OUTPUT/transcripts/shard-NNNNN.parquet one complete file per shard, deterministic name
+OUTPUT/shards/NNNNN.json               completion record: the shard is done iff this (and its file) exists
+OUTPUT/invocations/<start>-<tag>.json  one record per `run` invocation (start/finish time, for wall time)
+OUTPUT/stats.json                      run statistics, rewritten at the end of each invocation
+OUTPUT/_tmp/                           local temporaries only
+```
+
+Everything goes through fsspec, so `s3://bucket/prefix` behaves like a local folder. Atomic writes: locally a
+temporary under `_tmp/` then `os.replace`; on object stores a single PUT to the final key (an object appears only
+when its upload completes, and `mv` there is copy + delete, so never rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from typing import Any
+
+import fsspec
+
+from pipeline.config import redact_uri
+
+logger = logging.getLogger(__name__)
+
+_RECORD_NAME = re.compile(r"^(\d+)\.json$")
+_SHARD_NAME = re.compile(r"^shard-(\d+)\.parquet$")
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
+class RunLayout:
+    """Path templates and the fsspec filesystem of one OUTPUT location."""
+
+    def __init__(self, output_uri: str, storage_options: dict[str, Any] | None = None):
+        self.output_uri = output_uri
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(output_uri, **self.storage_options)
+        self.is_local = is_local_fs(self.fs)
+        self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"RunLayout({self.display_uri!r})"
+
+    def __getstate__(self) -> dict:
+        # Ray pickles the layout into workers; the filesystem object is rebuilt there
+        return {"output_uri": self.output_uri, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["output_uri"], state["storage_options"])
+
+    @property
+    def display_uri(self) -> str:
+        return redact_uri(self.output_uri)
+
+    # --- path templates (all absolute paths on self.fs) ---
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    @property
+    def run_json(self) -> str:
+        return self.path("run.json")
+
+    @property
+    def plan_json(self) -> str:
+        return self.path("plan.json")
+
+    @property
+    def stats_json(self) -> str:
+        return self.path("stats.json")
+
+    @property
+    def transcripts_dir(self) -> str:
+        return self.path("transcripts")
+
+    @property
+    def shards_dir(self) -> str:
+        return self.path("shards")
+
+    @property
+    def invocations_dir(self) -> str:
+        return self.path("invocations")
+
+    @property
+    def tmp_dir(self) -> str:
+        return self.path("_tmp")
+
+    @staticmethod
+    def shard_file_name(shard_id: int) -> str:
+        """Path of a shard's data file relative to OUTPUT (as stored in its completion record)."""
+        return f"transcripts/shard-{shard_id:05d}.parquet"
+
+    def shard_file(self, shard_id: int) -> str:
+        return self.path(self.shard_file_name(shard_id))
+
+    def record_file(self, shard_id: int) -> str:
+        return self.path("shards", f"{shard_id:05d}.json")
+
+    # --- listing ---
+
+    def _list_names(self, folder: str) -> list[str]:
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def list_recorded_shards(self) -> set[int]:
+        """Shard ids with a completion record (one listing of shards/)."""
+        return {int(m.group(1)) for name in self._list_names(self.shards_dir) if (m := _RECORD_NAME.match(name))}
+
+    def list_shard_files(self) -> set[int]:
+        """Shard ids with a data file (one listing of transcripts/)."""
+        names = self._list_names(self.transcripts_dir)
+        return {int(m.group(1)) for name in names if (m := _SHARD_NAME.match(name))}
+
+    def list_done_shards(self) -> set[int]:
+        """Done shards: a completion record and a data file both exist (two listings)."""
+        return self.list_recorded_shards() & self.list_shard_files()
+
+    # --- reads and writes ---
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.read_bytes(path))
+
+    def read_json_many(self, paths: list[str]) -> list[Any]:
+        """Reads many JSON files; async filesystems (s3) fetch them concurrently."""
+        if not paths:
+            return []
+        data = self.fs.cat(paths, on_error="raise")
+        return [json.loads(data[p]) for p in paths]
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Atomically creates or replaces `path`: readers see the old content or all of the new, never part."""
+        if not self.is_local:
+            self.fs.pipe_file(path, data)  # one PUT to the final key
+            return
+        tmp = self._local_tmp(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def create_bytes(self, path: str, data: bytes) -> bool:
+        """Exclusive create: writes `path` only if absent; returns False when it already existed."""
+        if self.is_local:
+            tmp = self._local_tmp(path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.link(tmp, path)  # atomic, fails if path exists, and the content is complete when it appears
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        try:
+            with self.fs.open(path, "xb") as f:  # s3fs: PUT with If-None-Match
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError):
+            logger.warning("%s has no exclusive create; falling back to exists-then-write", self.fs.protocol)
+            if self.fs.exists(path):
+                return False
+            self.fs.pipe_file(path, data)
+            return True
+
+    def write_json(self, path: str, obj: Any, exclusive: bool = False) -> bool:
+        data = (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
+        if exclusive:
+            return self.create_bytes(path, data)
+        self.write_bytes(path, data)
+        return True
+
+    def _local_tmp(self, path: str) -> str:
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        return os.path.join(self.tmp_dir, f"{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")

@@ -1,0 +1,230 @@
+"""Shard commit: one complete Parquet file per shard at its final name, then its completion record.
+
+The data file has a deterministic name and is written atomically, so each row appears at most once in
+transcripts/ and a rerun of a shard overwrites it with the same rows. The completion record, written after the
+file, is the commit: readers (`iter_committed`, status, evaluate, export) trust only shards that have one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.layout import RunLayout
+from pipeline.schema import error_cause, extra_column_name, output_schema, rows_to_table
+
+logger = logging.getLogger(__name__)
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue().to_pybytes()
+
+
+def write_shard(
+    layout: RunLayout,
+    shard_id: int,
+    rows: list[dict[str, Any]],
+    extra_types: dict[str, str],
+    model_name: str,
+    stats: dict[str, Any] | None = None,
+    replace_failed: bool = False,
+) -> dict[str, Any]:
+    """Commits one shard: writes transcripts/shard-NNNNN.parquet atomically, then shards/NNNNN.json.
+
+    Args:
+        rows: output row dicts (see `schema.rows_to_table`); `shard_id` defaults to this shard.
+        stats: timing etc. from the workers (e.g. decode_seconds, model_seconds), copied into the record.
+        replace_failed: merge into the committed file instead: rows with the same `row_index` are replaced by
+            `rows`, the others kept, and the whole file rewritten (still one atomic write).
+
+    Returns:
+        The completion record.
+    """
+    rows = [{**r, "shard_id": r.get("shard_id", shard_id)} for r in rows]
+    previous = None
+    if replace_failed and layout.exists(layout.shard_file(shard_id)):
+        rows = _merge_rows(_read_rows(layout, shard_id, extra_types), rows)
+        if layout.exists(layout.record_file(shard_id)):
+            previous = layout.read_json(layout.record_file(shard_id))
+    rows.sort(key=lambda r: int(r["row_index"]))
+    _check_rows(shard_id, rows)
+    table = rows_to_table(rows, extra_types, model_name)
+    layout.write_bytes(layout.shard_file(shard_id), table_to_parquet_bytes(table))
+    record = completion_record(layout, shard_id, table, model_name, stats, previous)
+    layout.write_json(layout.record_file(shard_id), record)
+    logger.info("committed shard %d: %d rows, %d errors", shard_id, record["rows"], record["errors"])
+    return record
+
+
+def _check_rows(shard_id: int, rows: list[dict[str, Any]]) -> None:
+    if bad := [r["row_index"] for r in rows if int(r["shard_id"]) != shard_id]:
+        raise ValueError(f"rows {bad[:5]} belong to another shard than {shard_id}")
+    indices = [int(r["row_index"]) for r in rows]
+    if dups := sorted({i for i, j in zip(indices, indices[1:]) if i == j}):
+        raise ValueError(f"shard {shard_id}: row_index {dups[:5]} given more than once")
+
+
+def _read_rows(layout: RunLayout, shard_id: int, extra_types: dict[str, str]) -> list[dict[str, Any]]:
+    """The committed rows of a shard, with extra columns folded back into `extra_json`."""
+    rows = read_shard(layout, shard_id).to_pylist()
+    for row in rows:
+        extras = {name: row.pop(extra_column_name(name), None) for name in extra_types}
+        row["extra_json"] = json.dumps(extras, ensure_ascii=False)
+    return rows
+
+
+def _merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_index = {int(r["row_index"]): r for r in old}
+    by_index.update({int(r["row_index"]): r for r in new})
+    return list(by_index.values())
+
+
+def completion_record(
+    layout: RunLayout,
+    shard_id: int,
+    table: pa.Table,
+    model_name: str,
+    stats: dict[str, Any] | None = None,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Counts from the shard's table: rows, errors by cause, audio seconds, fallbacks per temperature.
+
+    `previous` (a record being replaced by --retry-failed) has its timing stats added to the new ones.
+    """
+    errors = [e for e in table.column("error").to_pylist() if e is not None]
+    fallbacks: Counter[str] = Counter()
+    n_segments = 0
+    for segments in table.column("segments").to_pylist():
+        for seg in segments or []:
+            n_segments += 1
+            if (seg.get("temperature") or 0.0) > 0.0:
+                fallbacks[f"{seg['temperature']:g}"] += 1
+    record: dict[str, Any] = {
+        "shard_id": shard_id,
+        "file": layout.shard_file_name(shard_id),
+        "rows": table.num_rows,
+        "errors": len(errors),
+        "errors_by_cause": dict(Counter(error_cause(e) for e in errors)),
+        "audio_seconds": float(sum(d for d in table.column("duration").to_pylist() if d is not None)),
+        "segments": n_segments,
+        "fallbacks": dict(sorted(fallbacks.items())),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "model": model_name,
+    }
+    for key, value in (stats or {}).items():
+        if key in record:
+            continue
+        if previous and _is_number(value) and _is_number(previous.get(key)):
+            value = previous[key] + value
+        record[key] = value
+    if previous:
+        record["retries"] = previous.get("retries", 0) + 1
+    return record
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_shard(layout: RunLayout, shard_id: int, columns: list[str] | None = None) -> pa.Table:
+    data = layout.read_bytes(layout.shard_file(shard_id))
+    return pq.read_table(pa.BufferReader(data), columns=columns)
+
+
+def iter_committed(layout: RunLayout, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
+    """(shard_id, table) for each committed shard, ascending; files without a completion record are ignored."""
+    for shard_id in sorted(layout.list_done_shards()):
+        yield shard_id, read_shard(layout, shard_id, columns)
+
+
+def read_committed(layout: RunLayout, columns: list[str] | None = None) -> pa.Table:
+    """All committed rows as one table (empty, with the run's schema, when nothing is committed)."""
+    tables = [table for _, table in iter_committed(layout, columns)]
+    if tables:
+        return pa.concat_tables(tables, promote_options="default")
+    extra_types = layout.read_json(layout.plan_json).get("extra_types", {}) if layout.exists(layout.plan_json) else {}
+    schema = output_schema(extra_types)
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+    return schema.empty_table()
+
+
+def failed_rows(layout: RunLayout) -> dict[int, list[int]]:
+    """shard_id -> row indices whose `error` is set, over committed shards (for --retry-failed)."""
+    out = {}
+    for shard_id, table in iter_committed(layout, ["row_index", "error"]):
+        failed = [i for i, e in zip(table.column("row_index").to_pylist(), table.column("error").to_pylist()) if e]
+        if failed:
+            out[shard_id] = failed
+    return out
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def wall_seconds(invocations: list[dict[str, Any]], commit_times: list[datetime]) -> float:
+    """Sum of invocation wall times.
+
+    An invocation without `finished_at` (crashed, or still running) ends at its last shard commit before the next
+    invocation started, so neither a crash nor a live run inflates the total.
+    """
+    starts = sorted((_parse_time(inv["started_at"]), _parse_time(inv.get("finished_at"))) for inv in invocations)
+    total = 0.0
+    for i, (start, end) in enumerate(starts):
+        if end is None:
+            next_start = starts[i + 1][0] if i + 1 < len(starts) else None
+            inside = [t for t in commit_times if t >= start and (next_start is None or t < next_start)]
+            end = max(inside, default=start)
+        total += max(0.0, (end - start).total_seconds())
+    return total
+
+
+def collect_stats(layout: RunLayout) -> dict[str, Any]:
+    """Run statistics from plan.json, the completion records and the invocation records (no credentials)."""
+    plan = layout.read_json(layout.plan_json) if layout.exists(layout.plan_json) else {}
+    done = sorted(layout.list_done_shards())
+    records = layout.read_json_many([layout.record_file(s) for s in done])
+    invocations = layout.read_json_many(
+        [p for p in _list(layout, layout.invocations_dir) if p.endswith(".json")]
+    )
+    causes: Counter[str] = Counter()
+    fallbacks: Counter[str] = Counter()
+    timings: Counter[str] = Counter()
+    for rec in records:
+        causes.update(rec.get("errors_by_cause", {}))
+        fallbacks.update(rec.get("fallbacks", {}))
+        timings.update({k: v for k, v in rec.items() if k.endswith("_seconds") and _is_number(v)})
+    audio = float(timings.pop("audio_seconds", 0.0))
+    wall = wall_seconds(invocations, [t for r in records if (t := _parse_time(r.get("finished_at")))])
+    return {
+        "input_uri": plan.get("input_uri"),
+        "n_shards": plan.get("n_shards"),
+        "n_rows": plan.get("n_rows"),
+        "shards_done": len(done),
+        "rows_done": sum(r.get("rows", 0) for r in records),
+        "rows_failed": sum(r.get("errors", 0) for r in records),
+        "failures_by_cause": dict(causes.most_common()),
+        "fallbacks": dict(sorted(fallbacks.items(), key=lambda kv: float(kv[0]))),
+        "audio_seconds": audio,
+        "wall_seconds": wall,
+        "rtfx": audio / wall if wall > 0 else None,
+        "timings": dict(sorted(timings.items())),
+        "invocations": len(invocations),
+        "models": sorted({r["model"] for r in records if r.get("model")}),
+    }
+
+
+def _list(layout: RunLayout, folder: str) -> list[str]:
+    try:
+        return sorted(layout.fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        return []

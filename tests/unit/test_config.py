@@ -1,0 +1,149 @@
+"""Config: defaults, YAML + overrides, clear errors for unknown keys and bad types, redaction."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    config_fingerprint_fields,
+    config_to_dict,
+    load_config,
+    redact_uri,
+    redacted,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_defaults():
+    cfg = load_config(None, [])
+    assert cfg == RunConfig()
+    assert cfg.manifest.shard_size == 256
+    assert cfg.model.name is None and cfg.model.batch_size == 16 and cfg.model.dtype == "auto"
+    assert cfg.decode.beam_size is None
+    assert cfg.decode.temperatures == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert cfg.decode.compression_ratio_threshold == 2.4
+    assert cfg.audio.sample_rate == 16000 and cfg.audio.max_window_seconds == 30.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.decode.beam_size = 5
+
+
+def test_base_yaml_equals_defaults_and_comments_every_field():
+    assert load_config(str(CONFIGS / "base.yaml")) == RunConfig()
+    text = (CONFIGS / "base.yaml").read_text()
+    lines = text.splitlines()
+    for section, values in config_to_dict(RunConfig()).items():
+        for key in values:
+            at = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{key}:"))
+            assert lines[at - 1].strip().startswith("#"), f"{section}.{key} has no comment above it"
+
+
+@pytest.mark.parametrize("name", ["cpu-tiny.yaml", "gpu-large-v3.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(str(CONFIGS / name))
+    assert cfg != RunConfig()
+
+
+def test_gpu_config_values():
+    cfg = load_config(str(CONFIGS / "gpu-large-v3.yaml"))
+    assert cfg.model.name == "large-v3" and cfg.model.dtype == "float16"
+    assert cfg.ray.gpus_per_model_actor == 1.0 and cfg.model.batch_size > RunConfig().model.batch_size
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("decode:\n  beam_size: 3\n  language: en\nmanifest:\n  shard_size: 10\n")
+    cfg = load_config(str(path), ["decode.beam_size=5", "decode.temperatures=[0.0, 0.5]", "model.name=null"])
+    assert cfg.decode.beam_size == 5  # override wins over the file
+    assert cfg.decode.language == "en" and cfg.manifest.shard_size == 10
+    assert cfg.decode.temperatures == (0.0, 0.5)
+    assert cfg.model.name is None
+
+
+def test_override_value_conversion():
+    cfg = load_config(None, ["decode.temperatures=0", "decode.patience=2", "decode.suppress_tokens=-1",
+                             "model.quantize=none", "decode.without_timestamps=true"])
+    assert cfg.decode.temperatures == (0.0,)
+    assert cfg.decode.patience == 2.0 and isinstance(cfg.decode.patience, float)
+    assert cfg.decode.suppress_tokens == "-1"
+    assert cfg.model.quantize == "none"
+    assert cfg.decode.without_timestamps is True
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["decode.beam_sze=5"])
+    message = str(err.value)
+    assert "unknown config key 'decode.beam_sze'" in message
+    assert "valid keys in 'decode'" in message and "beam_size" in message and "temperatures" in message
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  nmae: x\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*unknown config key 'model\.nmae'"):
+        load_config(str(path))
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match="unknown config section 'decoder'.*decode"):
+        load_config(None, ["decoder.beam_size=5"])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("decode.beam_size=abc", "'decode.beam_size' must be int"),
+        ("decode.beam_size=2.5", "'decode.beam_size' must be int"),
+        ("manifest.shard_size=true", "'manifest.shard_size' must be int"),
+        ("decode.without_timestamps=3", "'decode.without_timestamps' must be bool"),
+        ("decode.temperatures=[0.0, hot]", r"'decode.temperatures\[1\]' must be float"),
+        ("model.dtype=fp8", "model.dtype must be one of"),
+        ("manifest.shard_size=0", "shard_size must be >= 1"),
+        ("audio.sample_rate=8000", "sample_rate is fixed"),
+        ("decode.beam_size", "must look like section.key=value"),
+    ],
+)
+def test_bad_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_storage_options_overrides_merge():
+    cfg = load_config(None, ["storage.storage_options.endpoint_url=http://localhost:9000",
+                             "storage.storage_options.anon=false"])
+    assert cfg.storage.storage_options == {"endpoint_url": "http://localhost:9000", "anon": False}
+
+
+def test_redaction_masks_secrets():
+    cfg = load_config(None, [
+        "storage.storage_options={key: AKIA123, secret: s3cr3t, token: tok, profile: prod, "
+        "endpoint_url: 'http://user:pw@minio:9000', client_kwargs: {aws_secret_access_key: zzz, region_name: eu}}",
+    ])
+    out = redacted(cfg)
+    dumped = json.dumps(out)
+    for secret in ("AKIA123", "s3cr3t", "tok\"", "pw@", "zzz"):
+        assert secret not in dumped
+    options = out["storage"]["storage_options"]
+    assert options["profile"] == "prod" and options["client_kwargs"]["region_name"] == "eu"
+    assert options["endpoint_url"] == "http://user:***@minio:9000"
+    assert cfg.storage.storage_options["key"] == "AKIA123"  # the config itself is untouched
+
+
+def test_redact_uri():
+    assert redact_uri("s3://bucket/x") == "s3://bucket/x"
+    assert redact_uri("https://me:pass@host/x") == "https://me:***@host/x"
+
+
+def test_fingerprint_fields_cover_results_only():
+    base = config_fingerprint_fields(RunConfig())
+    assert "decode.beam_size" in base and "model.name" in base and "audio.max_window_seconds" in base
+    assert not any(k.startswith(("ray.", "storage.", "manifest.")) for k in base)
+    assert "model.batch_size" not in base and "model.device" not in base
+    assert config_fingerprint_fields(load_config(None, ["ray.model_actors=8", "model.batch_size=64"])) == base
+    assert config_fingerprint_fields(load_config(None, ["decode.beam_size=5"])) != base
+    json.dumps(base)  # stored in run.json
