@@ -80,32 +80,72 @@ def run(
         f"{plan.n_rows} rows in {plan.n_shards} shards; {len(state.done)} already committed, "
         f"{len(pending)} to do → {layout.display_uri}"
     )
-    committed, rows, failed_count, status = 0, 0, 0, "ok"
-    t0 = time.time()
+    totals = {"shards": 0, "rows": 0, "errors": 0}
+    status, t0 = "ok", time.time()
+
+    def on_commit(rec: dict[str, Any]) -> None:
+        totals["shards"] += 1
+        totals["rows"] += rec["rows"]
+        totals["errors"] += rec["errors"]
+        echo(
+            f"  committed shard {rec['shard_id']} ({rec['rows']} rows, {rec['errors']} failed) — "
+            f"{totals['shards']}/{len(pending)} shards, {time.time() - t0:.0f}s"
+        )
+
     try:
         if pending:
-            init_ray(cfg)
-            from pipeline.graph import run_wave
+            staging = layout.staging_dir(invocation["id"])
+            files, expected = stage_inputs(layout, staging, input_uri, plan, pending, cfg, only_rows, set(state.pending))
+            if files:
+                init_ray(cfg)
+                from pipeline.graph import run_graph
 
-            retry_rows = set(only_rows) if only_rows is not None else None
-            never_committed = set(state.pending)
-            for shard_ids, records in iter_waves(input_uri, plan, pending, cfg.ray.shards_per_wave, so):
-                if retry_rows is not None:
-                    # a committed shard redoes only its failed rows; a never-committed shard runs whole
-                    records = [r for r in records if r["shard_id"] in never_committed or r["row_index"] in retry_rows]
-                if not records:
-                    continue
-                for rec in run_wave(records, cfg, layout, plan.extra_types, n_mels, replace_failed=retry_failed):
-                    committed += 1
-                    rows += rec["rows"]
-                    failed_count += rec["errors"]
-                echo(
-                    f"  committed shards {shard_ids[0]}–{shard_ids[-1]} "
-                    f"({committed}/{len(pending)} this run, {time.time() - t0:.0f}s)"
+                run_graph(
+                    files, expected, cfg, layout, staging, plan.extra_types, n_mels,
+                    replace_failed=retry_failed, on_commit=on_commit,
                 )
+            layout.remove_tree(staging)
     except BaseException:
         status = "failed"
         raise
     finally:
-        stats = finish_run(layout, invocation, status=status, shards_committed=committed)
-    return RunSummary(layout.display_uri, plan.n_shards, len(state.done), committed, rows, failed_count, stats)
+        stats = finish_run(layout, invocation, status=status, shards_committed=totals["shards"])
+    return RunSummary(
+        layout.display_uri, plan.n_shards, len(state.done), totals["shards"], totals["rows"], totals["errors"], stats
+    )
+
+
+def stage_inputs(
+    layout: RunLayout,
+    staging: str,
+    input_uri: str,
+    plan,
+    pending: list[int],
+    cfg: RunConfig,
+    only_rows: list[int] | None,
+    never_committed: set[int],
+) -> tuple[list[str], dict[int, int]]:
+    """Write the pending manifest records as the graph's input blocks; return their paths and rows per shard.
+
+    With ``only_rows`` (--retry-failed) a committed shard contributes only those rows; a shard never committed
+    contributes all of its rows.
+    """
+    import pyarrow as pa
+
+    from pipeline.graph import RECORD_SCHEMA
+    from pipeline.sink import table_to_parquet_bytes
+
+    retry = set(only_rows) if only_rows is not None else None
+    files, expected = [], {}
+    so = cfg.storage.storage_options
+    for shard_ids, records in iter_waves(input_uri, plan, pending, cfg.ray.shards_per_block, so):
+        if retry is not None:
+            records = [r for r in records if r["shard_id"] in never_committed or r["row_index"] in retry]
+        if not records:
+            continue
+        path = f"{staging}/input/block-{len(files):06d}.parquet"
+        layout.write_bytes(path, table_to_parquet_bytes(pa.Table.from_pylist(records, schema=RECORD_SCHEMA)))
+        files.append(path)
+        for r in records:
+            expected[r["shard_id"]] = expected.get(r["shard_id"], 0) + 1
+    return files, expected

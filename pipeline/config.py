@@ -119,8 +119,8 @@ class RayConfig:
     feature_batch_size: int = 8
     # manifest rows (files) per model actor call; their windows are packed into model.batch_size batches
     model_batch_size: int = 8
-    # shards fed to the graph at a time; a wave's shards are committed before the next wave starts
-    shards_per_wave: int = 4
+    # shards per input block of the streaming graph (a block is read, decoded and transcribed as a unit of work)
+    shards_per_block: int = 1
 
 
 @dataclass(frozen=True)
@@ -273,8 +273,8 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.ray.cpu_actors >= 1 and cfg.ray.model_actors >= 1, "ray.cpu_actors and ray.model_actors must be >= 1"),
         (cfg.ray.gpus_per_model_actor is None or cfg.ray.gpus_per_model_actor >= 0,
          "ray.gpus_per_model_actor must be None or >= 0"),
-        (min(cfg.ray.feature_batch_size, cfg.ray.model_batch_size, cfg.ray.shards_per_wave) >= 1,
-         "ray.feature_batch_size, ray.model_batch_size and ray.shards_per_wave must be >= 1"),
+        (min(cfg.ray.feature_batch_size, cfg.ray.model_batch_size, cfg.ray.shards_per_block) >= 1,
+         "ray.feature_batch_size, ray.model_batch_size and ray.shards_per_block must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -1,11 +1,12 @@
-"""The Ray Data graph of one wave of shards.
+"""The Ray Data graph: one streaming dataset over every pending shard, committed shard by shard.
 
-manifest records → ``Featurizer`` (CPU actor pool: fetch, decode, windows, log-mel) → ``Transcriber`` (model actor
-pool, one Whisper replica each, a GPU each when the cluster has GPUs) → group by shard → ``ShardWriter`` (a worker
-writes the shard's Parquet file and completion record). Only the small completion records come back to the driver.
+input blocks (the driver wrote the pending manifest records to OUTPUT/_staging/<invocation>/input/) →
+``ArrowFeaturizer`` (CPU actor pool: fetch, decode, windows, log-mel) → ``ArrowTranscriber`` (model actor pool, one
+Whisper replica each, a GPU each when the cluster has GPUs) → ``write_parts`` (tasks write each batch's rows as a part
+file per shard) → small part records stream back to the driver, which starts a ``commit_shard`` task as soon as all
+rows of a shard are written. That task merges the shard's parts into ``transcripts/shard-NNNNN.parquet`` (one atomic
+write) and its completion record. Rows and features never pass through the driver; actors live for the whole run.
 """
-
-from __future__ import annotations
 
 import json
 import logging
@@ -93,18 +94,69 @@ class ArrowTranscriber:
         return pa.Table.from_pylist(rows, schema=TRANSCRIPT_SCHEMA)
 
 
-def write_group(group: pa.Table, layout: RunLayout, extra_types: dict[str, str], replace_failed: bool) -> pa.Table:
-    """Write one shard (one group of rows) and return its completion record as a one-row table."""
-    rows = group.to_pylist()
-    shard_id = int(rows[0]["shard_id"])
+def read_inputs(batch: pa.Table, layout: RunLayout) -> pa.Table:
+    """Input block paths → the manifest records they hold."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(io.BytesIO(layout.read_bytes(p))) for p in batch.column("path").to_pylist()]
+    return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
+
+
+def write_parts(batch: pa.Table, layout: RunLayout, staging: str, extra_types: dict[str, str]) -> pa.Table:
+    """Write the batch's rows as one part file per shard; return one small record per part."""
+    import uuid
+
+    from .schema import rows_to_table
+    from .sink import table_to_parquet_bytes
+
+    rows = batch.to_pylist()
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_shard.setdefault(int(r["shard_id"]), []).append(r)
+    out = {"shard_id": [], "path": [], "row_indices": [], "decode_s": [], "windows": [], "window_fallbacks": []}
+    for shard_id, shard_rows in sorted(by_shard.items()):
+        path = f"{staging}/parts/{shard_id:05d}/{uuid.uuid4().hex}.parquet"
+        table = rows_to_table(shard_rows, extra_types)
+        layout.write_bytes(path, table_to_parquet_bytes(table))
+        temps = [t for r in shard_rows for t in (r.get("window_temperatures") or [])]
+        out["shard_id"].append(shard_id)
+        out["path"].append(path)
+        out["row_indices"].append([int(r["row_index"]) for r in shard_rows])
+        out["decode_s"].append(sum(r.get("decode_s") or 0.0 for r in shard_rows))
+        out["windows"].append(len(temps))
+        out["window_fallbacks"].append(sum(t > 0 for t in temps))
+    return pa.table(out)
+
+
+def commit_shard(
+    layout: RunLayout,
+    shard_id: int,
+    parts: list[str],
+    extra_types: dict[str, str],
+    stats: dict[str, Any],
+    replace_failed: bool,
+) -> dict[str, Any]:
+    """Merge a shard's part files (a row written twice by a retried task is kept once) and commit the shard."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    seen, rows = set(), []
+    for path in parts:
+        for r in pq.read_table(io.BytesIO(layout.read_bytes(path))).to_pylist():
+            if r["row_index"] not in seen:
+                seen.add(r["row_index"])
+                rows.append(r)
     model = next((r["model"] for r in rows if r.get("model")), None)
-    stats = {
-        "decode_seconds": sum(r.get("decode_s") or 0.0 for r in rows),
-        "windows": sum(len(r.get("window_temperatures") or []) for r in rows),
-        "window_fallbacks": sum(sum(t > 0 for t in r.get("window_temperatures") or []) for r in rows),
-    }
     record = write_shard(layout, shard_id, rows, extra_types, model, stats, replace_failed)
-    return pa.table({"shard_id": [shard_id], "record": [json.dumps(record)]})
+    for path in parts:  # the shard is committed: its parts are garbage now
+        try:
+            layout.fs.rm(path)
+        except FileNotFoundError:
+            pass
+    return record
 
 
 def model_resources(cfg: RunConfig) -> tuple[float, float, int | None]:
@@ -120,20 +172,20 @@ def model_resources(cfg: RunConfig) -> tuple[float, float, int | None]:
     return 0.0, float(int(cpus)), int(cpus)
 
 
-def run_wave(
-    records: list[dict[str, Any]],
+def build_dataset(
+    input_files: list[str],
     cfg: RunConfig,
     layout: RunLayout,
+    staging: str,
     extra_types: dict[str, str],
     n_mels: int,
-    replace_failed: bool = False,
-) -> list[dict[str, Any]]:
-    """Transcribe and commit the shards of ``records``; returns their completion records."""
+) -> "ray.data.Dataset":
+    """The streaming dataset whose rows are part records; iterating it runs the whole graph."""
     gpus, cpus, threads = model_resources(cfg)
-    table = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
-    step = max(1, cfg.ray.feature_batch_size)
-    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]  # many blocks: many actors busy
-    ds = ray.data.from_arrow(blocks)
+    # input blocks are read by zero-CPU tasks: CPU slots all belong to the actors, and a read waiting for one
+    # behind them would deadlock the stream
+    ds = ray.data.from_items([{"path": f} for f in input_files], override_num_blocks=len(input_files))
+    ds = ds.map_batches(read_inputs, fn_args=(layout,), batch_size=1, batch_format="pyarrow", num_cpus=0)
     ds = ds.map_batches(
         ArrowFeaturizer,
         fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels},
@@ -151,7 +203,63 @@ def run_wave(
         num_gpus=gpus,
         num_cpus=cpus,
     )
-    ds = ds.groupby("shard_id").map_groups(
-        write_group, batch_format="pyarrow", fn_args=(layout, extra_types, replace_failed)
+    return ds.map_batches(
+        write_parts,
+        fn_args=(layout, staging, extra_types),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=0,  # small I/O: must never wait behind the actors that hold every core
     )
-    return [json.loads(r["record"]) for r in ds.take_all()]
+
+
+def run_graph(
+    input_files: list[str],
+    expected: dict[int, int],
+    cfg: RunConfig,
+    layout: RunLayout,
+    staging: str,
+    extra_types: dict[str, str],
+    n_mels: int,
+    replace_failed: bool = False,
+    on_commit=None,
+) -> list[dict[str, Any]]:
+    """Run the graph over ``input_files``; commit each shard once its ``expected`` number of rows is written.
+
+    Returns the completion records; ``on_commit(record)`` is called as each shard commits. The driver only holds
+    the row indices of shards in flight, so its memory does not grow with the corpus.
+    """
+    commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
+    written: dict[int, set[int]] = {}
+    parts: dict[int, list[str]] = {}
+    stats: dict[int, dict[str, float]] = {}
+    committed: set[int] = set()
+    pending: list = []
+    records: list[dict[str, Any]] = []
+
+    def collect(block: bool) -> None:
+        ready, rest = ray.wait(pending, num_returns=len(pending), timeout=None if block else 0)
+        pending[:] = rest
+        for rec in ray.get(ready):
+            records.append(rec)
+            if on_commit:
+                on_commit(rec)
+
+    ds = build_dataset(input_files, cfg, layout, staging, extra_types, n_mels)
+    for part in ds.iter_rows():
+        shard = int(part["shard_id"])
+        if shard in committed:  # a part re-sent by a retried task after its shard committed
+            continue
+        written.setdefault(shard, set()).update(part["row_indices"])
+        parts.setdefault(shard, []).append(part["path"])
+        acc = stats.setdefault(shard, {})
+        for key, name in (("decode_s", "decode_seconds"), ("windows", "windows"), ("window_fallbacks", "window_fallbacks")):
+            acc[name] = acc.get(name, 0) + part[key]
+        if len(written[shard]) >= expected[shard]:
+            pending.append(commit.remote(layout, shard, parts.pop(shard), extra_types, stats.pop(shard), replace_failed))
+            committed.add(shard)
+            del written[shard]
+        if pending:
+            collect(block=False)
+    while pending:
+        collect(block=True)
+    return records

@@ -7,6 +7,7 @@ OUTPUT/transcripts/shard-NNNNN.parquet one complete file per shard, deterministi
 OUTPUT/shards/NNNNN.json               completion record: the shard is done iff this (and its file) exists
 OUTPUT/invocations/<start>-<tag>.json  one record per `run` invocation (start/finish time, for wall time)
 OUTPUT/stats.json                      run statistics, rewritten at the end of each invocation
+OUTPUT/_staging/<invocation>/          a run's inputs and part files; parts of a shard are deleted at its commit
 OUTPUT/_tmp/                           local temporaries only
 ```
 
@@ -95,6 +96,16 @@ class RunLayout:
     @property
     def tmp_dir(self) -> str:
         return self.path("_tmp")
+
+    def remove_tree(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def staging_dir(self, invocation_id: str) -> str:
+        """Worker-visible scratch of one invocation: input blocks and per-shard part files (never read as output)."""
+        return self.path("_staging", invocation_id)
 
     @staticmethod
     def shard_file_name(shard_id: int) -> str:
