@@ -83,13 +83,15 @@ def run(input_uri, output, config, overrides, model_spec, retry_failed) -> None:
     """
     from jobs.run import run as run_job
     from jobs.status import format_status, run_status
+    from jobs.lock import LockHeld
+    from pipeline.graph import Stalled
     from pipeline.manifest import ManifestError
     from pipeline.plan import PlanMismatch
 
     cfg = _load(config, overrides, model_spec)
     try:
         summary = run_job(input_uri, output, cfg, retry_failed=retry_failed, echo=click.echo)
-    except (PlanMismatch, ManifestError, FileNotFoundError, ValueError) as e:
+    except (PlanMismatch, ManifestError, LockHeld, Stalled, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     from pipeline.layout import RunLayout
 

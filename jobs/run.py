@@ -17,6 +17,8 @@ from pipeline.layout import RunLayout
 from pipeline.plan import build_plan, check_resume, finish_run, iter_waves, start_run
 from pipeline.sink import failed_rows
 
+from .lock import RunLock
+
 log = logging.getLogger(__name__)
 
 
@@ -68,6 +70,15 @@ def run(
     plan = build_plan(input_uri, cfg, so)
     name, n_mels = model_label(cfg)
     state = check_resume(layout, plan, cfg, name)  # raises PlanMismatch before any work
+    lock = RunLock(layout, f"{os.getpid()}-{time.time()}")
+    lock.acquire()  # raises LockHeld when another driver is alive on OUTPUT
+    try:
+        return _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed, echo)
+    finally:
+        lock.release()
+
+
+def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed, echo) -> RunSummary:
     invocation = start_run(layout, plan, cfg, name)
     only_rows = None
     pending = list(state.pending)

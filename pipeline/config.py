@@ -69,6 +69,8 @@ class ModelConfig:
     batch_size: int = 16
     # "none", or "int8" for dynamic int8 quantisation of the linear layers (cpu)
     quantize: str = "none"
+    # a batch of windows that takes longer than this becomes error rows ("timeout: ...")
+    timeout_seconds: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class DecodeConfig:
     suppress_tokens: str = "-1"
     # suppress a blank output at the start of sampling
     suppress_blank: bool = True
+    # candidates sampled per window at temperatures above 0 (the fallback)
+    best_of: int | None = 5
     # text given to the model as previous context (names, spellings)
     initial_prompt: str | None = None
     # word-level timestamps (cross-attention alignment)
@@ -119,6 +123,8 @@ class RayConfig:
     feature_batch_size: int = 8
     # manifest rows (files) per model actor call; their windows are packed into model.batch_size batches
     model_batch_size: int = 8
+    # a run whose graph yields nothing for this many seconds stops with an error instead of hanging
+    stall_timeout_seconds: float = 1800.0
     # shards per input block of the streaming graph (a block is read, decoded and transcribed as a unit of work)
     shards_per_block: int = 1
 
@@ -144,7 +150,7 @@ SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)
 # fields of these sections can change transcripts, so a resume with different values is refused
 _RESULT_SECTIONS = ("model", "decode")
 _RESULT_KEYS = ("audio.sample_rate", "audio.max_window_seconds", "audio.cut_search_seconds")
-_NO_RESULT_KEYS = ("model.device", "model.batch_size")
+_NO_RESULT_KEYS = ("model.device", "model.batch_size", "model.timeout_seconds")
 
 
 def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

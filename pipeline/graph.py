@@ -11,6 +11,9 @@ write) and its completion record. Rows and features never pass through the drive
 import json
 import logging
 import os
+import queue
+import threading
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -244,8 +247,22 @@ def run_graph(
             if on_commit:
                 on_commit(rec)
 
-    ds = build_dataset(input_files, cfg, layout, staging, extra_types, n_mels)
-    for part in ds.iter_rows():
+    last_progress = time.monotonic()
+    for part in _stream(build_dataset(input_files, cfg, layout, staging, extra_types, n_mels)):
+        if part is None:  # no output yet: commits may still finish, and a stall must not go unnoticed
+            if pending:
+                n = len(records)
+                collect(block=False)
+                last_progress = time.monotonic() if len(records) > n else last_progress
+            idle = time.monotonic() - last_progress
+            if idle > cfg.ray.stall_timeout_seconds:
+                raise Stalled(
+                    f"no progress for {idle:.0f} s (ray.stall_timeout_seconds={cfg.ray.stall_timeout_seconds:g}): "
+                    f"no rows came out of the graph and no shard committed. Committed shards are kept; rerun the "
+                    f"same command to resume. Ray's logs (/tmp/ray/session_latest/logs) show where workers are stuck."
+                )
+            continue
+        last_progress = time.monotonic()
         shard = int(part["shard_id"])
         if shard in committed:  # a part re-sent by a retried task after its shard committed
             continue
@@ -263,3 +280,35 @@ def run_graph(
     while pending:
         collect(block=True)
     return records
+
+
+class Stalled(RuntimeError):
+    """The graph made no progress for longer than ``ray.stall_timeout_seconds``."""
+
+
+def _stream(ds: "ray.data.Dataset", poll: float = 2.0):
+    """Iterate the dataset's rows in a thread; yield None every ``poll`` seconds without a row, so the caller can
+    watch for a stall instead of blocking forever inside Ray."""
+    q: queue.Queue = queue.Queue(maxsize=64)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for row in ds.iter_rows():
+                q.put(row)
+            q.put(done)
+        except BaseException as e:  # surfaced in the driver's thread
+            q.put(e)
+
+    threading.Thread(target=produce, name="graph-output", daemon=True).start()
+    while True:
+        try:
+            item = q.get(timeout=poll)
+        except queue.Empty:
+            yield None
+            continue
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

@@ -11,7 +11,10 @@ utterance costs its length, not a full window, between the stages.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -23,11 +26,14 @@ from model.audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMP
 from model.decoding import DecodingOptions
 from model.transcribe import TranscribeOptions, WindowResult, transcribe_windows
 
-from .audio import AudioError, decode_audio, read_bytes
+from .audio import AudioError, iter_audio_chunks, open_stream
 from .config import AudioConfig, DecodeConfig, ModelConfig, RunConfig
-from .windows import plan_windows
+from .windows import iter_windows, plan_windows
 
 log = logging.getLogger(__name__)
+
+# names a substring of row ids whose model batch hangs (the reliability tests' fault injection); unset normally
+HANG_FAILPOINT = "WHISPER_BATCH_FAILPOINT_MODEL_HANG"
 
 
 @dataclass
@@ -44,28 +50,40 @@ class Windows:
         return self.mel[:, begin : begin + self.frames[i]]
 
 
-def featurize(audio: np.ndarray, n_mels: int, cfg: AudioConfig) -> Windows:
-    """Audio (T,) at 16 kHz → windows at quiet points → log-mel of each, as the reference computes a window."""
-    cuts = plan_windows(audio, cfg.max_window_seconds, cfg.max_window_seconds - cfg.cut_search_seconds)
-    starts, frames, mels = [], [], []
-    for begin, end in cuts:
-        n = max(1, (end - begin) // HOP_LENGTH)
+def featurize_windows(windows: Iterable[tuple[int, np.ndarray]], n_mels: int) -> Windows:
+    """``(start_sample, audio)`` windows → the log-mel of each, computed as the reference computes a window."""
+    starts, frames, mels, samples = [], [], [], 0
+    for begin, audio in windows:
+        n = max(1, len(audio) // HOP_LENGTH)
         # zero padding to a full window keeps the reference's STFT edges; only the real frames are kept
-        mel = log_mel_spectrogram(audio[begin:end], n_mels, padding=N_SAMPLES)[:, :n]
+        mels.append(log_mel_spectrogram(audio, n_mels, padding=N_SAMPLES)[:, :n].numpy())
         starts.append(begin / SAMPLE_RATE)
         frames.append(n)
-        mels.append(mel.numpy())
+        samples = begin + len(audio)
     mel = np.concatenate(mels, axis=1) if mels else np.zeros((n_mels, 0), np.float32)
-    return Windows(starts, frames, mel.astype(np.float32, copy=False), len(audio) / SAMPLE_RATE)
+    return Windows(starts, frames, mel.astype(np.float32, copy=False), samples / SAMPLE_RATE)
+
+
+def featurize(audio: np.ndarray, n_mels: int, cfg: AudioConfig) -> Windows:
+    """Audio (T,) at 16 kHz → windows at quiet points → log-mel of each."""
+    cuts = plan_windows(audio, cfg.max_window_seconds, cfg.max_window_seconds - cfg.cut_search_seconds)
+    return featurize_windows(((b, audio[b:e]) for b, e in cuts), n_mels)
 
 
 def load_features(row: dict[str, Any], n_mels: int, cfg: RunConfig) -> Windows:
-    """Fetch and decode one manifest row's audio; raises AudioError with the cause."""
-    data = read_bytes(row["uri"], cfg.storage.storage_options)
+    """Stream one manifest row's audio from storage into windows and features; raises AudioError with the cause.
+
+    Decoding is chunked, so at most one chunk plus one window of audio is held however long the file is.
+    """
+    a = cfg.audio
     duration = row.get("duration")
     duration = None if duration is None or duration != duration else float(duration)
-    audio = decode_audio(data, offset=float(row.get("offset") or 0.0), duration=duration, name=row["uri"])
-    return featurize(audio, n_mels, cfg.audio)
+    with open_stream(row["uri"], cfg.storage.storage_options) as f:
+        chunks = iter_audio_chunks(
+            f, a.streaming_chunk_seconds, offset=float(row.get("offset") or 0.0), duration=duration, name=row["uri"]
+        )
+        windows = iter_windows(chunks, a.max_window_seconds, a.max_window_seconds - a.cut_search_seconds)
+        return featurize_windows(windows, n_mels)
 
 
 def to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -89,10 +107,11 @@ def _plain(value: Any) -> Any:
 
 
 class Featurizer:
-    """CPU stage: manifest rows → rows with ``mel`` (bytes), ``mel_frames``, ``window_starts``, ``duration``."""
+    """CPU stage: manifest rows → rows with ``mel`` (bytes), ``mel_frames``, ``window_starts``, ``audio_seconds``."""
 
     def __init__(self, cfg: RunConfig, n_mels: int = 80):
         self.cfg, self.n_mels = cfg, n_mels
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
         torch.set_num_threads(1)  # many small STFTs: one thread per actor scales better than contention
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -101,8 +120,15 @@ class Featurizer:
     def featurize_row(self, row: dict[str, Any]) -> dict[str, Any]:
         out = dict(row, mel=b"", mel_frames=[], window_starts=[], audio_seconds=0.0, error=None, decode_s=0.0)
         t0 = time.perf_counter()
+        timeout = self.cfg.audio.decode_timeout_seconds
+        future = self.pool.submit(self._load, row)
         try:
-            w = load_features(row, self.n_mels, self.cfg)
+            w = future.result(timeout=timeout)
+        except FutureTimeout:
+            # the stuck decode keeps its thread; later rows get a fresh one
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
+            out["error"] = f"timeout: fetching and decoding {row.get('uri')} took more than {timeout:g} s"
         except AudioError as e:
             out["error"] = str(e)
         except Exception as e:  # a bad file is a row with its error, never a failed job
@@ -112,6 +138,9 @@ class Featurizer:
             out.update(mel=w.mel.tobytes(), mel_frames=w.frames, window_starts=w.starts, audio_seconds=w.duration)
         out["decode_s"] = time.perf_counter() - t0
         return out
+
+    def _load(self, row: dict[str, Any]) -> Windows:
+        return load_features(row, self.n_mels, self.cfg)
 
 
 def transcribe_options(d: DecodeConfig) -> TranscribeOptions:
@@ -132,7 +161,7 @@ def transcribe_options(d: DecodeConfig) -> TranscribeOptions:
         compression_ratio_threshold=d.compression_ratio_threshold,
         logprob_threshold=d.logprob_threshold,
         no_speech_threshold=d.no_speech_threshold,
-        best_of=getattr(d, "best_of", 5),
+        best_of=d.best_of,
     )
 
 
@@ -186,6 +215,7 @@ class Transcriber:
         self.load_s = time.perf_counter() - t0
         self.opts = transcribe_options(cfg.decode)
         self.batch_size = cfg.model.batch_size
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="model")
 
     @property
     def n_mels(self) -> int:
@@ -235,10 +265,22 @@ class Transcriber:
             for k, (_, _, m) in enumerate(chunk):
                 mel[k, :, : m.shape[1]] = torch.tensor(m[:, :N_FRAMES])
             langs = [rows[i].get("language") for i, _, _ in chunk]
+            frames = [m.shape[1] for _, _, m in chunk]
+            hang = os.environ.get(HANG_FAILPOINT)  # fault injection for the reliability tests: a model call that hangs
+            if hang and any(hang in str(rows[i].get("id")) for i, _, _ in chunk):
+                future = self.pool.submit(time.sleep, 10**9)
+            else:
+                future = self.pool.submit(transcribe_windows, self.model, self.tokenizer, mel, frames, self.opts, langs)
+            timeout = self.cfg.model.timeout_seconds
             try:
-                results = transcribe_windows(
-                    self.model, self.tokenizer, mel, [m.shape[1] for _, _, m in chunk], self.opts, langs
-                )
+                results = future.result(timeout=timeout)
+            except FutureTimeout:
+                log.error("a batch of %d windows took more than %g s; its rows become errors", len(chunk), timeout)
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+                for i, _, _ in chunk:
+                    failures[i] = f"timeout: the model took more than {timeout:g} s on a batch of {len(chunk)} windows"
+                continue
             except Exception as e:
                 log.exception("model failed on a batch of %d windows", len(chunk))
                 for i, _, _ in chunk:
