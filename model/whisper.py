@@ -166,12 +166,16 @@ class TextDecoder(nn.Module):
             [ResidualAttentionBlock(n_state, n_head, cross_attention=True, layer=i) for i in range(n_layer)]
         )
         self.ln = LayerNorm(n_state)
+        # optional separate output projection (an int8 copy of the tied embedding, see model/quantize.py)
+        self.out_proj: nn.Module | None = None
 
     def embed(self, tokens: Tensor, offset: int) -> Tensor:
         return self.token_embedding(tokens) + self.positional_embedding[offset : offset + tokens.shape[-1]]
 
     def project(self, x: Tensor) -> Tensor:
         x = self.ln(x)
+        if self.out_proj is not None:
+            return self.out_proj(x).float()
         return (x @ self.token_embedding.weight.to(x.dtype).T).float()
 
     def forward(self, tokens: Tensor, xa: Tensor, cache: KVCache | None = None) -> Tensor:

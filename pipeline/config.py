@@ -53,6 +53,10 @@ class AudioConfig:
     cut_search_seconds: float = 5.0
     # a file whose decode takes longer than this becomes an error row ("timeout: ...")
     decode_timeout_seconds: float = 300.0
+    # rows at most this long are packed several to a 30 s window, silence between them (0 disables packing)
+    pack_max_seconds: float = 20.0
+    # seconds of silence between the rows packed into one window
+    pack_gap_seconds: float = 2.0
     # long files are decoded in chunks of this many seconds to bound worker memory
     streaming_chunk_seconds: float = 600.0
 
@@ -119,8 +123,6 @@ class RayConfig:
     model_actors: int = 1
     # GPUs per model actor; None means 1.0 when the cluster has GPUs, else 0
     gpus_per_model_actor: float | None = None
-    # manifest rows per decode/feature call
-    feature_batch_size: int = 8
     # manifest rows (files) per model actor call; their windows are packed into model.batch_size batches
     model_batch_size: int = 8
     # a run whose graph yields nothing for this many seconds stops with an error instead of hanging
@@ -149,7 +151,13 @@ class RunConfig:
 SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)
 # fields of these sections can change transcripts, so a resume with different values is refused
 _RESULT_SECTIONS = ("model", "decode")
-_RESULT_KEYS = ("audio.sample_rate", "audio.max_window_seconds", "audio.cut_search_seconds")
+_RESULT_KEYS = (
+    "audio.sample_rate",
+    "audio.max_window_seconds",
+    "audio.cut_search_seconds",
+    "audio.pack_max_seconds",
+    "audio.pack_gap_seconds",
+)
 _NO_RESULT_KEYS = ("model.device", "model.batch_size", "model.timeout_seconds")
 
 
@@ -279,8 +287,8 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.ray.cpu_actors >= 1 and cfg.ray.model_actors >= 1, "ray.cpu_actors and ray.model_actors must be >= 1"),
         (cfg.ray.gpus_per_model_actor is None or cfg.ray.gpus_per_model_actor >= 0,
          "ray.gpus_per_model_actor must be None or >= 0"),
-        (min(cfg.ray.feature_batch_size, cfg.ray.model_batch_size, cfg.ray.shards_per_block) >= 1,
-         "ray.feature_batch_size, ray.model_batch_size and ray.shards_per_block must be >= 1"),
+        (min(cfg.ray.model_batch_size, cfg.ray.shards_per_block) >= 1,
+         "ray.model_batch_size and ray.shards_per_block must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -48,6 +48,7 @@ FEATURE_SCHEMA = pa.schema(
         ("audio_seconds", pa.float64()),
         ("error", pa.string()),
         ("decode_s", pa.float64()),
+        ("members_json", pa.string()),
     ]
 )
 TRANSCRIPT_SCHEMA = pa.schema(
@@ -193,7 +194,7 @@ def build_dataset(
         ArrowFeaturizer,
         fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels},
         compute=ray.data.ActorPoolStrategy(size=cfg.ray.cpu_actors),
-        batch_size=cfg.ray.feature_batch_size,
+        batch_size=None,  # one whole input block (whole shards) per call: short rows are packed within a shard
         batch_format="pyarrow",
         num_cpus=1,
     )

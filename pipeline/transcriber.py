@@ -10,13 +10,15 @@ utterance costs its length, not a full window, between the stages.
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import numpy as np
@@ -70,10 +72,12 @@ def featurize(audio: np.ndarray, n_mels: int, cfg: AudioConfig) -> Windows:
     return featurize_windows(((b, audio[b:e]) for b, e in cuts), n_mels)
 
 
-def load_features(row: dict[str, Any], n_mels: int, cfg: RunConfig) -> Windows:
+def load_features(row: dict[str, Any], n_mels: int, cfg: RunConfig) -> Windows | np.ndarray:
     """Stream one manifest row's audio from storage into windows and features; raises AudioError with the cause.
 
-    Decoding is chunked, so at most one chunk plus one window of audio is held however long the file is.
+    Decoding is chunked, so at most one chunk plus one window of audio is held however long the file is. A row
+    short enough to share a window with others (``audio.pack_max_seconds``) comes back as its raw audio instead,
+    for :func:`plan_packs`.
     """
     a = cfg.audio
     duration = row.get("duration")
@@ -83,7 +87,40 @@ def load_features(row: dict[str, Any], n_mels: int, cfg: RunConfig) -> Windows:
             f, a.streaming_chunk_seconds, offset=float(row.get("offset") or 0.0), duration=duration, name=row["uri"]
         )
         windows = iter_windows(chunks, a.max_window_seconds, a.max_window_seconds - a.cut_search_seconds)
-        return featurize_windows(windows, n_mels)
+        head = list(itertools.islice(windows, 2))
+        if len(head) == 1 and len(head[0][1]) <= a.pack_max_seconds * SAMPLE_RATE:
+            return head[0][1]
+        return featurize_windows(itertools.chain(head, windows), n_mels)
+
+
+def plan_packs(durations: list[float], capacity: float, gap: float) -> list[list[int]]:
+    """First-fit decreasing: group short items into windows of ``capacity`` seconds, ``gap`` seconds apart."""
+    packs: list[list[int]] = []
+    room: list[float] = []
+    for i in sorted(range(len(durations)), key=lambda i: -durations[i]):
+        for p, free in enumerate(room):
+            if durations[i] + gap <= free:
+                packs[p].append(i)
+                room[p] = free - durations[i] - gap
+                break
+        else:
+            packs.append([i])
+            room.append(capacity - durations[i])
+    return [sorted(p) for p in packs]
+
+
+def pack_audio(audios: list[np.ndarray], gap: float) -> tuple[np.ndarray, list[float]]:
+    """Concatenate utterances with ``gap`` seconds of silence between them; return the audio and each start (s)."""
+    silence = np.zeros(int(gap * SAMPLE_RATE), np.float32)
+    parts, starts, pos = [], [], 0
+    for k, audio in enumerate(audios):
+        if k:
+            parts.append(silence)
+            pos += len(silence)
+        starts.append(pos / SAMPLE_RATE)
+        parts.append(audio.astype(np.float32, copy=False))
+        pos += len(audio)
+    return np.concatenate(parts), starts
 
 
 def to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -107,7 +144,12 @@ def _plain(value: Any) -> Any:
 
 
 class Featurizer:
-    """CPU stage: manifest rows → rows with ``mel`` (bytes), ``mel_frames``, ``window_starts``, ``audio_seconds``."""
+    """CPU stage: manifest rows → work items for the model stage.
+
+    An item is one row with its windows (``mel`` bytes, ``mel_frames``, ``window_starts``), or — for short rows —
+    a *pack*: several rows' audio laid into one 30 s window with silence between them (``members_json`` lists the
+    rows and where each starts), so a 5 s utterance does not cost a whole 30 s window of encoder work.
+    """
 
     def __init__(self, cfg: RunConfig, n_mels: int = 80):
         self.cfg, self.n_mels = cfg, n_mels
@@ -115,13 +157,45 @@ class Featurizer:
         torch.set_num_threads(1)  # many small STFTs: one thread per actor scales better than contention
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        return to_batch([self.featurize_row(r) for r in to_rows(batch)])
+        return to_batch(self.featurize_rows(to_rows(batch)))
 
-    def featurize_row(self, row: dict[str, Any]) -> dict[str, Any]:
+    def featurize_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        items, short = [], []
+        for row in rows:
+            out, audio = self.featurize_row(row)
+            if audio is None:
+                items.append(out)
+            else:
+                short.append((out, audio))
+        a = self.cfg.audio
+        by_shard: dict[Any, list] = {}
+        for out, audio in short:  # packs stay inside a shard, so a shard's text never depends on other shards
+            by_shard.setdefault(out.get("shard_id"), []).append((out, audio))
+        for group in by_shard.values():
+            durations = [len(au) / SAMPLE_RATE for _, au in group]
+            for pack in plan_packs(durations, a.max_window_seconds, a.pack_gap_seconds):
+                items.append(self.pack_item([group[i] for i in pack]))
+        return items
+
+    def pack_item(self, members: list[tuple[dict[str, Any], np.ndarray]]) -> dict[str, Any]:
+        gap = self.cfg.audio.pack_gap_seconds
+        audio, starts = pack_audio([au for _, au in members], gap)
+        w = featurize_windows([(0, audio)], self.n_mels)
+        item = dict(members[0][0], mel=w.mel.tobytes(), mel_frames=w.frames, window_starts=[0.0])
+        if len(members) > 1:
+            item["members_json"] = json.dumps(
+                [dict(_record(m), window_start=start) for (m, _), start in zip(members, starts)]
+            )
+        return item
+
+    def featurize_row(self, row: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray | None]:
+        """One row → (item without features yet if short, its audio) or (item with features, None)."""
         out = dict(row, mel=b"", mel_frames=[], window_starts=[], audio_seconds=0.0, error=None, decode_s=0.0)
+        out["members_json"] = None
         t0 = time.perf_counter()
         timeout = self.cfg.audio.decode_timeout_seconds
-        future = self.pool.submit(self._load, row)
+        future = self.pool.submit(load_features, row, self.n_mels, self.cfg)
+        audio = None
         try:
             w = future.result(timeout=timeout)
         except FutureTimeout:
@@ -135,12 +209,13 @@ class Featurizer:
             log.exception("decoding %s failed", row.get("uri"))
             out["error"] = f"decode failed: {type(e).__name__}: {e}"
         else:
-            out.update(mel=w.mel.tobytes(), mel_frames=w.frames, window_starts=w.starts, audio_seconds=w.duration)
+            if isinstance(w, np.ndarray):
+                audio = w
+                out["audio_seconds"] = len(w) / SAMPLE_RATE
+            else:
+                out.update(mel=w.mel.tobytes(), mel_frames=w.frames, window_starts=w.starts, audio_seconds=w.duration)
         out["decode_s"] = time.perf_counter() - t0
-        return out
-
-    def _load(self, row: dict[str, Any]) -> Windows:
-        return load_features(row, self.n_mels, self.cfg)
+        return out, audio
 
 
 def transcribe_options(d: DecodeConfig) -> TranscribeOptions:
@@ -210,6 +285,8 @@ class Transcriber:
             cfg.model.name, device=device, dtype=dtype, storage_options=cfg.storage.storage_options
         )
         if cfg.model.quantize == "int8" and device == "cpu":
+            from model.quantize import quantize_int8
+
             self.model = quantize_int8(self.model)
         self.model_name = ckpt.name
         self.load_s = time.perf_counter() - t0
@@ -243,16 +320,26 @@ class Transcriber:
         failures = self._run(windows, rows, per_row)
         out = []
         for i, row in enumerate(rows):
-            res = {k: v for k, v in row.items() if k not in ("mel", "mel_frames")}
-            res.update(text=None, segments=None, language=None, window_temperatures=[], model=self.model_name)
-            res["duration"] = row.get("audio_seconds")
-            if not row.get("error") and i in failures:
-                res["error"] = failures[i]
-            elif not row.get("error"):
-                res.update(stitch(per_row[i], list(row.get("window_starts") or [])))
-            res["model_s"] = time.perf_counter() - t0
-            out.append(res)
+            members = json.loads(row["members_json"]) if row.get("members_json") else None
+            if members is None:
+                out.append(self._finish(row, per_row[i], list(row.get("window_starts") or []), failures.get(i), t0))
+                continue
+            result = per_row[i][0] if per_row[i] else None
+            for m in members:  # a pack: each member takes the segments that fall in its part of the window
+                share = None if result is None else member_share(result, members, m)
+                out.append(self._finish(m, [share] if share else [], [0.0], failures.get(i), t0))
         return out
+
+    def _finish(self, row, results, starts, failure, t0) -> dict[str, Any]:
+        res = {k: v for k, v in row.items() if k not in ("mel", "mel_frames", "members_json", "window_start")}
+        res.update(text=None, segments=None, language=None, window_temperatures=[], model=self.model_name)
+        res["duration"] = row.get("audio_seconds")
+        if not row.get("error") and failure:
+            res["error"] = failure
+        elif not row.get("error"):
+            res.update(stitch(results, starts))
+        res["model_s"] = time.perf_counter() - t0
+        return res
 
     def _run(self, windows, rows, per_row) -> dict[int, str]:
         """Decode the windows in batches; a batch that raises marks its rows failed instead of failing the job."""
@@ -291,11 +378,31 @@ class Transcriber:
         return failures
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantisation of the Linear layers (CPU)."""
-    from torch.ao.quantization import quantize_dynamic
+def _record(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in item.items() if k not in ("mel", "mel_frames", "window_starts", "members_json")}
 
-    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+def member_share(result: WindowResult, members: list[dict[str, Any]], member: dict[str, Any]) -> WindowResult:
+    """The part of a packed window's result that belongs to ``member``: the segments whose middle falls nearest
+    its span, with times made relative to the member's start."""
+    spans = [(m["window_start"], m["window_start"] + m["audio_seconds"]) for m in members]
+    k = members.index(member)
+    lo = (spans[k - 1][1] + spans[k][0]) / 2 if k else float("-inf")
+    hi = (spans[k][1] + spans[k + 1][0]) / 2 if k + 1 < len(spans) else float("inf")
+    start, length = spans[k][0], member["audio_seconds"]
+    mine = []
+    for seg in result.segments:
+        if lo <= (seg.start + seg.end) / 2 < hi:
+            mine.append(
+                replace(seg, start=min(max(seg.start - start, 0.0), length), end=min(max(seg.end - start, 0.0), length))
+            )
+    return replace(
+        result,
+        segments=mine,
+        text="".join(s.text for s in mine).strip(),
+        tokens=[t for s in mine for t in s.tokens],
+        no_speech=result.no_speech or not mine,
+    )
 
 
 def transcribe_files(
@@ -303,5 +410,7 @@ def transcribe_files(
 ) -> list[dict[str, Any]]:
     """The quick path: local files or URIs, one process, no Ray."""
     rows = [{"uri": p, "audio_filepath": p, "offset": 0.0, "duration": None, "language": None} for p in paths]
-    featured = [featurizer.featurize_row(r) for r in rows]
-    return transcriber.transcribe_rows(featured)
+    for i, row in enumerate(rows):
+        row["row_index"] = i
+    out = transcriber.transcribe_rows(featurizer.featurize_rows(rows))
+    return sorted(out, key=lambda r: r["row_index"])
