@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -140,6 +141,31 @@ def export(output, fmt, out_dir, config, overrides) -> None:
 
     d = export_rows(_layout(output, config, overrides), fmt, out_dir)
     click.echo(f"wrote {d['written']} {fmt} file(s) to {out_dir} ({d['skipped_failed']} failed rows skipped)")
+
+
+@main.command()
+@click.argument("manifest")
+@click.option("--engines", default=",".join(("whisper-batch", "whisper-batch-int8", "openai", "faster-int8",
+              "faster-batched-int8")), show_default=True, help="Comma-separated engines to run, alternating.")
+@click.option("--model", "model_spec", default=None, help="Checkpoint for every engine (default: packaged tiny.en).")
+@click.option("--repeat", default=1, show_default=True, help="Rounds; the engine order alternates between rounds.")
+@click.option("--threads", default=os.cpu_count(), show_default=True, help="CPU threads for the peers.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
+def bench(manifest, engines, model_spec, repeat, threads, json_out) -> None:
+    """Side-by-side throughput/WER/memory of whisper-batch and its peers on MANIFEST, in one run."""
+    import platform
+
+    from jobs.bench import ENGINES, bench as run_bench, format_table
+
+    chosen = [e.strip() for e in engines.split(",") if e.strip()]
+    if unknown := [e for e in chosen if e not in ENGINES]:
+        raise click.UsageError(f"unknown engine(s) {unknown}; choose from: {', '.join(ENGINES)}")
+    scores = run_bench(manifest, chosen, model_spec, repeat, threads, echo=lambda m: click.echo(m, err=True))
+    click.echo(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    click.echo(format_table(scores))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(scores, f, indent=2)
 
 
 if __name__ == "__main__":

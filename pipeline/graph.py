@@ -75,8 +75,8 @@ class ArrowFeaturizer:
         self.inner = Featurizer(cfg, n_mels)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [self.inner.featurize_row(r) for r in batch.to_pylist()]
-        return pa.Table.from_pylist(rows, schema=FEATURE_SCHEMA)
+        items = self.inner.featurize_rows(batch.to_pylist())
+        return pa.Table.from_pylist(items, schema=FEATURE_SCHEMA)
 
 
 class ArrowTranscriber:
@@ -171,9 +171,10 @@ def model_resources(cfg: RunConfig) -> tuple[float, float, int | None]:
         gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
     if gpus > 0:
         return gpus, 1.0, None
-    # CPU inference: give each model actor the cores the feature actors leave free
-    cpus = max(1.0, (cluster.get("CPU", os.cpu_count() or 1) - cfg.ray.cpu_actors) / cfg.ray.model_actors)
-    return 0.0, float(int(cpus)), int(cpus)
+    # CPU inference: each model actor reserves one core but runs torch on its share of the cluster's cores — the
+    # feature actors only decode and compute log-mels, a small fraction of the model's work
+    threads = max(1, int(cluster.get("CPU", os.cpu_count() or 1) // cfg.ray.model_actors))
+    return 0.0, 1.0, threads
 
 
 def build_dataset(

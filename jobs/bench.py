@@ -1,0 +1,230 @@
+"""``whisper-batch bench``: the same files through whisper-batch's whole pipeline and through the peers users run
+today, engines alternating in one run, each in its own process (so one's memory or threads can't help another).
+
+Per engine: audio seconds, wall seconds (model load measured separately), RTFx = audio / wall, WER (Whisper's English
+normalizer) over rows with a reference, and peak memory (RSS summed over the engine's process session, sampled).
+Peers need the optional extra ``bench`` (openai-whisper, faster-whisper); missing ones are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ENGINES = {
+    "whisper-batch": "our whole pipeline: local Ray, feature + model actors, packed windows, Parquet commit",
+    "whisper-batch-int8": "the same with model.quantize=int8",
+    "openai": "openai-whisper transcribe(), greedy, fp32",
+    "faster-int8": "faster-whisper WhisperModel.transcribe, greedy, int8",
+    "faster-fp32": "faster-whisper WhisperModel.transcribe, greedy, float32",
+    "faster-batched-int8": "faster-whisper BatchedInferencePipeline (batch 8), greedy, int8",
+    "faster-batched-fp32": "faster-whisper BatchedInferencePipeline (batch 8), greedy, float32",
+}
+DEFAULT_ENGINES = ("whisper-batch", "whisper-batch-int8", "openai", "faster-int8", "faster-batched-int8")
+
+
+def read_rows(manifest: str) -> list[dict[str, Any]]:
+    from pipeline.manifest import read_manifest
+
+    return [
+        {"id": r.id, "uri": r.uri, "reference": r.reference, "offset": r.offset, "duration": r.duration}
+        for r in read_manifest(manifest)
+    ]
+
+
+# ---- engines (run inside the child process) ----
+
+
+def _run_ours(manifest: str, model: str | None, threads: int, quantize: bool) -> dict[str, Any]:
+    import pyarrow.dataset as pads
+
+    from jobs.run import init_ray, run
+    from pipeline.config import load_config
+
+    sets = ["model.quantize=int8"] if quantize else []
+    cfg = load_config(None, sets + ([f"model.name={model}"] if model else []))
+    t0 = time.perf_counter()
+    init_ray(cfg)
+    load = time.perf_counter() - t0
+    out = tempfile.mkdtemp(prefix="wb-bench-")
+    t0 = time.perf_counter()
+    run(manifest, out, cfg, echo=lambda *_: None)
+    wall = time.perf_counter() - t0
+    table = pads.dataset(f"{out}/transcripts").to_table(columns=["id", "text", "duration"]).to_pylist()
+    return {
+        "load_s": load,
+        "wall_s": wall,
+        "texts": {r["id"]: r["text"] or "" for r in table},
+        "audio_s": sum(r["duration"] or 0.0 for r in table),
+        "note": "load = Ray start; the actors' model load is inside the wall time",
+    }
+
+
+def _audio(row: dict[str, Any]):
+    from pipeline.audio import decode_audio, read_bytes
+
+    return decode_audio(read_bytes(row["uri"]), offset=row["offset"] or 0.0, duration=row["duration"])
+
+
+def _run_openai(rows, model: str | None, threads: int) -> dict[str, Any]:
+    import torch
+    import whisper
+
+    from model.checkpoint import load_checkpoint
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(model)
+    ref = whisper.model.Whisper(whisper.model.ModelDimensions(**ckpt.dims.to_dict()))
+    ref.load_state_dict(ckpt.state_dict)
+    ref = ref.float().eval()
+    load = time.perf_counter() - t0
+    audios = [_audio(r) for r in rows]  # decoded up front: every engine is timed on the model work
+    t0 = time.perf_counter()
+    language = None if ckpt.dims.is_multilingual else "en"
+    texts = {r["id"]: whisper.transcribe(ref, a, fp16=False, language=language)["text"] for r, a in zip(rows, audios)}
+    return {"load_s": load, "wall_s": time.perf_counter() - t0, "texts": texts, "audio_s": _seconds(audios)}
+
+
+def _run_faster(rows, model: str | None, threads: int, compute_type: str, batched: bool) -> dict[str, Any]:
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    from model.checkpoint import resolve_model
+
+    t0 = time.perf_counter()
+    fw = WhisperModel(resolve_model(model), device="cpu", compute_type=compute_type, cpu_threads=threads)
+    engine = BatchedInferencePipeline(fw) if batched else fw
+    load = time.perf_counter() - t0
+    audios = [_audio(r) for r in rows]
+    kwargs = {"batch_size": 8} if batched else {}
+    t0 = time.perf_counter()
+    texts = {}
+    for r, a in zip(rows, audios):
+        segments, _ = engine.transcribe(a, beam_size=1, language="en", **kwargs)
+        texts[r["id"]] = "".join(s.text for s in segments)
+    return {"load_s": load, "wall_s": time.perf_counter() - t0, "texts": texts, "audio_s": _seconds(audios)}
+
+
+def _seconds(audios) -> float:
+    return sum(len(a) for a in audios) / 16000
+
+
+def run_engine(engine: str, manifest: str, model: str | None, threads: int) -> dict[str, Any]:
+    if engine.startswith("whisper-batch"):
+        return _run_ours(manifest, model, threads, quantize=engine.endswith("int8"))
+    rows = read_rows(manifest)
+    if engine == "openai":
+        return _run_openai(rows, model, threads)
+    if engine.startswith("faster"):
+        return _run_faster(rows, model, threads, engine.rsplit("-", 1)[1].replace("fp32", "float32"), "batched" in engine)
+    raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+
+
+# ---- the parent: alternate engines, sample memory, score ----
+
+
+def _session_rss(sid: int) -> int:
+    """RSS bytes of every process in session ``sid`` (the engine and what it started: Ray's workers)."""
+    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[3]) != sid:
+                continue
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def measure(engine: str, manifest: str, model: str | None, threads: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "jobs.bench", engine, manifest, str(out), str(threads), model or ""]
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        peak = [0]
+
+        def sample() -> None:
+            while proc.poll() is None:
+                peak[0] = max(peak[0], _session_rss(proc.pid))
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, err = proc.communicate()
+        sampler.join()
+        if proc.returncode != 0 or not out.exists():
+            return {"engine": engine, "error": err.decode(errors="replace").strip().splitlines()[-1:] or ["failed"]}
+        result = json.loads(out.read_text())
+    result.update(engine=engine, peak_rss_mb=peak[0] / 2**20)
+    return result
+
+
+def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    from jobs.evaluate import word_errors
+
+    norm = EnglishTextNormalizer()
+    pairs = [(norm(r["reference"]), norm(result["texts"].get(r["id"], ""))) for r in rows if r.get("reference")]
+    pairs = [p for p in pairs if p[0]]
+    wer = word_errors([p[0] for p in pairs], [p[1] for p in pairs])["wer"] if pairs else None
+    return {
+        "engine": result["engine"],
+        "audio_s": result["audio_s"],
+        "load_s": result["load_s"],
+        "wall_s": result["wall_s"],
+        "rtfx": result["audio_s"] / result["wall_s"] if result["wall_s"] else None,
+        "wer": wer,
+        "peak_rss_mb": result["peak_rss_mb"],
+        "note": result.get("note", ""),
+    }
+
+
+def format_table(scores: list[dict[str, Any]]) -> str:
+    lines = [
+        "| engine | audio s | load s | wall s | RTFx | WER % | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in scores:
+        if "error" in s:
+            lines.append(f"| {s['engine']} | failed: {' '.join(s['error'])[:80]} | | | | | |")
+            continue
+        wer = f"{100 * s['wer']:.2f}" if s["wer"] is not None else "–"
+        lines.append(
+            f"| {s['engine']} | {s['audio_s']:.1f} | {s['load_s']:.1f} | {s['wall_s']:.1f} | {s['rtfx']:.1f} | "
+            f"{wer} | {s['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def bench(manifest: str, engines: list[str], model: str | None, repeat: int, threads: int, echo=print) -> list[dict]:
+    rows = read_rows(manifest)
+    scores = []
+    for rnd in range(repeat):
+        order = engines if rnd % 2 == 0 else list(reversed(engines))  # alternate, so drift hits all engines
+        for engine in order:
+            echo(f"round {rnd + 1}/{repeat}: {engine} …")
+            result = measure(engine, manifest, model, threads)
+            scores.append(result if "error" in result else score(result, rows))
+    return scores
+
+
+def main(argv: list[str]) -> None:
+    """Child entry point: ``python -m jobs.bench ENGINE MANIFEST OUT THREADS [MODEL]``."""
+    engine, manifest, out, threads = argv[0], argv[1], argv[2], int(argv[3])
+    model = argv[4] if len(argv) > 4 and argv[4] else None
+    Path(out).write_text(json.dumps(run_engine(engine, manifest, model, threads)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
