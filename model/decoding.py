@@ -99,6 +99,8 @@ def detect_language(
 
 def suppressed_tokens(tokenizer: Tokenizer, spec: str | Sequence[int] | None) -> list[int]:
     """The ids never sampled: the given list ("-1" adds the non-speech symbols) plus the task/control tokens."""
+    if not spec:  # as the reference: no suppress list, no suppression at all (control tokens included)
+        return []
     if isinstance(spec, str):
         spec = [int(t) for t in spec.split(",") if t.strip()]
     ids = [t for t in (spec or []) if t >= 0]
@@ -111,7 +113,11 @@ def suppressed_tokens(tokenizer: Tokenizer, spec: str | Sequence[int] | None) ->
 
 
 class LogitRules:
-    """Suppress-blank, suppress-tokens and the timestamp rules, as boolean masks over the whole batch."""
+    """Suppress-blank, suppress-tokens and the timestamp rules over the whole batch.
+
+    Token suppression is one index fill; the timestamp rules come down to at most two ranges of ids per row, filled
+    as slices, so a step costs no (rows, vocab)-sized masks.
+    """
 
     def __init__(
         self, tokenizer: Tokenizer, options: DecodingOptions, sample_begin: int, n_vocab: int, n_audio_ctx: int, device
@@ -119,53 +125,61 @@ class LogitRules:
         self.tk = tokenizer
         self.sample_begin = sample_begin
         self.timestamps = not options.without_timestamps
-        vocab = torch.arange(n_vocab, device=device)
-        self.vocab = vocab
-        self.is_ts = vocab >= tokenizer.timestamp_begin
-        self.suppress = torch.zeros(n_vocab, dtype=torch.bool, device=device)
-        self.suppress[suppressed_tokens(tokenizer, options.suppress_tokens)] = True
+        suppress = suppressed_tokens(tokenizer, options.suppress_tokens)
         if self.timestamps and tokenizer.no_timestamps is not None:
-            self.suppress[tokenizer.no_timestamps] = True
-        self.first = torch.zeros(n_vocab, dtype=torch.bool, device=device)  # extra mask for the first token
+            suppress.append(tokenizer.no_timestamps)
+        self.suppress = torch.tensor(sorted(set(suppress)), dtype=torch.long, device=device)
+        first = torch.zeros(n_vocab, dtype=torch.bool)  # extra ids forbidden as the first sampled token
         if options.suppress_blank:
-            self.first[tokenizer.encode(" ") + [tokenizer.eot]] = True
+            first[tokenizer.encode(" ") + [tokenizer.eot]] = True
         if self.timestamps:
-            self.first |= ~self.is_ts  # the first token is a timestamp
+            first[: tokenizer.timestamp_begin] = True  # the first token is a timestamp
             if options.max_initial_timestamp:
                 precision = CHUNK_LENGTH / n_audio_ctx  # seconds per timestamp step (0.02)
                 last_allowed = tokenizer.timestamp_begin + round(options.max_initial_timestamp / precision)
-                self.first |= vocab > last_allowed
+                first[last_allowed + 1 :] = True
+        self.first = first.nonzero().flatten().to(device)
 
     def apply(self, logits: Tensor, tokens: Tensor) -> None:
         """logits (rows, V) of the next token, modified in place; tokens (rows, T) decoded so far."""
-        mask = self.suppress.expand_as(logits).clone()
+        neg_inf = float("-inf")
+        logits.index_fill_(1, self.suppress, neg_inf)
         if tokens.shape[1] == self.sample_begin:
-            mask |= self.first
-        if self.timestamps:
-            mask |= self.timestamp_mask(tokens[:, self.sample_begin :])
-        logits.masked_fill_(mask, float("-inf"))
-        if self.timestamps:
-            # if the summed probability of the timestamps beats every text token, sample a timestamp
-            logprobs = F.log_softmax(logits.float(), dim=-1)
-            ts_logprob = logprobs[:, self.tk.timestamp_begin :].logsumexp(dim=-1)
-            text_max = logprobs[:, : self.tk.timestamp_begin].max(dim=-1).values
-            logits.masked_fill_((ts_logprob > text_max)[:, None] & ~self.is_ts, float("-inf"))
+            logits.index_fill_(1, self.first, neg_inf)
+        if not self.timestamps:
+            return
+        tb, eot = self.tk.timestamp_begin, self.tk.eot
+        for row, ranges in enumerate(self.timestamp_ranges(tokens[:, self.sample_begin :])):
+            for lo, hi in ranges:
+                logits[row, lo:hi] = neg_inf
+        # if the summed probability of the timestamps beats every text token, sample a timestamp
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        ts_logprob = logprobs[:, tb:].logsumexp(dim=-1)
+        text_max = logprobs[:, :tb].max(dim=-1).values
+        logits[:, :tb].masked_fill_((ts_logprob > text_max)[:, None], neg_inf)
 
-    def timestamp_mask(self, sampled: Tensor) -> Tensor:
-        """Timestamps come in pairs (except before EOT) and never decrease. sampled: (rows, n) -> (rows, V)."""
+    def timestamp_ranges(self, sampled: Tensor) -> list[list[tuple[int, int | None]]]:
+        """Per row, the id ranges the timestamp rules forbid next: timestamps come in pairs (except before EOT) and
+        never decrease. sampled: (rows, n) tokens after the prompt."""
         rows, n = sampled.shape
-        tb = self.tk.timestamp_begin
         if n == 0:
-            return torch.zeros(rows, self.vocab.shape[0], dtype=torch.bool, device=sampled.device)
-        last_ts = sampled[:, -1] >= tb
-        penult_ts = sampled[:, -2] >= tb if n >= 2 else torch.ones_like(last_ts)
-        no_text = (last_ts & penult_ts)[:, None] & self.is_ts  # a pair just closed: text (or EOT) next
-        only_ts = (last_ts & ~penult_ts)[:, None] & (self.vocab < self.tk.eot)  # an open pair: no text
-        # timestamps are non-decreasing, so the latest is the largest; a closed pair must move forward
+            return [[] for _ in range(rows)]
+        tb, eot = self.tk.timestamp_begin, self.tk.eot
+        # timestamps are non-decreasing, so the latest is the largest
         latest = torch.where(sampled >= tb, sampled, -1).max(dim=1).values
-        floor = torch.where(last_ts & ~penult_ts, latest, latest + 1)
-        backwards = (latest >= 0)[:, None] & self.is_ts & (self.vocab < floor[:, None])
-        return no_text | only_ts | backwards
+        last2 = sampled[:, -2:] if n >= 2 else torch.cat([torch.full_like(sampled, tb), sampled], dim=1)
+        out = []
+        for (penult, last), top in zip(last2.tolist(), latest.tolist()):
+            last_ts, penult_ts = last >= tb, penult >= tb
+            ranges = []
+            if last_ts and penult_ts:  # a pair just closed: text (or EOT) next
+                ranges.append((tb, None))
+            elif last_ts:  # an open pair: no text; a timestamp not before the last, or EOT
+                ranges.append((0, eot))
+            if top >= 0 and not (last_ts and penult_ts):
+                ranges.append((tb, top if last_ts and not penult_ts else top + 1))  # a closed pair moves forward
+            out.append(ranges)
+        return out
 
 
 def rank(candidates: list[list[int]], scores: list[float], length_penalty: float | None) -> int:

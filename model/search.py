@@ -144,7 +144,8 @@ def run_search(
     results: list[Candidates | None] = [None] * n_audio
     no_speech_probs = [float("nan")] * n_audio
     length = begin
-    for step in range(min(sample_len, model.dims.n_text_ctx - begin)):
+    # the token predicted at the last position is sampled but never fed back, as in the reference
+    for step in range(min(sample_len, model.dims.n_text_ctx - begin + 1)):
         fed = tokens[:, :length] if step == 0 else tokens[:, length - 1 : length]
         logits = model.decode_step(fed, cache)
         if step == 0 and no_speech is not None:
