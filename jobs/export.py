@@ -1,5 +1,7 @@
 """`whisper-batch export OUTPUT --format srt|vtt|txt|jsonl DIR`: subtitles/text per row, or one JSON-lines file.
 
+With ``--words`` (srt/vtt) each word of a segment that has word timestamps becomes its own cue.
+
 File names come from row ids made filesystem-safe, so an id such as "../../x" or "a/b" can never escape the
 output folder; an id that had to be changed gets 8 hex of its hash appended, so two ids never share a file.
 """
@@ -41,27 +43,32 @@ def format_timestamp(seconds: float, decimal_marker: str = ",") -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal_marker}{milliseconds:03d}"
 
 
-def _cues(row: dict[str, Any]) -> list[tuple[float, float, str]]:
-    """(start, end, text) per segment; a row without segments becomes one cue over its duration."""
-    segments = row.get("segments") or []
-    cues = [(s["start"] or 0.0, s["end"] or 0.0, (s["text"] or "").strip()) for s in segments]
+def _cues(row: dict[str, Any], words: bool = False) -> list[tuple[float, float, str]]:
+    """(start, end, text) per segment — or, with ``words``, per word of the segments that have word timestamps;
+    a row without segments becomes one cue over its duration."""
+    cues = []
+    for s in row.get("segments") or []:
+        if words and s.get("words"):
+            cues += [(w["start"] or 0.0, w["end"] or 0.0, (w["word"] or "").strip()) for w in s["words"]]
+        else:
+            cues.append((s["start"] or 0.0, s["end"] or 0.0, (s["text"] or "").strip()))
     if not cues and (row.get("text") or "").strip():
         cues = [(0.0, row.get("duration") or 0.0, row["text"].strip())]
     return [c for c in cues if c[2]]
 
 
-def to_srt(row: dict[str, Any]) -> str:
+def to_srt(row: dict[str, Any], words: bool = False) -> str:
     blocks = [
         f"{i}\n{format_timestamp(start)} --> {format_timestamp(end)}\n{text.replace('-->', '->')}\n"
-        for i, (start, end, text) in enumerate(_cues(row), start=1)
+        for i, (start, end, text) in enumerate(_cues(row, words), start=1)
     ]
     return "\n".join(blocks)
 
 
-def to_vtt(row: dict[str, Any]) -> str:
+def to_vtt(row: dict[str, Any], words: bool = False) -> str:
     blocks = [
         f"{format_timestamp(start, '.')} --> {format_timestamp(end, '.')}\n{text.replace('-->', '->')}\n"
-        for start, end, text in _cues(row)
+        for start, end, text in _cues(row, words)
     ]
     return "WEBVTT\n\n" + "\n".join(blocks)
 
@@ -79,18 +86,21 @@ def _rows(layout: RunLayout) -> Iterator[dict[str, Any]]:
 
 
 def export(
-    layout: RunLayout, fmt: str, out_dir: str, storage_options: dict[str, Any] | None = None
+    layout: RunLayout, fmt: str, out_dir: str, storage_options: dict[str, Any] | None = None, words: bool = False
 ) -> dict[str, Any]:
     """Writes committed rows to `out_dir` (local or any fsspec URI).
 
     srt/vtt/txt: one `<safe id>.<fmt>` per row that succeeded (failed rows are counted, not written).
     jsonl: one `transcripts.jsonl` holding every row, failed ones included with their `error`.
+    words: srt/vtt only — one cue per word where segments have word timestamps (run with decode.word_timestamps).
 
     Returns:
         {"format", "out_dir", "written", "skipped_failed"}
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if words and fmt not in ("srt", "vtt"):
+        raise ValueError(f"word-level cues are for srt and vtt only, not {fmt!r}")
     fs, root = fsspec.core.url_to_fs(out_dir, **(storage_options or {}))
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
@@ -105,7 +115,8 @@ def export(
             if row.get("error") is not None:
                 skipped += 1
                 continue
-            fs.pipe_file(f"{root}/{safe_name(row['id'])}.{fmt}", _RENDER[fmt](row).encode("utf-8"))
+            text = _RENDER[fmt](row, True) if words else _RENDER[fmt](row)
+            fs.pipe_file(f"{root}/{safe_name(row['id'])}.{fmt}", text.encode("utf-8"))
             written += 1
     logger.info("exported %d rows as %s to %s (%d failed rows skipped)", written, fmt, out_dir, skipped)
     return {"format": fmt, "out_dir": out_dir, "written": written, "skipped_failed": skipped}

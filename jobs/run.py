@@ -16,6 +16,7 @@ from pipeline.config import RunConfig
 from pipeline.layout import RunLayout
 from pipeline.plan import build_plan, check_resume, finish_run, iter_waves, start_run
 from pipeline.sink import failed_rows
+from pipeline.storage import preflight
 
 from .lock import RunLock
 
@@ -65,6 +66,7 @@ def run(
     echo: Callable[[str], None] = print,
 ) -> RunSummary:
     """Transcribe ``input_uri`` into ``output_uri``, skipping shards already committed there."""
+    cfg = preflight(input_uri, output_uri, cfg)  # raises StorageError (a ValueError) before any work
     so = cfg.storage.storage_options
     layout = RunLayout(output_uri, so)
     plan = build_plan(input_uri, cfg, so)

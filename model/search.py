@@ -34,13 +34,18 @@ class Sampler:
 
     def __init__(self, eot: int, group: int, temperature: float, sample_begin: int):
         self.eot, self.group, self.temperature, self.sample_begin = eot, group, temperature, sample_begin
+        self.generator = None
 
     def step(self, tokens: Tensor, length: int, logits: Tensor, sum_logprobs: Tensor, cache: KVCache) -> Tensor:
         """Write token ``length`` of every row; return which audios are done, (n_audio,) bool."""
+        if self.generator is None and self.temperature > 0:
+            self.generator = torch.Generator(device=logits.device).manual_seed(int(self.temperature * 1000))
         if self.temperature == 0:
             next_tokens = logits.argmax(dim=-1)
         else:
-            next_tokens = torch.distributions.Categorical(logits=logits / self.temperature).sample()
+            # seeded: a rerun (a resumed job) samples the same fallback text for the same windows
+            probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+            next_tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         current = logprobs.gather(1, next_tokens[:, None]).squeeze(1)
         alive = tokens[:, length - 1] != self.eot

@@ -16,6 +16,7 @@ from torch import Tensor
 from .audio import FRAMES_PER_SECOND, N_FRAMES
 
 from .decoding import DecodingOptions, DecodingResult, decode
+from .timing import Word, add_word_timestamps, find_alignments, speech_end, tidy_words
 from .tokenizer import Tokenizer
 from .whisper import Whisper
 
@@ -37,6 +38,8 @@ class TranscribeOptions:
     no_speech_threshold: float | None = 0.6
     # candidates sampled per window at temperatures above 0
     best_of: int | None = 5
+    # time each word from the alignment heads' cross-attention (one extra batched decoder pass per decoding pass)
+    word_timestamps: bool = False
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Segment:
     compression_ratio: float
     no_speech_prob: float
     temperature: float
+    words: list[Word] | None = None  # with word_timestamps; times on the same clock as start/end
 
 
 @dataclass
@@ -147,6 +151,9 @@ def split_segments(r: DecodingResult, tokenizer: Tokenizer, frames: int) -> tupl
         piece = tokens[last:cut]
         segments.append(segment((piece[0] - tb) * TIME_PRECISION, (piece[-1] - tb) * TIME_PRECISION, piece))
         last = cut
+    limit = frames / FRAMES_PER_SECOND  # a timestamp past the window's audio is clipped to its end
+    for seg in segments:
+        seg.start, seg.end = min(seg.start, limit), min(seg.end, limit)
     segments = [s for s in segments if s.text.strip()]
     if single_ending:
         return segments, frames
@@ -180,23 +187,73 @@ def transcribe_windows(
     langs = list(languages) if languages is not None else [None] * n
     out: list[WindowResult | None] = [None] * n
     todo = [(i, 0) for i in range(n)]  # (window, first frame still to decode)
+    last_speech: dict[int, float] = {}  # window -> end of its last timed word (word_timestamps only)
     while todo:
         batch = torch.zeros(len(todo), mel.shape[1], N_FRAMES, dtype=mel.dtype)
         for k, (i, seek) in enumerate(todo):
             batch[k, :, : frames[i] - seek] = mel[i, :, seek : frames[i]]
         features = model.embed_audio(batch.to(model.device, model.dtype))
         decoded = decode_with_fallback(model, tokenizer, features, opts, [langs[i] for i, _ in todo])
-        later = []
+        passes = []  # (segments, frames consumed, silent) per window of this pass
         for (i, seek), r in zip(todo, decoded):
             langs[i] = r.language
             silent = is_silence(r, opts)
             segments, consumed = ([], frames[i] - seek) if silent else split_segments(r, tokenizer, frames[i] - seek)
             for s in segments:
                 s.start, s.end = s.start + seek / FRAMES_PER_SECOND, s.end + seek / FRAMES_PER_SECOND
+            passes.append((segments, consumed, silent))
+        if opts.word_timestamps:
+            passes = time_words(model, tokenizer, features, todo, decoded, passes, frames, last_speech, opts)
+        later = []
+        for (i, seek), r, (segments, consumed, silent) in zip(todo, decoded, passes):
             out[i] = merge(out[i], r, segments, silent)
             if seek + consumed < frames[i]:
                 later.append((i, seek + consumed))
         todo = later
+    if opts.word_timestamps:  # the first-word rules of a continued pass may reach back into the pass before
+        for r in out:
+            tidy_words(r.segments)
+    return out
+
+
+def time_words(
+    model: Whisper,
+    tokenizer: Tokenizer,
+    features: Tensor,
+    todo: list[tuple[int, int]],
+    decoded: list[DecodingResult],
+    passes: list[tuple[list[Segment], int, bool]],
+    frames: list[int],
+    last_speech: dict[int, float],
+    opts: TranscribeOptions,
+) -> list[tuple[list[Segment], int, bool]]:
+    """Word timestamps for one decoding pass over many windows: one batched alignment pass, then per window the
+    words go into its segments (in place).
+
+    As in the reference, a pass that does not end on a lone timestamp resumes at its last word's end (the text
+    after the last word is not trusted), so the frames consumed may change.
+
+    Args:
+        features: (len(todo), n_audio_ctx, n_audio_state) encoder output of the pass.
+        todo: (window, first frame) of each row of ``features``.
+        last_speech: per window, the end of its last word so far (seconds from the window's start); updated.
+    """
+    texts = [[t for s in segments for t in s.tokens if t < tokenizer.eot] for segments, _, _ in passes]
+    sizes = [frames[i] - seek for i, seek in todo]
+    langs = [r.language for r in decoded]
+    alignments = find_alignments(model, tokenizer, features, texts, sizes, langs, opts.decoding.task)
+    tb, out = tokenizer.timestamp_begin, []
+    for (i, seek), r, alignment, (segments, consumed, silent) in zip(todo, decoded, alignments, passes):
+        if segments:
+            offset = seek / FRAMES_PER_SECOND
+            add_word_timestamps(segments, alignment, tokenizer.eot, offset, last_speech.get(i, 0.0))
+            tidy_words(segments)
+            end = last_speech[i] = speech_end(segments)
+            single_ending = len(r.tokens) >= 2 and r.tokens[-1] >= tb and r.tokens[-2] < tb
+            resume = round(end * FRAMES_PER_SECOND) - seek
+            if not single_ending and end > offset and resume > 0:
+                consumed = min(resume, frames[i] - seek)
+        out.append((segments, consumed, silent))
     return out
 
 

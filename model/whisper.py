@@ -102,6 +102,18 @@ class MultiHeadAttention(nn.Module):
             o = o.view(rows // group, h, group, t, d).transpose(1, 2).reshape(rows, h, t, d)
         return self.merge(o)
 
+    def attend_cross_weights(self, x: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention that also returns its pre-softmax scores, for the word-alignment pass only.
+
+        Explicit ``softmax(q k^T)`` instead of the fused kernel, which does not expose the weights.
+        x: (B, T, C); k, v: (B, H, S, D) -> output (B, T, C) and scores (B, H, T, S) in fp32.
+        """
+        q = self.heads(self.query(x))
+        scale = q.shape[-1] ** -0.25  # on q and k separately, as the reference does, to keep fp16 in range
+        qk = ((q * scale) @ (k * scale).transpose(-1, -2)).float()
+        o = qk.softmax(dim=-1).to(q.dtype) @ v
+        return self.merge(o), qk
+
 
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, n_state: int, n_head: int, cross_attention: bool = False, layer: int = 0):
@@ -122,6 +134,14 @@ class ResidualAttentionBlock(nn.Module):
             k, v = self.cross_attn.cross_kv(xa)
             x = x + self.cross_attn.attend_cross(self.cross_attn_ln(x), k, v, x.shape[0] // xa.shape[0])
         return x + self.mlp(self.mlp_ln(x))
+
+    def forward_with_weights(self, x: Tensor, xa: Tensor) -> tuple[Tensor, Tensor]:
+        """Uncached decoder pass that also returns the cross-attention scores (B, H, T, S), fp32."""
+        x = x + self.attn(self.attn_ln(x), causal=True)
+        k, v = self.cross_attn.cross_kv(xa)
+        o, qk = self.cross_attn.attend_cross_weights(self.cross_attn_ln(x), k, v)
+        x = x + o
+        return x + self.mlp(self.mlp_ln(x)), qk
 
     def forward_cached(self, x: Tensor, cache: KVCache) -> Tensor:
         x = x + self.attn.attend_cached(self.attn_ln(x), cache, self.layer)
@@ -194,6 +214,30 @@ class TextDecoder(nn.Module):
             x = block.forward_cached(x, cache)
         cache.length += tokens.shape[-1]
         return self.project(x)
+
+    def forward_with_cross_weights(self, tokens: Tensor, xa: Tensor, heads: Tensor) -> tuple[Tensor, Tensor]:
+        """Uncached pass over whole sequences, one row per audio, keeping the cross-attention of ``heads``.
+
+        Args:
+            tokens: (B, T); rows may be right-padded: causal self-attention keeps padding out of the real positions.
+            xa: (B, n_audio_ctx, n_audio_state) encoder output.
+            heads: (n_layer, n_head) bool mask of the heads to keep.
+
+        Returns:
+            logits (B, T, n_vocab) fp32, and the kept heads' pre-softmax scores (B, n_kept, T, n_audio_ctx) fp32,
+            in (layer, head) order.
+        """
+        x = self.embed(tokens, 0).to(xa.dtype)
+        heads = heads.cpu()  # read per layer below: no device sync per layer
+        kept = []
+        for layer, block in enumerate(self.blocks):
+            if heads[layer].any():  # only these layers pay for explicit attention weights
+                x, qk = block.forward_with_weights(x, xa)
+                kept.append(qk[:, heads[layer].to(qk.device)])
+            else:
+                x = block(x, xa, causal=True)
+        weights = torch.cat(kept, dim=1) if kept else x.new_zeros(x.shape[0], 0, x.shape[1], xa.shape[1]).float()
+        return self.project(x), weights
 
 
 class Whisper(nn.Module):
@@ -274,3 +318,8 @@ class Whisper(nn.Module):
     def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """New tokens (rows, T) -> logits (rows, T, n_vocab); advances the cache."""
         return self.decoder(tokens, None, cache)
+
+    def alignment_weights(self, tokens: Tensor, audio_features: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher-forced pass for word timing: logits (B, T, n_vocab) and the alignment heads' cross-attention
+        scores (B, n_alignment_heads, T, n_audio_ctx), both fp32. tokens (B, T), one row per audio."""
+        return self.decoder.forward_with_cross_weights(tokens, audio_features, self.alignment_heads)

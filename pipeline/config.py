@@ -54,7 +54,7 @@ class AudioConfig:
     # a file whose decode takes longer than this becomes an error row ("timeout: ...")
     decode_timeout_seconds: float = 300.0
     # rows at most this long are packed several to a 30 s window, silence between them (0 disables packing)
-    pack_max_seconds: float = 20.0
+    pack_max_seconds: float = 0.0
     # seconds of silence between the rows packed into one window
     pack_gap_seconds: float = 2.0
     # long files are decoded in chunks of this many seconds to bound worker memory

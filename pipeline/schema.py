@@ -15,6 +15,11 @@ import pyarrow as pa
 
 logger = logging.getLogger(__name__)
 
+WORD_TYPE = pa.struct(
+    [("word", pa.string()), ("start", pa.float64()), ("end", pa.float64()), ("probability", pa.float64())]
+)
+WORD_KEYS = tuple(f.name for f in WORD_TYPE)
+
 SEGMENT_TYPE = pa.struct(
     [
         ("start", pa.float64()),
@@ -24,6 +29,8 @@ SEGMENT_TYPE = pa.struct(
         ("compression_ratio", pa.float64()),
         ("no_speech_prob", pa.float64()),
         ("temperature", pa.float64()),
+        # word-level timestamps (decode.word_timestamps); null when not requested
+        ("words", pa.list_(WORD_TYPE)),
     ]
 )
 SEGMENT_KEYS = tuple(f.name for f in SEGMENT_TYPE)
@@ -89,9 +96,21 @@ def _segments(value: Any) -> list[dict] | None:
         item = {}
         for key in SEGMENT_KEYS:
             v = seg.get(key) if hasattr(seg, "get") else None
-            item[key] = v if key == "text" or v is None else float(v)
+            if key == "words":
+                item[key] = _words(v)
+            else:
+                item[key] = v if key == "text" or v is None else float(v)
         out.append(item)
     return out
+
+
+def _words(value: Any) -> list[dict] | None:
+    """Normalises a segment's words (dicts, or Ray's numpy arrays of dicts) to the word struct keys."""
+    if value is None:
+        return None
+    return [
+        {k: (w.get(k) if k == "word" or w.get(k) is None else float(w.get(k))) for k in WORD_KEYS} for w in list(value)
+    ]
 
 
 def _clean(value: Any) -> Any:

@@ -237,6 +237,7 @@ def transcribe_options(d: DecodeConfig) -> TranscribeOptions:
         logprob_threshold=d.logprob_threshold,
         no_speech_threshold=d.no_speech_threshold,
         best_of=d.best_of,
+        word_timestamps=d.word_timestamps,
     )
 
 
@@ -249,6 +250,16 @@ def pick_device(m: ModelConfig) -> tuple[str, torch.dtype]:
 
 def stitch(results: list[WindowResult], starts: list[float]) -> dict[str, Any]:
     """One file's window results → its text, segments with absolute times, and language."""
+
+    def words(s, start: float) -> list[dict[str, Any]] | None:  # None when word timestamps were not requested
+        if s.words is None:
+            return None
+        return [
+            {"word": w.word, "start": round(start + w.start, 3), "end": round(start + w.end, 3),
+             "probability": w.probability}
+            for w in s.words
+        ]
+
     segments = []
     for r, start in zip(results, starts):
         for s in r.segments:
@@ -261,6 +272,7 @@ def stitch(results: list[WindowResult], starts: list[float]) -> dict[str, Any]:
                     "compression_ratio": s.compression_ratio,
                     "no_speech_prob": s.no_speech_prob,
                     "temperature": s.temperature,
+                    "words": words(s, start),
                 }
             )
     spoken = [r.language for r in results if not r.no_speech] or [r.language for r in results]
@@ -390,12 +402,15 @@ def member_share(result: WindowResult, members: list[dict[str, Any]], member: di
     lo = (spans[k - 1][1] + spans[k][0]) / 2 if k else float("-inf")
     hi = (spans[k][1] + spans[k + 1][0]) / 2 if k + 1 < len(spans) else float("inf")
     start, length = spans[k][0], member["audio_seconds"]
+
+    def shift(t: float) -> float:  # window time -> member time, inside the member's audio
+        return min(max(t - start, 0.0), length)
+
     mine = []
     for seg in result.segments:
         if lo <= (seg.start + seg.end) / 2 < hi:
-            mine.append(
-                replace(seg, start=min(max(seg.start - start, 0.0), length), end=min(max(seg.end - start, 0.0), length))
-            )
+            words = seg.words and [replace(w, start=shift(w.start), end=shift(w.end)) for w in seg.words]
+            mine.append(replace(seg, start=shift(seg.start), end=shift(seg.end), words=words))
     return replace(
         result,
         segments=mine,

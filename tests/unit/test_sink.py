@@ -1,4 +1,4 @@
-"""Shard commit: atomic writes, idempotent reruns, --retry-failed merges, stable schema, fsspec (memory://, s3)."""
+"""Shard commit: atomic writes, idempotent reruns, --retry-failed merges, stable schema, memory:// (S3: test_s3.py)."""
 
 import json
 import os
@@ -158,42 +158,6 @@ def test_memory_filesystem():
     stats = collect_stats(layout)
     assert stats["rows_done"] == 3 and stats["rows_failed"] == 1 and stats["failures_by_cause"] == {"decode failed": 1}
     fsspec.filesystem("memory").rm(layout.root, recursive=True)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.mark.integration
-def test_s3_commit_under_moto(s3_endpoint, monkeypatch):
-    import s3fs
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3fs.S3FileSystem.clear_instance_cache()
-    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
-    fs = s3fs.S3FileSystem(**options)
-    fs.mkdir("runs")
-    layout = RunLayout("s3://runs/out", options)
-    write_shard(layout, 0, make_rows(0, [0, 1]), EXTRA, "tiny.en")
-    write_shard(layout, 0, make_rows(0, [0, 1]), EXTRA, "tiny.en")
-    assert layout.list_done_shards() == {0}
-    assert read_committed(layout).column("id").to_pylist() == ["u0", "u1"]
-    assert layout.write_json(layout.plan_json, {"v": 1}, exclusive=True)
-    assert not layout.write_json(layout.plan_json, {"v": 2}, exclusive=True)
-    assert layout.read_json(layout.plan_json) == {"v": 1}
-    assert collect_stats(layout)["rows_done"] == 2  # completion records fetched with one concurrent cat
 
 
 def test_layout_pickles_for_ray_workers(tmp_path):

@@ -1,0 +1,297 @@
+"""Runs ``whisper-batch run`` as a Ray job: submit, follow, status, logs, stop and resume.
+
+Everything goes through ``ray.job_submission.JobSubmissionClient`` (the job server's REST API on the dashboard port,
+8265 by default). A submission ships the project's code (``model/``, ``pipeline/``, ``jobs/``) and the resolved
+config as the job's ``working_dir``; the job's entrypoint is ``python -m jobs.cli run INPUT -o OUTPUT --config
+.whisper-batch/config.yaml``, the same command a KubeRay ``RayJob`` runs (configs/cluster/).
+
+Credentials never leave this machine: they are removed from the shipped config and are in neither the job's
+metadata nor its runtime environment. The job's processes take them from their own environment (instance or pod
+roles, or the ``AWS_*`` variables of ``ray start``), as every other AWS client on the cluster does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+import click
+import yaml
+
+from pipeline.config import RunConfig, config_to_dict, load_config, redact_uri
+from pipeline.storage import credential_option_names, is_remote, resolve_storage_options, without_credentials
+
+log = logging.getLogger(__name__)
+
+ENTRYPOINT = ("python", "-m", "jobs.cli", "run")
+# where the resolved config lies inside the job's working_dir
+JOB_CONFIG = ".whisper-batch/config.yaml"
+PACKAGES = ("model", "pipeline", "jobs")
+ACTIVE = ("PENDING", "RUNNING")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# metadata["whisper_batch"] marks our jobs; "input", "output" and "config" (JSON, no credentials) let resume rebuild one
+METADATA_KIND = "run"
+
+Echo = Callable[..., None]
+
+
+class JobError(RuntimeError):
+    """The job server cannot be reached, refuses a request, or a job cannot be (re)submitted; the message says why."""
+
+
+def build_entrypoint(input_uri: str, output_uri: str, config_path: str, overrides: tuple[str, ...] = ()) -> str:
+    """The shell command a job runs: ``python -m jobs.cli run INPUT -o OUTPUT --config CONFIG [--set K=V]...``."""
+    args = [*ENTRYPOINT, input_uri, "-o", output_uri, "--config", config_path]
+    for item in overrides:
+        args += ["--set", item]
+    return shlex.join(args)
+
+
+def _status(value: Any) -> str:
+    return getattr(value, "value", str(value))
+
+
+def connect(address: str, timeout_s: float = 10.0):
+    """A ``JobSubmissionClient`` for ``address`` (``http://HEAD:8265``), after checking that it answers.
+
+    Raises:
+        JobError: nothing answers there (the message names the URL tried), or the server refuses the client.
+    """
+    import requests
+    from ray.job_submission import JobSubmissionClient
+
+    url = (address if "://" in address else f"http://{address}").rstrip("/")
+    try:
+        # the SDK's own check has no timeout: a firewalled address would hang for minutes
+        requests.get(f"{url}/api/version", timeout=timeout_s)
+    except requests.exceptions.RequestException as e:
+        raise JobError(
+            f"cannot reach the Ray job server at {url} (tried GET {url}/api/version, {timeout_s:.0f} s timeout: "
+            f"{type(e).__name__}). Is the head running with its dashboard (`ray start --head --dashboard-host=0.0.0.0`, "
+            f"ray[default] installed) and is its port (8265 by default) reachable from here?"
+        ) from None
+    try:
+        return JobSubmissionClient(url)
+    except Exception as e:  # noqa: BLE001 - version, authentication, ... : the SDK's message says which
+        raise JobError(f"the Ray job server at {url} refused the client: {e}") from None
+
+
+def job_config(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
+    """The config a job runs with (joins its cluster, no credentials) and the names of the options left out."""
+    d = config_to_dict(cfg)
+    options = d["storage"]["storage_options"]
+    dropped = credential_option_names(options)
+    d["storage"]["storage_options"] = without_credentials(options)
+    d["ray"]["address"] = "auto"  # the driver runs on the cluster: join it, never start a Ray of its own
+    return d, dropped
+
+
+def stage_package(dest: str, config: dict[str, Any]) -> str:
+    """Copies the project's packages and the job's config into ``dest`` (the job's working_dir); returns ``dest``."""
+    for package in PACKAGES:
+        src = os.path.dirname(importlib.import_module(package).__file__)
+        shutil.copytree(src, os.path.join(dest, package), ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    path = os.path.join(dest, JOB_CONFIG)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("# written by `whisper-batch submit`: the resolved config of this job (credentials left out)\n")
+        yaml.safe_dump(config, f, sort_keys=False)
+    return dest
+
+
+def project_requirements() -> list[str]:
+    """The project's own dependencies (no extras), for a runtime env that installs them on nodes lacking them."""
+    try:
+        requires = importlib.metadata.requires("whisper-batch") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise JobError("--pip needs the project installed here (pip install -e .) to know its dependencies") from None
+    return [r for r in requires if "extra ==" not in r]
+
+
+def runtime_env(package_dir: str, pip: bool = False) -> dict[str, Any]:
+    """Ships the code and config; ``pip`` also installs the dependencies into a per-job virtualenv on each node."""
+    env: dict[str, Any] = {"working_dir": package_dir, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+    if pip:
+        env["pip"] = project_requirements()
+    return env
+
+
+def _job_uri(uri: str, role: str, echo: Echo) -> str:
+    if redact_uri(uri) != uri:
+        raise JobError(f"{role} {redact_uri(uri)} has a password in it: give the cluster nodes credentials instead")
+    if is_remote(uri) or "://" in uri:
+        return uri
+    path = os.path.abspath(uri)
+    echo(f"note: {role} {path} is a local path: every node of the cluster must see it at that path")
+    return path
+
+
+def find_jobs(client, output_uri: str) -> list:
+    """Our jobs on this cluster that write ``output_uri``, oldest first."""
+    want = output_uri.rstrip("/")
+    jobs = [
+        j for j in client.list_jobs()
+        if (j.metadata or {}).get("whisper_batch") == METADATA_KIND
+        and (j.metadata or {}).get("output", "").rstrip("/") == want
+    ]
+    return sorted(jobs, key=lambda j: j.start_time or 0)
+
+
+def _refuse_active(client, output_uri: str) -> None:
+    active = [j for j in find_jobs(client, output_uri) if _status(j.status) in ACTIVE]
+    if active:
+        j = active[-1]
+        raise JobError(
+            f"job {j.submission_id} is still {_status(j.status)} on {redact_uri(output_uri)}: follow it with "
+            f"`whisper-batch jobs logs {j.submission_id}`, or stop it with `whisper-batch jobs stop {j.submission_id}`"
+        )
+
+
+def submit_run(
+    client, input_uri: str, output_uri: str, cfg: RunConfig, pip: bool = False, echo: Echo = click.echo
+) -> str:
+    """Submits ``run INPUT -o OUTPUT`` with ``cfg`` as a Ray job; returns its submission id."""
+    input_uri, output_uri = _job_uri(input_uri, "INPUT", echo), _job_uri(output_uri, "OUTPUT", echo)
+    _refuse_active(client, output_uri)
+    if cfg.model.name and not is_remote(cfg.model.name) and os.path.exists(os.path.expanduser(cfg.model.name)):
+        echo(f"note: model {cfg.model.name} is a local path: every node of the cluster must see it at that path")
+    config, dropped = job_config(cfg)
+    if dropped:
+        echo(
+            f"note: storage option(s) {', '.join(dropped)} are not sent to the cluster; its nodes use their own "
+            f"credentials (instance/pod role, or AWS_* in the environment of `ray start`)"
+        )
+    metadata = {"whisper_batch": METADATA_KIND, "input": input_uri, "output": output_uri, "config": json.dumps(config)}
+    with tempfile.TemporaryDirectory(prefix="whisper-batch-job-") as tmp:
+        stage_package(tmp, config)
+        # submit_job uploads the working_dir before it returns, so the temporary copy may go afterwards
+        return client.submit_job(
+            entrypoint=build_entrypoint(input_uri, output_uri, JOB_CONFIG),
+            runtime_env=runtime_env(tmp, pip),
+            metadata=metadata,
+        )
+
+
+def wait_for_end(client, submission_id: str, timeout_s: float | None = None, poll_s: float = 1.0) -> str:
+    """Polls until the job is SUCCEEDED, FAILED or STOPPED (or ``timeout_s`` passes); returns the last status."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        status = _status(client.get_job_status(submission_id))
+        if status in TERMINAL or (deadline is not None and time.monotonic() > deadline):
+            return status
+        time.sleep(poll_s)
+
+
+def follow(client, submission_id: str, echo: Echo = click.echo) -> str:
+    """Prints the job's logs as they come until it ends; returns its final status."""
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            echo(chunk, nl=False)
+
+    try:
+        asyncio.run(tail())
+    except Exception as e:  # noqa: BLE001 - the log stream broke: the job's status still tells how it ended
+        log.warning("log stream of %s ended early (%s); waiting for the job to end", submission_id, e)
+    return wait_for_end(client, submission_id)
+
+
+def describe_job(client, submission_id: str) -> dict[str, Any]:
+    """What ``jobs status`` shows: status, message, entrypoint, input/output and times (no runtime env, no secrets)."""
+    try:
+        info = client.get_job_info(submission_id)
+    except RuntimeError as e:
+        raise JobError(f"no job {submission_id!r} on this cluster ({e})") from None
+    meta = info.metadata or {}
+    return {
+        "submission_id": info.submission_id,
+        "status": _status(info.status),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "input": meta.get("input"),
+        "output": meta.get("output"),
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+    }
+
+
+def format_job(d: dict[str, Any]) -> str:
+    def when(ms: int | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+    lines = [f"job        {d['submission_id']}", f"status     {d['status']}"]
+    if d["message"]:
+        lines.append(f"message    {d['message'].strip().splitlines()[0][:300]}")
+    lines += [f"input      {d['input'] or '-'}", f"output     {d['output'] or '-'}"]
+    lines += [f"entrypoint {d['entrypoint']}", f"started    {when(d['start_time'])}", f"ended      {when(d['end_time'])}"]
+    return "\n".join(lines)
+
+
+def stop(client, submission_id: str, timeout_s: float = 60.0) -> str:
+    """Asks the job to stop and waits until it has; returns its final status."""
+    describe_job(client, submission_id)  # a clear error for an unknown id
+    client.stop_job(submission_id)  # False when it had already ended: the status says how
+    return wait_for_end(client, submission_id, timeout_s)
+
+
+def resume_source(client, output_uri: str, overrides: tuple[str, ...]) -> tuple[str, RunConfig, str | None]:
+    """(INPUT, config, previous submission id) of the run in ``output_uri``.
+
+    From the latest of our jobs on this cluster that wrote ``output_uri``; failing that (it ran elsewhere, or the
+    cluster was recreated), from ``OUTPUT/run.json`` read with this machine's credentials.
+    """
+    jobs = find_jobs(client, output_uri)
+    if jobs:
+        last = jobs[-1]
+        base, input_uri = json.loads(last.metadata["config"]), last.metadata["input"]
+        previous = last.submission_id
+    else:
+        from pipeline.layout import RunLayout
+
+        reader = _config_from_dict({}, overrides)
+        layout = RunLayout(output_uri, resolve_storage_options(reader.storage.storage_options))
+        if not layout.exists(layout.run_json):
+            raise JobError(
+                f"nothing to resume: no job on this cluster wrote {redact_uri(output_uri)}, and it holds no run.json"
+            )
+        run = layout.read_json(layout.run_json)
+        base, input_uri, previous = run["config"], run["input_uri"], None
+        base["storage"]["storage_options"] = _drop_masked(base["storage"]["storage_options"])
+    return input_uri, _config_from_dict(base, overrides), previous
+
+
+def _drop_masked(options: dict[str, Any]) -> dict[str, Any]:
+    """run.json stores credentials as "***": drop those entries."""
+    return {k: _drop_masked(v) if isinstance(v, dict) else v for k, v in options.items() if v != "***"}
+
+
+def _config_from_dict(base: dict[str, Any], overrides: tuple[str, ...]) -> RunConfig:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(base, f)
+    try:
+        return load_config(f.name, list(overrides))
+    finally:
+        os.unlink(f.name)
+
+
+def resume_run(
+    client, output_uri: str, overrides: tuple[str, ...] = (), pip: bool = False, echo: Echo = click.echo
+) -> str:
+    """Resubmits the run in ``output_uri`` (same INPUT and config, plus ``overrides``); returns the new id.
+
+    The new job's ``run`` skips every committed shard, so nothing is done twice.
+    """
+    _refuse_active(client, output_uri)
+    input_uri, cfg, previous = resume_source(client, output_uri, overrides)
+    if previous:
+        echo(f"resuming {redact_uri(output_uri)} after job {previous} ({_status(client.get_job_status(previous))})")
+    return submit_run(client, input_uri, output_uri, cfg, pip=pip, echo=echo)

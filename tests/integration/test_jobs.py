@@ -1,0 +1,286 @@
+"""Cluster jobs end to end: a real Ray head on this machine (job server + dashboard) and a real S3 server.
+
+The head is ``ray start --head --block`` in a session of its own, with the S3 server's endpoint and credentials in
+its environment (as a cluster node has its instance role) and Ray's token authentication on. The client side (the
+CLI run here) has no AWS credentials at all: the jobs can only work with the nodes' own.
+
+Only this head is stopped at teardown: SIGTERM to its ``ray start --block`` process (which shuts down what it
+started), then SIGKILL for anything left in its session. ``ray stop`` is never used: it kills every Ray process on
+the machine, other people's included.
+"""
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.layout import RunLayout
+from pipeline.sink import read_committed
+from pipeline.storage import resolve_storage_options
+from tests.speech import have_espeak, make_speech
+
+
+def _job_server_missing() -> bool:
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401 - what `ray start` needs for the dashboard and job server
+    except ImportError:
+        return True
+    return False
+
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not have_espeak(), reason="espeak-ng and ffmpeg are needed to make speech"),
+    pytest.mark.skipif(_job_server_missing(), reason="the Ray job server needs ray[default]: pip install 'ray[default]'"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+KEY_ID = "AKIAWBJOBS0000000001"
+SECRET = "wb-jobs-secret-9b41e7"
+SHORT = {"fox": "The quick brown fox jumps over the lazy dog.", "rain": "It is raining in the city today."}
+# longer utterances, one shard each and one row per model call: shards commit seconds apart, so a stop lands midway
+LONG = {
+    "train": "The train to the coast leaves at seven in the morning. It stops at every small town along the river, "
+             "and the whole journey takes almost four hours.",
+    "garden": "My grandmother grew tomatoes, beans and sunflowers in the garden behind her old stone house. "
+              "Every summer we helped her pick the beans and carry them to the kitchen.",
+    "market": "On Saturdays the market square is full of people buying fresh bread, cheese and apples from local "
+              "farms. The stalls open early and close just after noon.",
+    "library": "The library stays open late on Thursdays, so students can study there until ten in the evening. "
+               "It is quiet, warm and close to the station.",
+}
+JOB_SETTINGS = ["--config", "configs/cpu-tiny.yaml", "--set", "manifest.shard_size=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fs(endpoint: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY_ID, secret=SECRET, skip_instance_cache=True,
+                             use_listings_cache=False)
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server with the two manifests (relative audio paths) in s3://jobs/; yields its endpoint."""
+    moto_server = pytest.importorskip("moto.server")
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    fs, local = _fs(endpoint), tmp_path_factory.mktemp("speech")
+    fs.mkdir("jobs")
+    for name, spoken in (("short", SHORT), ("long", LONG)):
+        lines = []
+        for utt, text in spoken.items():
+            fs.put_file(str(make_speech(text, local / f"{utt}.flac")), f"jobs/{name}/audio/{utt}.flac")
+            lines.append(json.dumps({"id": utt, "audio_filepath": f"audio/{utt}.flac", "text": text}))
+        fs.pipe_file(f"jobs/{name}/manifest.jsonl", ("\n".join(lines) + "\n").encode())
+    yield endpoint
+    server.stop()
+
+
+def _session_pids(sid: int) -> set[int]:
+    """Processes of session ``sid`` (the head's ``ray start`` and everything it started)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.add(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def _stop_head(proc: subprocess.Popen) -> None:
+    started = _session_pids(proc.pid)
+    proc.send_signal(signal.SIGTERM)  # `ray start --block` then shuts down the processes it started
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    deadline = time.monotonic() + 20
+    while (left := started & _session_pids(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def head(s3):
+    """A Ray head with its job server; yields (address, client environment, token)."""
+    import requests
+
+    token = secrets.token_hex(16)
+    temp_dir = tempfile.mkdtemp(prefix="wbray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    env = {**_clean_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # a test head has nothing to drain: stop at once
+    node_env = {
+        **env, "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3, "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": f"{temp_dir}/no-credentials", "AWS_CONFIG_FILE": f"{temp_dir}/no-config",
+    }
+    dashboard = _free_port()
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           f"--port={_free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+           "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats",
+           f"--temp-dir={temp_dir}"]
+    log = open(f"{temp_dir}/head.log", "w")
+    proc = subprocess.Popen(cmd, env=node_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, Path(f"{temp_dir}/head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the Ray head did not start its job server in 120 s"
+            try:
+                if requests.get(f"{address}/api/jobs/", headers=_auth(token), timeout=2).status_code == 200:
+                    break
+            except requests.exceptions.RequestException:
+                pass
+            time.sleep(1)
+        yield address, env, token
+    finally:
+        _stop_head(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def _job(address: str, token: str, submission_id: str) -> dict:
+    import requests
+
+    r = requests.get(f"{address}/api/jobs/{submission_id}", headers=_auth(token), timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def _layout(endpoint: str, output: str) -> RunLayout:
+    return RunLayout(output, resolve_storage_options({"endpoint_url": endpoint, "key": KEY_ID, "secret": SECRET}))
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z']+", text.lower()))
+
+
+def _check_transcripts(layout: RunLayout, spoken: dict[str, str]) -> None:
+    table = read_committed(layout)
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(spoken), f"every utterance exactly once, got {ids}"
+    for row in table.to_pylist():
+        assert row["error"] is None, row["error"]
+        expected = _words(spoken[row["id"]])
+        assert len(_words(row["text"]) & expected) >= 0.6 * len(expected), (row["id"], row["text"])
+
+
+def _no_secrets(*texts: str) -> None:
+    for text in texts:
+        assert SECRET not in text and KEY_ID not in text
+
+
+def test_submit_follows_the_job_to_success(s3, head):
+    address, env, token = head
+    out = _ok(_cli(["submit", "s3://jobs/short/manifest.jsonl", "-o", "s3://jobs/out-short", "--address", address,
+                    "--wait", *JOB_SETTINGS], env))
+    submission_id = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"raysubmit_\w+", submission_id), out[-2000:]
+    assert f"job {submission_id} SUCCEEDED" in out and "committed shard 1" in out  # the job's own log, followed
+    layout = _layout(s3, "s3://jobs/out-short")
+    assert layout.list_done_shards() == {0, 1}
+    _check_transcripts(layout, SHORT)
+    status = _ok(_cli(["jobs", "status", submission_id, "--address", address], env))
+    assert re.search(r"status\s+SUCCEEDED", status) and "s3://jobs/out-short" in status
+    logs = _ok(_cli(["jobs", "logs", submission_id, "--address", address], env))
+    assert "committed shard 0" in logs
+    # no credential in what the job server holds (entrypoint, metadata, runtime env), printed, or stored
+    info = _job(address, token, submission_id)
+    assert info["runtime_env"]["env_vars"] == {"PYTHONUNBUFFERED": "1"}
+    stored = [_fs(s3).cat_file(p).decode(errors="replace") for p in _fs(s3).find("jobs/out-short")
+              if p.endswith(".json")]
+    _no_secrets(json.dumps(info), out, status, logs, *stored)
+
+
+def test_stop_midway_then_resume_exactly_once(s3, head):
+    address, env, token = head
+    output = "s3://jobs/out-long"
+    args = ["submit", "s3://jobs/long/manifest.jsonl", "-o", output, "--address", address, *JOB_SETTINGS,
+            "--set", "ray.model_batch_size=1", "--set", "model.batch_size=1", "--set", "decode.beam_size=5"]
+    first = _ok(_cli(args, env)).strip().splitlines()[-1]
+    busy = _cli(["resume", output, "--address", address], env)  # while it runs: refused, nothing submitted
+    assert busy.returncode == 1 and f"job {first} is still " in busy.stderr, busy.stderr
+    layout = _layout(s3, output)
+    deadline = time.monotonic() + 180
+    while not layout.list_done_shards():
+        assert _job(address, token, first)["status"] in ("PENDING", "RUNNING"), _job(address, token, first)
+        assert time.monotonic() < deadline, "no shard committed in 180 s"
+        time.sleep(0.25)
+    stopped = _ok(_cli(["jobs", "stop", first, "--address", address], env))
+    assert f"job {first} STOPPED" in stopped
+    time.sleep(2)  # the stopped job's workers are gone by now: what is committed stays committed
+    done = layout.list_done_shards()
+    finished = sorted(layout.read_json(layout.record_file(s))["finished_at"] for s in done)
+    assert 0 < len(done) < len(LONG), f"the stop came after the last shard: {finished}"
+    records = {s: layout.read_bytes(layout.record_file(s)) for s in done}
+    files = {s: layout.read_bytes(layout.shard_file(s)) for s in done}
+
+    result = _cli(["resume", output, "--address", address, "--wait"], env)
+    out = _ok(result)
+    second = out.strip().splitlines()[-1]
+    assert second != first and f"job {second} SUCCEEDED" in out
+    assert f"after job {first} (STOPPED)" in out
+    assert layout.list_done_shards() == set(range(len(LONG)))
+    _check_transcripts(layout, LONG)
+    for s in done:  # committed before the stop: never redone
+        assert layout.read_bytes(layout.record_file(s)) == records[s]
+        assert layout.read_bytes(layout.shard_file(s)) == files[s]
+    assert _job(address, token, second)["entrypoint"] == _job(address, token, first)["entrypoint"]
+    _no_secrets(out, json.dumps(_job(address, token, second)))
+
+
+def test_resume_and_status_of_unknown_things_say_so(s3, head):
+    address, env, _ = head
+    result = _cli(["resume", "s3://jobs/never-written", "--address", address], {**env, "AWS_ENDPOINT_URL": s3,
+                  "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"})
+    assert result.returncode == 1
+    assert "nothing to resume: no job on this cluster wrote s3://jobs/never-written" in result.stderr
+    bad = _cli(["jobs", "status", "raysubmit_doesnotexist", "--address", address], env)
+    assert bad.returncode == 1 and "no job 'raysubmit_doesnotexist'" in bad.stderr

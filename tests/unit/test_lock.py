@@ -1,0 +1,145 @@
+"""``RunLock``: one driver per OUTPUT — refusal while the holder lives, take-over of dead or silent holders,
+heartbeats, exactly one winner among concurrent takers, and a release that never frees someone else's lock."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.lock import LockHeld, RunLock
+from pipeline.layout import RunLayout
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> RunLayout:
+    return RunLayout(str(tmp_path / "out"))
+
+
+def _holder(layout: RunLayout) -> dict:
+    return json.loads(Path(layout.path("lock.json")).read_text())
+
+
+def _write_holder(layout: RunLayout, **info) -> None:
+    path = Path(layout.path("lock.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info))
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_second_driver_is_refused_with_a_clear_message(layout: RunLayout):
+    first = RunLock(layout, "inv-1")
+    first.acquire()
+    try:
+        holder = _holder(layout)
+        assert holder["invocation"] == "inv-1" and holder["pid"] > 0 and holder["host"]
+        with pytest.raises(LockHeld) as info:
+            RunLock(layout, "inv-2").acquire()
+        message = str(info.value)
+        assert "another whisper-batch run is active" in message and layout.display_uri in message
+        assert str(holder["pid"]) in message and "lock.json" in message  # says who holds it and how to clear it
+        assert _holder(layout)["invocation"] == "inv-1"  # the refusal left the holder's lock alone
+    finally:
+        first.release()
+    assert not Path(layout.path("lock.json")).exists()
+
+
+def test_lock_can_be_taken_again_after_release(layout: RunLayout):
+    with RunLock(layout, "inv-1"):
+        pass
+    with RunLock(layout, "inv-2"):
+        assert _holder(layout)["invocation"] == "inv-2"
+
+
+def test_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(layout: RunLayout):
+    import socket
+
+    _write_holder(layout, host=socket.gethostname(), pid=_dead_pid(), invocation="crashed", heartbeat_at=time.time())
+    with RunLock(layout, "inv-2"):
+        assert _holder(layout)["invocation"] == "inv-2"
+
+
+def test_lock_of_another_host_is_kept_while_its_heartbeat_is_fresh(layout: RunLayout):
+    _write_holder(layout, host="elsewhere", pid=1, invocation="remote", heartbeat_at=time.time() - 5)
+    with pytest.raises(LockHeld, match="elsewhere"):
+        RunLock(layout, "inv-2", stale_after=60).acquire()
+    assert _holder(layout)["invocation"] == "remote"
+
+
+def test_lock_of_another_host_expires_after_its_heartbeat_goes_silent(layout: RunLayout):
+    _write_holder(layout, host="elsewhere", pid=1, invocation="remote", heartbeat_at=time.time() - 300)
+    with RunLock(layout, "inv-2", stale_after=120):
+        assert _holder(layout)["invocation"] == "inv-2"
+
+
+def test_heartbeat_refreshes_the_lock(layout: RunLayout):
+    with RunLock(layout, "inv-1", heartbeat=0.05):
+        first = _holder(layout)["heartbeat_at"]
+        deadline = time.time() + 5
+        while _holder(layout)["heartbeat_at"] == first and time.time() < deadline:
+            time.sleep(0.02)
+        assert _holder(layout)["heartbeat_at"] > first, "the heartbeat never refreshed lock.json"
+        assert _holder(layout)["invocation"] == "inv-1"
+
+
+def test_concurrent_takers_exactly_one_wins(layout: RunLayout):
+    n = 8
+    barrier = threading.Barrier(n)
+    won, refused, errors = [], [], []
+
+    def take(i: int) -> None:
+        lock = RunLock(layout, f"inv-{i}")
+        barrier.wait()
+        try:
+            lock.acquire()
+            won.append(lock)
+        except LockHeld:
+            refused.append(i)
+        except Exception as e:  # anything else is a bug
+            errors.append(e)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors and len(won) == 1 and len(refused) == n - 1, (won, refused, errors)
+        assert _holder(layout)["invocation"] == won[0].invocation
+    finally:
+        for lock in won:
+            lock.release()
+
+
+def test_heartbeat_does_not_overwrite_a_lock_taken_over_by_another_run(layout: RunLayout):
+    lock = RunLock(layout, "inv-1", heartbeat=0.05)
+    lock.acquire()
+    try:
+        _write_holder(layout, host="elsewhere", pid=1, invocation="usurper", heartbeat_at=time.time())
+        time.sleep(0.3)  # several heartbeats
+        assert _holder(layout)["invocation"] == "usurper"
+    finally:
+        lock._stop.set()
+
+
+def test_release_never_removes_a_lock_another_run_took_over(layout: RunLayout):
+    lock = RunLock(layout, "inv-1", heartbeat=3600)
+    lock.acquire()
+    # the holder stalled past stale_after and another driver took the lock over (as acquire() does)
+    _write_holder(layout, host="elsewhere", pid=1, invocation="successor", heartbeat_at=time.time())
+    lock.release()
+    assert Path(layout.path("lock.json")).exists(), (
+        "release() deleted the lock that another run holds now: a third run could then start beside it"
+    )
+    assert _holder(layout)["invocation"] == "successor"

@@ -1,0 +1,187 @@
+"""The network and its kv-cache (model/whisper.py, model/kv_cache.py) against the reference and against themselves.
+
+A tiny random model (2 layers, 64 wide, real contexts and vocabulary) shares one state dict with the reference
+``whisper.model.Whisper``; the cached, incremental and reordered paths must equal an uncached forward pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.dims import ModelDimensions
+from model.kv_cache import KVCache
+from model.transcribe import transcribe_windows
+from model.whisper import Whisper, sinusoids
+
+whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
+
+ATOL = 1e-4
+
+
+def random_mel(n: int, seed: int = 1, n_mels: int = 80, frames: int = 3000) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, n_mels, frames, generator=g) * 0.5
+
+
+def random_tokens(rows: int, length: int, seed: int = 2, high: int = 50000) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, high, (rows, length), generator=g)
+
+
+@pytest.fixture(scope="module")
+def features(random_model) -> torch.Tensor:
+    """Encoder output of 3 random windows: (3, 1500, 64)."""
+    with torch.no_grad():
+        return random_model.embed_audio(random_mel(3))
+
+
+# --------------------------------------------------------------------------- parity with the reference
+
+
+def test_state_dict_names_match_reference_both_ways(random_setup, reference_of):
+    model, _ = random_setup
+    ref = reference_of(model)  # loads our state dict strictly
+    assert set(ref.state_dict()) == set(model.state_dict())
+    fresh = Whisper(model.dims)
+    fresh.load_state_dict(ref.state_dict(), strict=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+
+
+@torch.no_grad()
+def test_encoder_and_logits_match_reference(random_setup, reference_of):
+    model, tokenizer = random_setup
+    ref = reference_of(model)
+    mel = random_mel(2, seed=5)
+    ours_audio, ref_audio = model.embed_audio(mel), ref.embed_audio(mel)
+    torch.testing.assert_close(ours_audio, ref_audio, atol=ATOL, rtol=0)
+    tokens = torch.tensor([[tokenizer.sot, *tokenizer.encode(" hello world, this is a test")]] * 2)
+    ours = model.logits(tokens, ours_audio)
+    assert ours.shape == (2, tokens.shape[1], model.dims.n_vocab) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref.logits(tokens, ref_audio), atol=ATOL, rtol=0)
+    torch.testing.assert_close(model(mel, tokens), ours, atol=ATOL, rtol=0)
+
+
+def test_sinusoids_match_reference():
+    torch.testing.assert_close(sinusoids(1500, 64), whisper.model.sinusoids(1500, 64), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="even number of channels"):
+        sinusoids(10, 7)
+
+
+def test_alignment_heads_from_reference_dump(make_random_whisper, tiny_en_tokenizer):
+    dims = ModelDimensions(80, 1500, 96, 6, 4, 51864, 448, 96, 6, 4)  # tiny.en's layers and heads
+    ours = make_random_whisper(dims, tiny_en_tokenizer.eot)
+    ref = whisper.model.Whisper(whisper.model.ModelDimensions(**dims.to_dict()))
+    dump = whisper._ALIGNMENT_HEADS["tiny.en"]
+    ours.set_alignment_heads(dump)
+    ref.set_alignment_heads(dump)
+    assert torch.equal(ours.alignment_heads, ref.alignment_heads.to_dense())
+    ours.set_alignment_heads_from_pairs([(1, 0), (3, 5)])
+    assert ours.alignment_heads.nonzero().tolist() == [[1, 0], [3, 5]]
+
+
+# --------------------------------------------------------------------------- the kv-cache
+
+
+@torch.no_grad()
+def test_incremental_decoding_equals_full_forward(random_model, features):
+    tokens = random_tokens(3, 12)
+    full = random_model.logits(tokens, features)  # (3, 12, V)
+    cache = random_model.new_cache(features, group=1, max_len=16)
+    steps = [random_model.decode_step(tokens[:, :5], cache)]  # a 5-token prefix at once ...
+    assert cache.length == 5
+    for t in range(5, 12):  # ... then token by token
+        steps.append(random_model.decode_step(tokens[:, t : t + 1], cache))
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_cache_group_shares_cross_attention_between_rows(random_model, features):
+    """group=3 rows per audio (cross K/V stored once per audio) == each audio repeated 3 times with group=1."""
+    tokens = random_tokens(9, 6, seed=3)
+    grouped = random_model.new_cache(features, group=3)
+    assert grouped.cross_k.shape[1] == 3 and grouped.n_rows == 9
+    repeated = random_model.new_cache(features.repeat_interleave(3, dim=0), group=1)
+    a = random_model.decode_step(tokens, grouped)
+    b = random_model.decode_step(tokens, repeated)
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    torch.testing.assert_close(a, random_model.logits(tokens, features), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_reorder_equals_rerunning_reordered_tokens(random_model, features):
+    audio = features[:2]
+    tokens = random_tokens(6, 7, seed=4)  # 2 audios x 3 beams
+    cache = random_model.new_cache(audio, group=3)
+    random_model.decode_step(tokens[:, :4], cache)
+    rows = torch.tensor([2, 0, 0, 4, 5, 3])  # beams never move between audios
+    cache.reorder(rows)
+    history = torch.cat([tokens[rows, :4], tokens[:, 4:5]], dim=1)
+    got = random_model.decode_step(tokens[:, 4:5], cache)[:, -1]
+    torch.testing.assert_close(got, random_model.logits(history, audio)[:, -1], atol=ATOL, rtol=0)
+    rows = torch.tensor([1, 1, 2, 3, 3, 3])  # a second reorder, one step later
+    cache.reorder(rows)
+    history = torch.cat([history[rows], tokens[:, 5:6]], dim=1)
+    got = random_model.decode_step(tokens[:, 5:6], cache)[:, -1]
+    torch.testing.assert_close(got, random_model.logits(history, audio)[:, -1], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_reorder_matches_reference_logits(random_model, features, reference_of):
+    ref = reference_of(random_model)
+    tokens = random_tokens(4, 6, seed=6)  # 2 audios x 2 beams
+    cache = random_model.new_cache(features[:2], group=2)
+    random_model.decode_step(tokens[:, :5], cache)
+    rows = torch.tensor([1, 1, 3, 2])
+    cache.reorder(rows)
+    got = random_model.decode_step(tokens[:, 5:6], cache)[:, -1]
+    history = torch.cat([tokens[rows, :5], tokens[:, 5:6]], dim=1)
+    expected = ref.logits(history, features[:2].repeat_interleave(2, dim=0))[:, -1]
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_keep_audios_keeps_the_right_rows(random_model, features):
+    tokens = random_tokens(6, 6, seed=7)  # 3 audios x 2 rows
+    cache = random_model.new_cache(features, group=2, max_len=8)
+    random_model.decode_step(tokens[:, :5], cache)
+    before_k, before_cross = cache.self_k.clone(), cache.cross_k.clone()
+    cache.keep_audios(torch.tensor([2, 0]))
+    rows = torch.tensor([4, 5, 0, 1])
+    assert cache.n_rows == 4 and cache.length == 5 and cache.max_len == 8
+    assert torch.equal(cache.self_k[:, :, :, :5], before_k[:, rows, :, :5])
+    assert torch.equal(cache.cross_k, before_cross[:, [2, 0]])
+    got = random_model.decode_step(tokens[rows, 5:6], cache)[:, -1]
+    expected = random_model.logits(tokens[rows], features[[2, 0]])[:, -1]
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_cache_overflow_is_an_error(random_model, features):
+    cache = random_model.new_cache(features[:1], max_len=4)
+    random_model.decode_step(random_tokens(1, 3), cache)
+    with pytest.raises(RuntimeError, match="kv-cache overflow: 5 positions > preallocated 4"):
+        random_model.decode_step(random_tokens(1, 2), cache)
+
+
+def test_allocate_shapes():
+    cache = KVCache.allocate(n_layer=2, n_rows=6, n_head=4, d_head=16, max_len=10, group=3)
+    assert cache.self_k.shape == (2, 6, 4, 10, 16) and cache.n_rows == 6 and cache.max_len == 10
+    assert cache.length == 0 and cache.group == 3 and cache.cross_k is None
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 3000), (1, 80, 2999), (80, 3000)])
+def test_wrong_mel_shape_is_a_clear_error(random_model, tiny_en_tokenizer, shape):
+    mel = torch.zeros(shape)
+    with pytest.raises(ValueError, match=r"80 mel bins, 3000 frames"):
+        random_model.embed_audio(mel)
+
+
+def test_transcribe_rejects_wrong_mel_bins(random_model, tiny_en_tokenizer):
+    with pytest.raises(ValueError, match=r"expected \(windows, 80, 3000\)"):
+        transcribe_windows(random_model, tiny_en_tokenizer, torch.zeros(2, 128, 3000))
