@@ -121,6 +121,8 @@ class RunLayout:
     # --- listing ---
 
     def _list_names(self, folder: str) -> list[str]:
+        # other processes (Ray workers) commit here: never answer from a stale listings cache
+        self.fs.invalidate_cache(folder)
         try:
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
         except FileNotFoundError:
@@ -142,6 +144,7 @@ class RunLayout:
     # --- reads and writes ---
 
     def exists(self, path: str) -> bool:
+        self.fs.invalidate_cache(path.rsplit("/", 1)[0])
         return self.fs.exists(path)
 
     def read_bytes(self, path: str) -> bytes:

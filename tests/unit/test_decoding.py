@@ -104,7 +104,12 @@ def test_validate_rejects_bad_options(options, message, random_model, tiny_en_to
 
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(beam_size=5, patience=1.5, length_penalty=0.0), dict(temperature=0.7, best_of=5), dict(length_penalty=1)],
+    [
+        dict(),
+        dict(beam_size=5, patience=1.5, length_penalty=0.0),
+        dict(temperature=0.7, best_of=5),
+        dict(length_penalty=1),
+    ],
 )
 def test_validate_accepts_good_options(options):
     DecodingOptions(**options).validate()
@@ -271,7 +276,8 @@ def test_detected_languages_match_reference(random_multilingual_model, multiling
         assert ours_p.keys() == ref_p.keys()
         assert max(abs(ours_p[k] - ref_p[k]) for k in ours_p) < 1e-5
     # decode detects the language of each window when none is given, like the reference
-    assert_same_results(decode(model, tokenizer, af, DecodingOptions(sample_len=10)), reference_decode(ref, af, sample_len=10))
+    ours = decode(model, tokenizer, af, DecodingOptions(sample_len=10))
+    assert_same_results(ours, reference_decode(ref, af, sample_len=10))
 
 
 def test_per_window_languages_match_reference(random_multilingual_model, multilingual_tokenizer, reference_of):
@@ -397,7 +403,8 @@ def test_split_segments_at_timestamp_pairs(tiny_en_tokenizer):
         assert used == consumed, name
     (first,), _ = split_segments(make_result([ts(0), *hello, ts(1.0)]), tk, frames)
     assert first.tokens == [ts(0), *hello, ts(1.0)]
-    assert (first.avg_logprob, first.no_speech_prob, first.temperature, first.compression_ratio) == (-0.25, 0.01, 0.2, 1.5)
+    scores = (first.avg_logprob, first.no_speech_prob, first.temperature, first.compression_ratio)
+    assert scores == (-0.25, 0.01, 0.2, 1.5)  # copied from the window's result
 
 
 # --------------------------------------------------------------------------- fallback and no-speech
@@ -451,7 +458,8 @@ def test_fallback_redecodes_only_the_failing_rows(random_model, tiny_en_tokenize
         final.update(zip(ids, out))
     for i, r in enumerate(results):
         assert r is final[i]  # each window keeps its last decode ...
-        assert r.temperature == opts.temperatures[max(k for k, ids in enumerate(rows) if i in ids)]  # ... and its temperature
+        last_pass = max(k for k, ids in enumerate(rows) if i in ids)
+        assert r.temperature == opts.temperatures[last_pass]  # ... and the temperature of that decode
         if greedy[i].avg_logprob >= threshold:
             assert r.tokens == greedy[i].tokens and r.temperature == 0.0
 
@@ -475,7 +483,9 @@ def test_fallback_tries_every_temperature_when_all_fail(random_model, tiny_en_to
 
 def test_no_fallback_when_every_window_passes(random_model, tiny_en_tokenizer, decode_calls):
     af = features(random_model, 3, seed=3)
-    opts = TranscribeOptions(decoding=DecodingOptions(sample_len=10), logprob_threshold=-100.0, compression_ratio_threshold=100.0)
+    opts = TranscribeOptions(
+        decoding=DecodingOptions(sample_len=10), logprob_threshold=-100.0, compression_ratio_threshold=100.0
+    )
     results = decode_with_fallback(random_model, tiny_en_tokenizer, af, opts)
     assert len(decode_calls) == 1 and all(r.temperature == 0.0 for r in results)
 
