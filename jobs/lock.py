@@ -93,7 +93,12 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-            self.layout.remove_tree(self.path)
+            try:
+                mine = self.layout.read_json(self.path).get("invocation") == self.invocation
+            except (FileNotFoundError, ValueError):
+                mine = False
+            if mine:  # never delete a lock another run took over
+                self.layout.remove_tree(self.path)
 
     def __enter__(self) -> "RunLock":
         self.acquire()

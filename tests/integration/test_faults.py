@@ -376,7 +376,8 @@ def test_driver_killed_at_ten_moments_then_rerun_gives_the_clean_result(
     assert sorted(completion_records(out)) == list(range(N_ROWS))
     assert not (out / "lock.json").exists(), "the finished run left its lock behind"
     status = json.loads(whisper_batch_ok("status", out, "--json").stdout)
-    assert status["complete"] and status["rows_done"] == N_ROWS and status["invocations"] == len(MOMENTS) + 1
+    # attempts killed before they recorded an invocation leave none
+    assert status["complete"] and status["rows_done"] == N_ROWS and 2 <= status["invocations"] <= len(MOMENTS) + 1
     assert "Traceback" not in output_of(proc)
 
 
