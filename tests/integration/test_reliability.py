@@ -41,7 +41,9 @@ from tests.integration.conftest import (
 )
 from tests.speech import make_speech, requires_espeak
 
-pytestmark = pytest.mark.integration
+
+# wip: not yet seen passing on a quiet machine (see the closing note); run with `pytest -m wip`
+pytestmark = [pytest.mark.integration, pytest.mark.wip]
 
 SR = 16000
 DECODED_HOUR_MB = 3600 * SR * 4 / 2**20  # one hour of float32 mono 16 kHz: ~220 MiB
