@@ -295,13 +295,17 @@ def add_word_timestamps(
         seg.words = words
 
 
-def tidy_words(segments: Sequence[Segment]) -> None:
+def tidy_words(segments: Sequence[Segment], limit: float | None = None) -> None:
     """Settles the rare conflicts the heuristics leave between neighbouring words, in place.
 
-    Afterwards starts never decrease, a word ends at or after its start and no later than the next word's start
-    (the earlier word is cut), and each segment spans its words (it grows to hold them).
+    Afterwards no word passes ``limit`` (the end of the audio, where segment times are clipped too), starts never
+    decrease, a word ends at or after its start and no later than the next word's start (the earlier word is cut),
+    and each segment spans its words (it grows to hold them).
     """
     words = [w for seg in segments for w in seg.words or []]
+    if limit is not None:  # the last-word rule may stretch a word past the audio
+        for w in words:
+            w.start, w.end = min(w.start, limit), min(w.end, limit)
     for prev, w in zip(words, words[1:]):
         w.start = max(w.start, prev.start)
         prev.end = min(prev.end, w.start)

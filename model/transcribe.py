@@ -211,8 +211,8 @@ def transcribe_windows(
                 later.append((i, seek + consumed))
         todo = later
     if opts.word_timestamps:  # the first-word rules of a continued pass may reach back into the pass before
-        for r in out:
-            tidy_words(r.segments)
+        for r, n in zip(out, frames):
+            tidy_words(r.segments, n / FRAMES_PER_SECOND)
     return out
 
 
@@ -247,7 +247,7 @@ def time_words(
         if segments:
             offset = seek / FRAMES_PER_SECOND
             add_word_timestamps(segments, alignment, tokenizer.eot, offset, last_speech.get(i, 0.0))
-            tidy_words(segments)
+            tidy_words(segments, frames[i] / FRAMES_PER_SECOND)
             end = last_speech[i] = speech_end(segments)
             single_ending = len(r.tokens) >= 2 and r.tokens[-1] >= tb and r.tokens[-2] < tb
             resume = round(end * FRAMES_PER_SECOND) - seek

@@ -128,7 +128,8 @@ def test_pipeline_rows_carry_absolute_word_times(eval_dir, ours):
     """Through the Transcriber: short files share one packed window; each row's words come back on its own clock."""
     from pipeline.transcriber import Featurizer, Transcriber, transcribe_files
 
-    cfg = load_config(None, ["decode.word_timestamps=true", "decode.temperatures=[0.0]"])
+    overrides = ["decode.word_timestamps=true", "decode.temperatures=[0.0]", "audio.pack_max_seconds=20"]  # packing on
+    cfg = load_config(None, overrides)
     transcriber = Transcriber(cfg)
     short = [p for p in librispeech_paths(eval_dir) if p.stat().st_size < 80_000][:1]
     paths = [*short, eval_dir / "longform" / "jfk.flac"]  # JFK sits after the first file in the packed window
@@ -143,6 +144,7 @@ def test_pipeline_rows_carry_absolute_word_times(eval_dir, ours):
     # the packed JFK is shifted back to its own clock: its words sit where the JFK window alone puts them
     packed = [w for s in rows[1]["segments"] for w in s["words"]]
     alone = [w for s in ours[-1].segments for w in s.words]
+    assert packed[0]["start"] < 1.5 and packed[-1]["end"] <= rows[1]["duration"] + 0.02  # not on the pack's clock
     if [w["word"] for w in packed] == [w.word for w in alone]:
         diffs = [abs(p["start"] - a.start) for p, a in zip(packed, alone)]
         assert np.median(diffs) <= 0.1, diffs

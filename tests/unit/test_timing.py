@@ -159,6 +159,9 @@ def test_tidy_words_orders_words_and_grows_segments():
     words = [w for s in (a, b) for w in s.words]
     assert [(w.start, w.end) for w in words] == [(0.1, 0.5), (0.5, 1.1), (1.1, 1.1), (1.1, 1.1)]
     assert (a.start, a.end) == (0.0, 1.1) and (b.start, b.end) == (1.1, 2.0)
+    late = Segment(2.0, 3.0, " e", [4], 0, 0, 0, 0, words=[Word(" e", 2.5, 3.4, 1)])
+    tidy_words([late], limit=3.0)  # nothing past the end of the audio
+    assert (late.words[0].start, late.words[0].end, late.end) == (2.5, 3.0, 3.0)
     assert speech_end([a, b]) == 1.1 and speech_end([replace(a, words=[])]) == 1.1 and speech_end([]) is None
 
 
@@ -223,14 +226,15 @@ def test_batched_alignment_equals_each_window_alone(random_model, tiny_en_tokeni
 def test_transcribe_windows_word_timestamps(random_model, tiny_en_tokenizer):
     frames = [3000, 1500]
     mel = random_mel(2, frames, seed=3)
-    opts = TranscribeOptions(DecodingOptions(sample_len=40), temperatures=(0.0,), logprob_threshold=None,
+    opts = TranscribeOptions(DecodingOptions(sample_len=24), temperatures=(0.0,), logprob_threshold=None,
                              compression_ratio_threshold=None, no_speech_threshold=None)
     plain = transcribe_windows(random_model, tiny_en_tokenizer, mel, frames, opts)
     assert all(s.words is None for r in plain for s in r.segments)
     timed = transcribe_windows(random_model, tiny_en_tokenizer, mel, frames, replace(opts, word_timestamps=True))
     n_words = 0
-    for r in timed:
+    for r, n in zip(timed, frames):
         words = [w for s in r.segments for w in s.words]
+        assert all(w.end <= n / 100 for w in words)
         n_words += len(words)
         assert "".join(w.word for w in words).strip() == r.text
         for s in r.segments:
