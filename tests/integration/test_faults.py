@@ -539,6 +539,11 @@ def test_credentials_stay_out_of_errors(s3: S3, tmp_path: Path):
         assert "Traceback" not in output_of(proc), f"{case}:\n{output_of(proc)[-3000:]}"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: -vv sets the root logger to DEBUG, so botocore logs each request's headers, whose "
+    "Authorization value holds the access key id (Credential=AKIA.../...); the secret itself never appears",
+)
 def test_credentials_stay_out_of_debug_logs(s3: S3, tmp_path: Path):
     config = _s3_config(tmp_path / "s3.yaml", s3.options(f"http://127.0.0.1:{s3.port}"))
     s3.fs().pipe_file(f"{BUCKET}/debug/plan.json", b"{}")
@@ -549,6 +554,12 @@ def test_credentials_stay_out_of_debug_logs(s3: S3, tmp_path: Path):
     assert not lines, f"-vv logs credentials ({len(lines)} lines), e.g.:\n" + "\n".join(lines[:3])
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: RunLock.acquire treats the 412 of its own retried exclusive create (the first PUT took "
+    "effect, its answer was lost) as another holder: the holder it reads is itself, alive, so LockHeld names its "
+    "own pid; acquire should accept a lock whose invocation is its own",
+)
 def test_s3_lock_taken_despite_a_lost_answer_to_its_exclusive_create(s3: S3):
     from jobs.lock import LockHeld, RunLock
     from pipeline.layout import RunLayout
