@@ -49,7 +49,7 @@ class Sampler:
         logprobs = F.log_softmax(logits.float(), dim=-1)
         current = logprobs.gather(1, next_tokens[:, None]).squeeze(1)
         alive = tokens[:, length - 1] != self.eot
-        sum_logprobs += current * alive
+        sum_logprobs += torch.where(alive, current, 0.0)  # rows past EOT (or audios already finished) add nothing
         next_tokens = torch.where(alive, next_tokens, self.eot)
         tokens[:, length] = next_tokens
         return (next_tokens == self.eot).view(-1, self.group).all(dim=1)
@@ -145,7 +145,8 @@ def run_search(
     tokens = torch.empty(n_audio * group, max_len + 1, dtype=torch.long, device=initial.device)
     tokens[:, :begin] = initial.repeat_interleave(group, dim=0)
     sum_logprobs = torch.zeros(n_audio * group, device=initial.device)
-    active = torch.arange(n_audio)  # original index of each audio still decoding
+    active = torch.arange(n_audio)  # original index of each audio still in the batch
+    retired = torch.zeros(n_audio, dtype=torch.bool)  # finished audios still in the batch, until it is compacted
     results: list[Candidates | None] = [None] * n_audio
     no_speech_probs = [float("nan")] * n_audio
     length = begin
@@ -160,19 +161,24 @@ def run_search(
         rules.apply(logits, tokens[:, :length])
         done = search.step(tokens, length, logits, sum_logprobs, cache).cpu()
         length += 1
-        if not done.any():
+        new = done & ~retired
+        if not new.any():
             continue
-        for audio in done.nonzero().flatten().tolist():
+        for audio in new.nonzero().flatten().tolist():
             results[active[audio]] = search.finish(audio, tokens, length, sum_logprobs)
-        keep = (~done).nonzero().flatten()
-        if keep.numel() == 0:
+        retired |= new
+        if retired.all():
             break
-        # finished audios leave the batch: their rows stop costing anything
+        # finished audios leave the batch so their rows stop costing anything — once a quarter of it is finished,
+        # because compacting copies every live row's cache (the cross K/V most of all)
+        if 4 * int(retired.sum()) < retired.numel():
+            continue
+        keep = (~retired).nonzero().flatten()
         rows = (keep[:, None] * group + torch.arange(group)).flatten().to(tokens.device)
         tokens, sum_logprobs = tokens[rows], sum_logprobs[rows]
         cache.keep_audios(keep.to(tokens.device))
         search.keep(keep)
-        active = active[keep]
+        active, retired = active[keep], retired[keep]
     for audio, original in enumerate(active.tolist()):
         if results[original] is None:
             results[original] = search.finish(audio, tokens, length, sum_logprobs)

@@ -12,7 +12,7 @@ agree with it; DTW is plain numpy, vectorised along anti-diagonals.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -56,6 +56,7 @@ class Word:
     start: float
     end: float
     probability: float
+    tokens: list[int] = field(default_factory=list, repr=False)  # its text tokens (punctuation merged in)
 
 
 def median_filter(x: Tensor, width: int) -> Tensor:
@@ -286,7 +287,7 @@ def add_word_timestamps(
             w = alignment[k]
             if w.word:
                 start, end = round(time_offset + w.start, 2), round(time_offset + w.end, 2)
-                words.append(Word(w.word, start, end, w.probability))
+                words.append(Word(w.word, start, end, w.probability, list(w.tokens)))
             taken += len(w.tokens)
             k += 1
         if words:

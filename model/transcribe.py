@@ -21,6 +21,9 @@ from .tokenizer import Tokenizer
 from .whisper import Whisper
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
+# a rest of audio shorter than this after a decode that stopped early is not decoded again: too short to hold a
+# word, it is where the model hallucinates (it re-reads text from the pass before)
+MIN_CONTINUATION_FRAMES = 50
 FRAMES_PER_TIMESTAMP = 2  # mel frames per timestamp step (the encoder halves the frame rate)
 
 
@@ -36,6 +39,12 @@ class TranscribeOptions:
     logprob_threshold: float | None = -1.0
     # above this no-speech probability (and with a failed logprob) the window is silence: empty text, no fallback
     no_speech_threshold: float | None = 0.6
+    # a window that failed at every temperature is no speech when its no-speech probability is above this (a tone,
+    # a hum: the model half thinks it is silence, and what it samples at the hottest temperature is invented)
+    failed_no_speech_threshold: float | None = 0.5
+    # a window whose loudest log10 mel power is below this is no speech, without running the model (digital silence
+    # is -10, a -100 dBFS hiss -8.4, speech at -60 dBFS -4.8): Whisper hears "you" in plain silence
+    quiet_log_mel: float | None = -6.0
     # candidates sampled per window at temperatures above 0
     best_of: int | None = 5
     # time each word from the alignment heads' cross-attention (one extra batched decoder pass per decoding pass)
@@ -70,9 +79,23 @@ class WindowResult:
 
 
 def is_silence(r: DecodingResult, opts: TranscribeOptions) -> bool:
+    if (
+        opts.failed_no_speech_threshold is not None
+        and r.no_speech_prob > opts.failed_no_speech_threshold
+        and r.temperature == opts.temperatures[-1]
+        and needs_fallback(r, opts)
+    ):
+        return True
     if opts.no_speech_threshold is None or r.no_speech_prob <= opts.no_speech_threshold:
         return False
     return opts.logprob_threshold is None or r.avg_logprob <= opts.logprob_threshold
+
+
+def is_quiet(mel: Tensor, opts: TranscribeOptions) -> bool:
+    """Whether a window's log-mel (n_mels, frames of audio) is too quiet to hold speech."""
+    if opts.quiet_log_mel is None or mel.shape[-1] == 0:
+        return opts.quiet_log_mel is not None
+    return float(mel.max()) * 4.0 - 4.0 < opts.quiet_log_mel  # undo log_mel_spectrogram's (x + 4) / 4
 
 
 def needs_fallback(r: DecodingResult, opts: TranscribeOptions) -> bool:
@@ -169,6 +192,7 @@ def transcribe_windows(
     content_frames: Sequence[int] | None = None,
     opts: TranscribeOptions = TranscribeOptions(),
     languages: Sequence[str | None] | None = None,
+    timed: Sequence[bool] | None = None,
 ) -> list[WindowResult]:
     """Transcribe a batch of windows, possibly from many files.
 
@@ -179,16 +203,25 @@ def transcribe_windows(
         mel: log-mel windows (n, n_mels, 3000), padded with zeros past the audio.
         content_frames: mel frames of real audio per window (default: all 3000).
         languages: per-window language codes, None to detect (multilingual models).
+        timed: per window, whether to time its words (default: ``opts.word_timestamps`` for every window).
     """
     if mel.ndim != 3 or mel.shape[1] != model.dims.n_mels or mel.shape[2] != N_FRAMES:
         raise ValueError(f"mel of shape {tuple(mel.shape)}: expected (windows, {model.dims.n_mels}, {N_FRAMES})")
     n = mel.shape[0]
     frames = list(content_frames) if content_frames is not None else [N_FRAMES] * n
     langs = list(languages) if languages is not None else [None] * n
+    timed = list(timed) if timed is not None else [opts.word_timestamps] * n
     out: list[WindowResult | None] = [None] * n
     todo = [(i, 0) for i in range(n)]  # (window, first frame still to decode)
     last_speech: dict[int, float] = {}  # window -> end of its last timed word (word_timestamps only)
     while todo:
+        quiet = [(i, seek) for i, seek in todo if is_quiet(mel[i, :, seek : frames[i]], opts)]
+        for i, _ in quiet:  # nothing to hear: no speech, and no model time spent on it
+            if out[i] is None:
+                out[i] = WindowResult("", [], langs[i] or "en", [], 0.0, 0.0, 1.0, 0.0, no_speech=True)
+        todo = [w for w in todo if w not in quiet]
+        if not todo:
+            break
         batch = torch.zeros(len(todo), mel.shape[1], N_FRAMES, dtype=mel.dtype)
         for k, (i, seek) in enumerate(todo):
             batch[k, :, : frames[i] - seek] = mel[i, :, seek : frames[i]]
@@ -202,16 +235,22 @@ def transcribe_windows(
             for s in segments:
                 s.start, s.end = s.start + seek / FRAMES_PER_SECOND, s.end + seek / FRAMES_PER_SECOND
             passes.append((segments, consumed, silent))
-        if opts.word_timestamps:
-            passes = time_words(model, tokenizer, features, todo, decoded, passes, frames, last_speech, opts)
+        sel = [k for k, (i, _) in enumerate(todo) if timed[i]]
+        if sel:
+            pick = lambda xs: [xs[k] for k in sel]  # noqa: E731
+            words = time_words(
+                model, tokenizer, features[sel], pick(todo), pick(decoded), pick(passes), frames, last_speech, opts
+            )
+            for k, p in zip(sel, words):
+                passes[k] = p
         later = []
         for (i, seek), r, (segments, consumed, silent) in zip(todo, decoded, passes):
             out[i] = merge(out[i], r, segments, silent)
-            if seek + consumed < frames[i]:
+            if frames[i] - seek - consumed >= MIN_CONTINUATION_FRAMES:
                 later.append((i, seek + consumed))
         todo = later
-    if opts.word_timestamps:  # the first-word rules of a continued pass may reach back into the pass before
-        for r, n in zip(out, frames):
+    for r, n, t in zip(out, frames, timed):  # the first-word rules of a continued pass may reach into the one before
+        if t:
             tidy_words(r.segments, n / FRAMES_PER_SECOND)
     return out
 

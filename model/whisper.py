@@ -22,8 +22,10 @@ from .kv_cache import KVCache
 
 class LayerNorm(nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
-        # normalise in fp32 whatever the activations' dtype, as the reference does
-        return super().forward(x.float()).type(x.dtype)
+        # normalise in fp32 whatever the activations' (and weights') dtype, as the reference does
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -45,6 +47,20 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> Tenso
     inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2))
     scaled_time = torch.arange(length)[:, np.newaxis] * inv_timescales[np.newaxis, :]
     return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, H, T, D) tensors.
+
+    The fused kernel, except for a few query positions against many keys in bf16/fp16 on the CPU — every decoding
+    step's cross-attention — where torch's CPU kernel is several times slower than two matmuls (softmax in fp32).
+    """
+    if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] <= 8 and not causal:
+        scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        return scores.softmax(dim=-1).to(v.dtype) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class MultiHeadAttention(nn.Module):
@@ -69,7 +85,7 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """Full self-attention (encoder, or the decoder without a cache). x: (B, T, C)."""
         q, k, v = self.heads(self.query(x)), self.heads(self.key(x)), self.heads(self.value(x))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and x.shape[1] > 1)
+        o = attention(q, k, v, mask, causal=causal and x.shape[1] > 1)
         return self.merge(o)
 
     def attend_cached(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
@@ -80,7 +96,7 @@ class MultiHeadAttention(nn.Module):
         mask = None
         if t > 1:  # several new tokens at once: new token i sees the cached prefix and new tokens <= i
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = attention(q, k, v, mask)
         return self.merge(o)
 
     def cross_kv(self, xa: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,7 +113,7 @@ class MultiHeadAttention(nn.Module):
         rows, h, t, d = q.shape
         if group > 1:
             q = q.view(rows // group, group, h, t, d).transpose(1, 2).reshape(rows // group, h, group * t, d)
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = attention(q, k, v)
         if group > 1:
             o = o.view(rows // group, h, group, t, d).transpose(1, 2).reshape(rows, h, t, d)
         return self.merge(o)
