@@ -279,7 +279,7 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.model.quantize in QUANTIZE, f"model.quantize must be one of {', '.join(QUANTIZE)}"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.model.device) is not None,
          f"model.device must be auto, cpu, cuda or cuda:N; got {cfg.model.device!r}"),
-        (cfg.model.batch_size >= 1, "model.batch_size must be >= 1"),
+        (cfg.model.batch_size >= 0, "model.batch_size must be >= 1, or 0 for as many as free GPU memory holds"),
         (cfg.decode.task in TASKS, f"decode.task must be one of {', '.join(TASKS)}"),
         (cfg.decode.beam_size is None or cfg.decode.beam_size >= 1, "decode.beam_size must be None or >= 1"),
         (len(cfg.decode.temperatures) > 0, "decode.temperatures must not be empty"),

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # names a substring of row ids whose model batch hangs (the reliability tests' fault injection); unset normally
 HANG_FAILPOINT = "WHISPER_BATCH_FAILPOINT_MODEL_HANG"
+OOM_FAILPOINT = "WHISPER_BATCH_FAILPOINT_OOM_ABOVE"
 
 
 # features travel as fp16: half the bytes of fp32 through the object store and in memory (log-mel values lie in
@@ -329,7 +330,8 @@ class Transcriber:
         self.model_name = ckpt.name
         self.load_s = time.perf_counter() - t0
         self.opts = transcribe_options(cfg.decode)
-        self.batch_size = cfg.model.batch_size
+        # 0: as many windows as the device's free memory holds (cuda), else 16
+        self.batch_size = cfg.model.batch_size or auto_batch_size(self.model, self.model.device)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="model")
 
     @property
@@ -398,48 +400,96 @@ class Transcriber:
         return res
 
     def _run(self, windows, rows, per_row) -> dict[int, str]:
-        """Decode the windows in batches; a batch that raises marks its rows failed instead of failing the job."""
+        """Decode the windows in batches; a batch that raises marks its rows failed instead of failing the job.
+
+        A batch that runs out of memory is split in half and tried again, and the smaller batch size is kept for
+        the rest of the actor's life; only a single window that does not fit becomes an error row.
+        """
         failures: dict[int, str] = {}
         # longest windows first: windows of similar length finish together, so fewer rows idle in a batch
         windows.sort(key=lambda w: -w[2].shape[1])
-        for b in range(0, len(windows), self.batch_size):
+        b = 0
+        while b < len(windows):
             chunk = windows[b : b + self.batch_size]
-            mel = torch.zeros(len(chunk), self.n_mels, N_FRAMES)
-            for k, (_, _, m) in enumerate(chunk):
-                mel[k, :, : m.shape[1]] = torch.tensor(m[:, :N_FRAMES])
-            langs = [rows[i].get("language") for i, _, _ in chunk]
-            frames = [m.shape[1] for _, _, m in chunk]
-            hang = os.environ.get(HANG_FAILPOINT)  # fault injection for the reliability tests: a model call that hangs
-            if hang and any(hang in str(rows[i].get("id")) for i, _, _ in chunk):
-                future = self.pool.submit(time.sleep, 10**9)
-            else:
-                # a pack's words are timed whatever the options: they say which member each word belongs to
-                timed = [self.opts.word_timestamps or bool(rows[i].get("members_json")) for i, _, _ in chunk]
-                future = self.pool.submit(
-                    transcribe_windows, self.model, self.tokenizer, mel, frames, self.opts, langs, timed
-                )
-            timeout = self.cfg.model.timeout_seconds
             try:
-                results = future.result(timeout=timeout)
+                results = self._call_model(chunk, rows)
             except FutureTimeout:
+                timeout = self.cfg.model.timeout_seconds
                 log.error("a batch of %d windows took more than %g s; its rows become errors", len(chunk), timeout)
                 self.pool.shutdown(wait=False, cancel_futures=True)
                 self.pool = ThreadPoolExecutor(1, thread_name_prefix="model")
                 for i, _, _ in chunk:
                     failures[i] = f"timeout: the model took more than {timeout:g} s on a batch of {len(chunk)} windows"
-                continue
             except Exception as e:
+                if is_out_of_memory(e) and len(chunk) > 1:
+                    self.batch_size = max(1, len(chunk) // 2)
+                    log.warning("out of memory on a batch of %d windows: batch size now %d", len(chunk),
+                                self.batch_size)
+                    free_cached_memory(self.model.device)
+                    continue  # the same windows again, fewer at a time
                 log.exception("model failed on a batch of %d windows", len(chunk))
                 for i, _, _ in chunk:
                     failures[i] = f"model failed: {type(e).__name__}: {e}"
-                continue
-            for (i, j, _), r in zip(chunk, results):
-                per_row[i][j] = r
+            else:
+                for (i, j, _), r in zip(chunk, results):
+                    per_row[i][j] = r
+            b += len(chunk)
         return failures
 
+    def _call_model(self, chunk, rows) -> list[WindowResult]:
+        """One batch through the model on the model thread, bounded by ``model.timeout_seconds``."""
+        mel = torch.zeros(len(chunk), self.n_mels, N_FRAMES)
+        for k, (_, _, m) in enumerate(chunk):
+            mel[k, :, : m.shape[1]] = torch.from_numpy(np.array(m[:, :N_FRAMES], dtype=np.float32))
+        langs = [rows[i].get("language") for i, _, _ in chunk]
+        frames = [m.shape[1] for _, _, m in chunk]
+        ids = [str(rows[i].get("id")) for i, _, _ in chunk]
+        hang = os.environ.get(HANG_FAILPOINT)  # fault injection for the reliability tests: a model call that hangs
+        oom = os.environ.get(OOM_FAILPOINT)  # ... and batches larger than this many windows run out of memory
+        if hang and any(hang in row_id for row_id in ids):
+            future = self.pool.submit(time.sleep, 10**9)
+        elif oom and len(chunk) > int(oom):
+            raise MemoryError(f"out of memory (failpoint {OOM_FAILPOINT}={oom}: batch of {len(chunk)} windows)")
+        else:
+            # a pack's words are timed whatever the options: they say which member each word belongs to
+            timed = [self.opts.word_timestamps or bool(rows[i].get("members_json")) for i, _, _ in chunk]
+            future = self.pool.submit(
+                transcribe_windows, self.model, self.tokenizer, mel, frames, self.opts, langs, timed
+            )
+        return future.result(timeout=self.cfg.model.timeout_seconds)
 
-def _record(item: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in item.items() if k not in ("mel", "mel_frames", "window_starts", "members_json")}
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator's out-of-memory RuntimeError."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def auto_batch_size(model, device: torch.device, limit: int = 256) -> int:
+    """Windows per batch that fit in the free memory of ``device`` (CUDA), else 16.
+
+    Per window: the encoder's activations (about 8 tensors of n_audio_ctx x n_audio_state live at its peak, plus the
+    MLP's 4x-wide one), the cross-attention K/V of every decoder layer, a full-length self-attention cache for five
+    rows (beams or best-of samples), and the logits of five rows; half of the free memory is used, for the rest.
+    """
+    if device.type != "cuda":
+        return 16
+    d = model.dims
+    size = torch.tensor([], dtype=model.dtype).element_size()
+    encoder = d.n_audio_ctx * d.n_audio_state * 12
+    cross = 2 * d.n_text_layer * d.n_audio_ctx * d.n_text_state
+    self_kv = 5 * 2 * d.n_text_layer * d.n_text_ctx * d.n_text_state
+    logits = 5 * d.n_vocab * 4 // size
+    per_window = (encoder + cross + self_kv + logits) * size
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(limit, int(free * 0.5 // per_window)))
 
 
 def pack_ok(result: WindowResult, shares: list[WindowResult | None]) -> bool:

@@ -51,7 +51,9 @@ def test_shipped_configs_load(name):
 def test_gpu_config_values():
     cfg = load_config(str(CONFIGS / "gpu-large-v3.yaml"))
     assert cfg.model.name == "large-v3" and cfg.model.dtype == "float16"
-    assert cfg.ray.gpus_per_model_actor == 1.0 and cfg.model.batch_size > RunConfig().model.batch_size
+    # batches sized from the GPU's free memory, and enough files per call to fill them
+    assert cfg.ray.gpus_per_model_actor == 1.0 and cfg.model.batch_size == 0
+    assert cfg.ray.model_batch_size > RunConfig().ray.model_batch_size
 
 
 def test_yaml_then_overrides(tmp_path):

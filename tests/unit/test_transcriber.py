@@ -1,0 +1,171 @@
+"""The model stage's own rules: no-speech gates, packs split by word times, fp16 features, out-of-memory backoff."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.audio import SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from model.decoding import DecodingResult
+from model.timing import Word
+from model.transcribe import Segment, TranscribeOptions, WindowResult, is_quiet, is_silence, transcribe_windows
+from pipeline.config import load_config
+from pipeline.transcriber import (
+    Featurizer,
+    Transcriber,
+    cpu_has_bf16,
+    featurize_windows,
+    is_out_of_memory,
+    mel_windows,
+    member_share,
+    pack_ok,
+    pick_device,
+)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def window(audio: np.ndarray) -> torch.Tensor:
+    return log_mel_spectrogram(torch.from_numpy(pad_or_trim(audio.astype(np.float32))), 80)[None]
+
+
+# --- no speech ---------------------------------------------------------------------------------------------------
+
+
+def test_quiet_windows_are_no_speech_without_running_the_model(random_model, tiny_en_tokenizer):
+    rng = np.random.default_rng(0)
+    silence = window(np.zeros(SAMPLE_RATE * 10))
+    hiss = window(1e-5 * rng.standard_normal(SAMPLE_RATE * 10))  # -100 dBFS
+    calls = []
+    encode = random_model.embed_audio
+    random_model.embed_audio = lambda mel: calls.append(mel.shape[0]) or encode(mel)
+    try:
+        out = transcribe_windows(random_model, tiny_en_tokenizer, torch.cat([silence, hiss]), [1000, 1000])
+    finally:
+        del random_model.embed_audio
+    assert calls == []  # the encoder never ran
+    assert all(r.no_speech and r.text == "" and r.segments == [] for r in out)
+
+
+def test_quiet_gate_keeps_quiet_speech_and_can_be_switched_off():
+    rng = np.random.default_rng(1)
+    mel = window(1e-3 * rng.standard_normal(SAMPLE_RATE * 5))[0, :, :500]  # -60 dBFS: quiet, not silent
+    assert not is_quiet(mel, TranscribeOptions())
+    silent = window(np.zeros(SAMPLE_RATE))[0, :, :100]
+    assert is_quiet(silent, TranscribeOptions())
+    assert not is_quiet(silent, TranscribeOptions(quiet_log_mel=None))
+
+
+def result(temperature: float, avg_logprob: float, no_speech_prob: float) -> DecodingResult:
+    return DecodingResult(tokens=[1], text="we", language="en", avg_logprob=avg_logprob,
+                          no_speech_prob=no_speech_prob, temperature=temperature, compression_ratio=1.0)
+
+
+def test_window_that_failed_every_temperature_is_no_speech_when_the_model_doubted_speech():
+    opts = TranscribeOptions()
+    last = opts.temperatures[-1]
+    assert is_silence(result(last, -3.0, 0.53), opts)  # a tone: failed at T=1.0, no_speech 0.53
+    assert not is_silence(result(0.4, -3.0, 0.53), opts)  # hotter temperatures are still to come
+    assert not is_silence(result(last, -3.0, 0.3), opts)  # the model heard speech: its best guess is kept
+    assert not is_silence(result(last, -0.5, 0.9), opts)  # did not fail
+    assert not is_silence(result(last, -3.0, 0.53), TranscribeOptions(failed_no_speech_threshold=None))
+    assert is_silence(result(0.0, -1.5, 0.7), opts)  # the reference's own rule still holds
+
+
+# --- features ----------------------------------------------------------------------------------------------------
+
+
+def test_features_are_fp16_windows_one_after_another():
+    rng = np.random.default_rng(2)
+    audio = [(0, 0.1 * rng.standard_normal(SAMPLE_RATE * 30).astype(np.float32)),
+             (SAMPLE_RATE * 30, 0.1 * rng.standard_normal(SAMPLE_RATE * 7).astype(np.float32))]
+    w = featurize_windows(audio, 80)
+    assert w.frames == [3000, 700] and w.starts == [0.0, 30.0] and w.duration == pytest.approx(37.0)
+    assert len(w.mel) == 80 * 3700 * 2
+    first, second = mel_windows(bytes(w.mel), w.frames, 80)
+    assert first.shape == (80, 3000) and second.shape == (80, 700) and second.dtype == np.float16
+    want = log_mel_spectrogram(audio[1][1], 80, padding=480000)[:, :700].numpy()
+    np.testing.assert_allclose(second.astype(np.float32), want, atol=2e-3)
+
+
+# --- packs -------------------------------------------------------------------------------------------------------
+
+
+def seg(start, end, words, temperature=0.0):
+    text = "".join(w.word for w in words)
+    return Segment(start, end, text, [t for w in words for t in w.tokens], -0.2, 1.0, 0.1, temperature, words=words)
+
+
+def pack_result(segments, temperature=0.0) -> WindowResult:
+    return WindowResult("".join(s.text for s in segments), segments, "en", [t for s in segments for t in s.tokens],
+                        -0.2, 1.0, 0.1, temperature)
+
+
+MEMBERS = [{"window_start": 0.0, "audio_seconds": 3.0}, {"window_start": 5.0, "audio_seconds": 3.0}]
+
+
+def test_a_segment_across_the_silence_between_members_is_split_by_its_words():
+    words = [Word(" One", 0.5, 1.0, 0.9, [11]), Word(" two.", 1.0, 2.5, 0.9, [12]),
+             Word(" Three", 5.4, 6.0, 0.9, [13]), Word(" four.", 6.0, 7.2, 0.9, [14])]
+    r = pack_result([seg(0.4, 7.5, words)])  # Whisper did not break the segment at the silence
+    first, second = (member_share(r, MEMBERS, m) for m in MEMBERS)
+    assert first.text == "One two." and first.tokens == [11, 12]
+    assert (first.segments[0].start, first.segments[0].end) == (0.4, 2.5)
+    assert second.text == "Three four." and second.tokens == [13, 14]
+    assert second.segments[0].start == pytest.approx(0.4) and second.segments[0].end == pytest.approx(2.5)
+    assert [w.word for w in second.segments[0].words] == [" Three", " four."]
+    assert pack_ok(r, [first, second])
+    plain = member_share(r, MEMBERS, MEMBERS[0], keep_words=False)
+    assert plain.segments[0].words is None and plain.text == "One two."
+
+
+def test_pack_decodes_that_cannot_be_split_are_refused():
+    words = [Word(" One", 0.5, 1.0, 0.9, [11]), Word(" two.", 1.0, 2.5, 0.9, [12])]
+    skipped = pack_result([seg(0.4, 2.6, words)])  # the second member got nothing
+    assert not pack_ok(skipped, [member_share(skipped, MEMBERS, m) for m in MEMBERS])
+    both = words + [Word(" Three", 5.4, 6.0, 0.9, [13])]
+    sampled = pack_result([seg(0.4, 6.1, both)], temperature=0.2)
+    assert not pack_ok(sampled, [member_share(sampled, MEMBERS, m) for m in MEMBERS])
+    repeat = [Word(" One", 7.9, 7.9, 0.2, [11]), Word(" two.", 7.9, 7.9, 0.2, [12])]  # re-read, squeezed at the end
+    reread = pack_result([seg(0.4, 6.1, both), seg(7.9, 7.9, repeat)])
+    assert not pack_ok(reread, [member_share(reread, MEMBERS, m) for m in MEMBERS])
+
+
+# --- devices and memory ------------------------------------------------------------------------------------------
+
+
+def test_auto_dtype_on_cpu_is_bf16_only_where_native():
+    cfg = load_config(None, ["model.device=cpu"])
+    assert pick_device(cfg.model) == ("cpu", torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert pick_device(load_config(None, ["model.device=cpu", "model.quantize=int8"]).model)[1] == torch.float32
+    assert pick_device(load_config(None, ["model.device=cpu", "model.dtype=float32"]).model)[1] == torch.float32
+
+
+def test_out_of_memory_errors_are_recognised():
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved_and_retried(monkeypatch):
+    """Real tiny.en on the example speech; batches of more than 2 windows fail with MemoryError (failpoint)."""
+    paths = sorted(str(p) for p in EXAMPLES.iterdir() if p.suffix in (".flac", ".ogg"))
+    cfg = load_config(None, ["model.batch_size=8", "model.device=cpu"])
+    transcriber, rows = Transcriber(cfg), []
+    featurizer = Featurizer(cfg, transcriber.n_mels)
+    for i, p in enumerate(paths):
+        rows.append({"uri": p, "audio_filepath": p, "offset": 0.0, "duration": None, "language": None,
+                     "row_index": i, "id": f"r{i}"})
+    items = featurizer.featurize_rows(rows)
+    assert len(items) > 2
+    monkeypatch.setenv("WHISPER_BATCH_FAILPOINT_OOM_ABOVE", "2")
+    out = transcriber.transcribe_rows(items)
+    assert transcriber.batch_size == 2
+    assert [r["error"] for r in out] == [None] * len(items) and all(r["text"] for r in out)
+    monkeypatch.setenv("WHISPER_BATCH_FAILPOINT_OOM_ABOVE", "0")  # not even one window fits: error rows
+    out = transcriber.transcribe_rows(items[:1])
+    assert transcriber.batch_size == 1 and out[0]["error"].startswith("model failed: MemoryError")
