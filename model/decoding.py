@@ -8,7 +8,7 @@ the active batch as soon as its result is fixed, so its cost stops. Results equa
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -148,7 +148,7 @@ class LogitRules:
             logits.index_fill_(1, self.first, neg_inf)
         if not self.timestamps:
             return
-        tb, eot = self.tk.timestamp_begin, self.tk.eot
+        tb = self.tk.timestamp_begin
         for row, ranges in enumerate(self.timestamp_ranges(tokens[:, self.sample_begin :])):
             for lo, hi in ranges:
                 logits[row, lo:hi] = neg_inf

@@ -492,6 +492,10 @@ def auto_batch_size(model, device: torch.device, limit: int = 256) -> int:
     return max(1, min(limit, int(free * 0.5 // per_window)))
 
 
+def _record(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in item.items() if k not in ("mel", "mel_frames", "window_starts", "members_json")}
+
+
 def pack_ok(result: WindowResult, shares: list[WindowResult | None]) -> bool:
     """Whether a pack's decode can be split among its members as it is.
 

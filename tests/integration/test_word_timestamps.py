@@ -23,8 +23,7 @@ from pipeline.schema import rows_to_table
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
 
-# wip: not yet seen passing on a quiet machine (see the closing note); run with `pytest -m wip`
-pytestmark = [pytest.mark.integration, pytest.mark.wip]
+pytestmark = pytest.mark.integration
 
 TOLERANCE_S = 0.1
 OPTIONS = TranscribeOptions(temperatures=(0.0,), word_timestamps=True)
