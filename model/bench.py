@@ -117,6 +117,7 @@ def reference_engine(ckpt, beam_size: int | None) -> Callable[[torch.Tensor], ob
     options = whisper.DecodingOptions(fp16=False, language=language, beam_size=beam_size)
 
     def run(mel: torch.Tensor):
+        mel = mel.float()
         if beam_size is None:
             return whisper.decode(ref, mel, options)
         # the installed reference's batched beam search does not repeat the audio features per beam
@@ -127,7 +128,7 @@ def reference_engine(ckpt, beam_size: int | None) -> Callable[[torch.Tensor], ob
 
 def run_bench(args: argparse.Namespace) -> tuple[list[Timing], dict[str, float], str]:
     start = time.perf_counter()
-    model, tokenizer, ckpt = load_model(args.model)
+    model, tokenizer, ckpt = load_model(args.model, dtype=getattr(torch, args.dtype))
     loads = {"ours: load_model": time.perf_counter() - start}
     start = time.perf_counter()
     reference = reference_engine(ckpt, args.beam_size)
@@ -138,10 +139,20 @@ def run_bench(args: argparse.Namespace) -> tuple[list[Timing], dict[str, float],
         paths = librispeech_paths(Path(args.data)) or espeak_paths(Path(tmp))
         source = f"{len(paths)} files from {paths[0].parent}" if paths else ""
         mel, frames = make_windows(read_audio(paths), args.windows)
+        mel = mel.to(model.dtype)
     decoding = DecodingOptions(beam_size=args.beam_size)
     engines: dict[str, Callable[[torch.Tensor, list[int]], object]] = {
         "ours: transcribe_windows": lambda m, f: transcribe_windows(
             model, tokenizer, m, f, TranscribeOptions(decoding=decoding)
+        ),
+        **(
+            {
+                "ours: transcribe_windows + word times": lambda m, f: transcribe_windows(
+                    model, tokenizer, m, f, TranscribeOptions(decoding=decoding, word_timestamps=True)
+                )
+            }
+            if args.words
+            else {}
         ),
         "ours: embed_audio + decode": lambda m, f: decode(model, tokenizer, model.embed_audio(m), decoding),
         "ours: embed_audio alone": lambda m, f: model.embed_audio(m),  # the encoder's share of the above
@@ -198,6 +209,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="runs per engine and batch size; the best counts")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--data", default=str(EVAL_DIR), help="eval data directory with manifest.jsonl")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="our model's dtype (the reference runs in fp32 on the CPU)")
+    parser.add_argument("--words", action="store_true",
+                        help="also time transcribe_windows with word timestamps (their cost per window)")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
     if not args.batches or min(args.batches) < 1 or args.windows < 1 or args.repeats < 1:
