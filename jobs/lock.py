@@ -60,13 +60,17 @@ class RunLock:
         data = json.dumps(self._info()).encode()
         for _ in range(2):
             if self.layout.create_bytes(self.path, data):
-                self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
-                self._thread.start()
+                self._start_heartbeat()
                 return
             try:
                 holder = self.layout.read_json(self.path)
             except (FileNotFoundError, json.JSONDecodeError):
                 continue  # released (or being written) just now: try again
+            if holder.get("invocation") == self.invocation:
+                # our own create took effect but its answer was lost; the client's retry then saw the lock
+                log.info("the lock of %s is already ours (a retried exclusive create)", self.layout.display_uri)
+                self._start_heartbeat()
+                return
             if not self.is_stale(holder):
                 raise LockHeld(
                     f"another whisper-batch run is active on {self.layout.display_uri} (host {holder.get('host')}, "
@@ -77,6 +81,10 @@ class RunLock:
             log.warning("taking over the stale lock of %s (pid %s)", holder.get("host"), holder.get("pid"))
             self.layout.remove_tree(self.path)
         raise LockHeld(f"could not take the lock of {self.layout.display_uri}: another run took it just now")
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):

@@ -71,10 +71,12 @@ def run(
     layout = RunLayout(output_uri, so)
     plan = build_plan(input_uri, cfg, so)
     name, n_mels = model_label(cfg)
-    state = check_resume(layout, plan, cfg, name)  # raises PlanMismatch before any work
     lock = RunLock(layout, f"{os.getpid()}-{time.time()}")
-    lock.acquire()  # raises LockHeld when another driver is alive on OUTPUT
+    # raises LockHeld when another driver is alive on OUTPUT. Taken before check_resume, so the done shards are
+    # read while no other driver can commit: a driver started as another one ends never redoes what that one did
+    lock.acquire()
     try:
+        state = check_resume(layout, plan, cfg, name)  # raises PlanMismatch before any work
         return _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed, echo)
     finally:
         lock.release()
@@ -117,7 +119,7 @@ def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed,
                     files, expected, cfg, layout, staging, plan.extra_types, n_mels,
                     replace_failed=retry_failed, on_commit=on_commit,
                 )
-            layout.remove_tree(staging)
+        remove_staging(layout, invocation["id"])
     except BaseException:
         status = "failed"
         raise
@@ -126,6 +128,21 @@ def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed,
     return RunSummary(
         layout.display_uri, plan.n_shards, len(state.done), totals["shards"], totals["rows"], totals["errors"], stats
     )
+
+
+def remove_staging(layout: RunLayout, invocation_id: str) -> None:
+    """Deletes the staging folder of this invocation and those that earlier ones left (drivers killed or failed).
+
+    Called under the run lock, so no other driver is live on OUTPUT. The folders of later invocations (a driver
+    that took over a lock it judged stale) and the storage preflight's probes of drivers about to be refused the
+    lock are left alone. Staging is garbage once a run ends, so a failure to delete it is only a warning.
+    """
+    try:
+        for name in layout.list_staged_invocations():
+            if name <= invocation_id:
+                layout.remove_tree(layout.staging_dir(name))
+    except Exception as e:  # noqa: BLE001 - every shard is committed; leftovers go at the next run's end
+        log.warning("could not remove staging under %s/_staging: %s", layout.display_uri, e)
 
 
 def stage_inputs(

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 _RECORD_NAME = re.compile(r"^(\d+)\.json$")
 _SHARD_NAME = re.compile(r"^shard-(\d+)\.parquet$")
+_INVOCATION_ID = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{6}$")  # plan.start_run's ids: UTC start time + random tag
 
 
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
@@ -106,6 +107,11 @@ class RunLayout:
     def staging_dir(self, invocation_id: str) -> str:
         """Worker-visible scratch of one invocation: input blocks and per-shard part files (never read as output)."""
         return self.path("_staging", invocation_id)
+
+    def list_staged_invocations(self) -> list[str]:
+        """Invocation ids that have a folder under ``_staging/`` (not the storage preflight's ``.preflight-*``
+        probes), in start order."""
+        return sorted(n for n in self._list_names(self.path("_staging")) if _INVOCATION_ID.match(n))
 
     @staticmethod
     def shard_file_name(shard_id: int) -> str:

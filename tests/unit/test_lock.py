@@ -143,3 +143,12 @@ def test_release_never_removes_a_lock_another_run_took_over(layout: RunLayout):
         "release() deleted the lock that another run holds now: a third run could then start beside it"
     )
     assert _holder(layout)["invocation"] == "successor"
+
+
+def test_a_lock_holding_our_own_invocation_is_ours(layout: RunLayout):
+    # our exclusive create took effect but its answer was lost; the retry finds the lock naming this invocation
+    _write_holder(layout, host="elsewhere", pid=1, invocation="inv-1", heartbeat_at=time.time())
+    lock = RunLock(layout, "inv-1")
+    lock.acquire()
+    lock.release()
+    assert not Path(layout.path("lock.json")).exists()
