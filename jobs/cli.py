@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
 import click
 
+from jobs.logs import configure_logging, mute_console_logs, register_secrets, scrub
 from pipeline.config import ConfigError, load_config
 
 
@@ -16,7 +16,8 @@ def _load(config: str | None, overrides: tuple[str, ...], model: str | None = No
     try:
         cfg = load_config(config, list(overrides) + ([f"model.name={model}"] if model else []))
     except (ConfigError, FileNotFoundError) as e:
-        raise click.UsageError(str(e)) from None
+        raise click.UsageError(scrub(str(e))) from None
+    register_secrets(cfg.storage.storage_options)
     return cfg
 
 
@@ -24,8 +25,7 @@ def _load(config: str | None, overrides: tuple[str, ...], model: str | None = No
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
     """Batch transcription with Whisper: one machine or a Ray cluster, resumable, exactly-once Parquet output."""
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose)
 
 
 @main.command()
@@ -92,8 +92,11 @@ def run(input_uri, output, config, overrides, model_spec, retry_failed) -> None:
     cfg = _load(config, overrides, model_spec)
     try:
         summary = run_job(input_uri, output, cfg, retry_failed=retry_failed, echo=click.echo)
-    except (PlanMismatch, ManifestError, LockHeld, Stalled, FileNotFoundError, ValueError) as e:
+    except Stalled as e:
+        mute_console_logs()  # Ray tears the stalled graph down at exit: its tracebacks would bury the message
         raise click.ClickException(str(e)) from None
+    except (PlanMismatch, ManifestError, LockHeld, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(scrub(str(e))) from None
     from pipeline.layout import RunLayout
 
     click.echo("")
