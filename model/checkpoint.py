@@ -23,7 +23,7 @@ import torch
 
 from model.ct2 import ct2_to_reference, read_ct2_model, read_ct2_n_mels, read_ct2_variables
 from model.dims import ModelDimensions
-from model.hf_checkpoint import hf_to_reference, read_hf_model, read_hf_n_mels, read_json
+from model.hf_checkpoint import check_hf_weights, hf_to_reference, read_hf_model, read_hf_n_mels, read_json
 from model.model_cache import (
     BASE_PACKAGES,
     DEFAULT_ALIASES,
@@ -286,8 +286,9 @@ def describe_model(
 
     The name is ``load_checkpoint(spec).name``. The driver of a run calls this, so a large model is not
     read: CTranslate2 from the variable headers of ``model.bin`` (seeking over the data), OpenAI ``.pt``
-    from ``dims`` with the tensors memory-mapped, Hugging Face from ``config.json``. A remote checkpoint
-    is fetched into the cache, as ``load_model`` would do anyway.
+    from ``dims`` with the tensors memory-mapped, Hugging Face from ``config.json`` (a ``pytorch_model.bin``
+    is checked to be safe, memory-mapped). A remote checkpoint is fetched into the cache, as ``load_model``
+    would do anyway.
     """
     path = fetch_to_cache(resolve_model(spec, cache_dir), storage_options, cache_dir)
     fmt = detect_format(path)
@@ -298,6 +299,7 @@ def describe_model(
         n_mels = _openai_dims(_torch_load(path, mmap=_is_torch_zip(_file_head(path))), path).n_mels
     else:
         n_mels = read_hf_n_mels(path)
+        check_hf_weights(path)  # a pickle carrying code is refused here, not first in the model actors
     return display_name(spec), n_mels
 
 

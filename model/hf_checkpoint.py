@@ -85,11 +85,34 @@ def _read_hf_weights(model_dir: str) -> dict[str, torch.Tensor]:
         return weights
     legacy = os.path.join(model_dir, "pytorch_model.bin")
     if os.path.isfile(legacy):
-        try:
-            return torch.load(legacy, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{legacy}: not a safe checkpoint: its pickle needs code to load ({e})") from e
+        return _load_legacy(legacy)
     raise ValueError(f"{model_dir}: Hugging Face Whisper directory without model.safetensors or pytorch_model.bin")
+
+
+def _load_legacy(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise ValueError(
+                f"{path}: not a safe checkpoint: its pickle needs code to load, which is refused "
+                f"(only tensors, dicts, lists and plain values are accepted)"
+            ) from e
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
+
+
+def check_hf_weights(model_dir: str) -> None:
+    """Raises ValueError when the directory has no weights, or only a ``pytorch_model.bin`` whose pickle carries
+    code. Reads no tensor data (safetensors are safe by construction; a zip pickle is memory-mapped), so the
+    driver can refuse such a checkpoint before any work."""
+    if any(os.path.isfile(os.path.join(model_dir, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
+        return
+    legacy = os.path.join(model_dir, "pytorch_model.bin")
+    if not os.path.isfile(legacy):
+        raise ValueError(f"{model_dir}: Hugging Face Whisper directory without model.safetensors or pytorch_model.bin")
+    with open(legacy, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip format can be mapped; a bare pickle is read
+    _load_legacy(legacy, mmap=zipped)
 
 
 def read_hf_model(model_dir: str) -> tuple[dict[str, torch.Tensor], int, int]:
