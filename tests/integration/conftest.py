@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 import wave
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pytest
@@ -47,6 +49,15 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def cli_command(*args: Any) -> list[str]:
     return [sys.executable, "-m", "jobs.cli", *map(str, args)]
+
+
+def start_whisper_batch(*args: Any, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Starts ``whisper-batch ARGS`` in the background, stdout and stderr to ``log``, in a session of its own (so a
+    kill of its process group takes the driver and what it started there)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            cli_command(*args), cwd=REPO, env=cli_env(env), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def whisper_batch(*args: Any, timeout: float = RUN_TIMEOUT_S, env: dict[str, str] | None = None):
@@ -280,6 +291,41 @@ def alive(pids: Iterable[int]) -> set[int]:
         if state not in ("Z", "X"):
             out.add(pid)
     return out
+
+
+def wait_until(
+    predicate: Callable[[], bool], proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S, poll: float = 0.05
+) -> bool:
+    """Polls ``predicate`` until it holds (True), or until ``proc`` ends or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return predicate()
+        time.sleep(poll)
+    return False
+
+
+def stop_processes(pids: set[int], timeout: float = 30.0) -> set[int]:
+    """Waits up to ``timeout`` for ``pids`` to end; kills (by pid) and returns those still alive then."""
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = alive(pids)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --- fixtures (eval_dir: ../shared/data/eval or a skip, from tests/conftest.py) -------------------------------

@@ -383,7 +383,7 @@ def test_pickled_checkpoints_carrying_code_are_refused(tmp_path: Path):
         assert proc.returncode != 0 and "not a safe checkpoint" in message, f"transcribe --model {name}:\n{message}"
         assert "Traceback" not in message, f"transcribe --model {name}:\n{message[-2000:]}"
         assert not marker.exists(), f"loading {name} ran its code"
-    for name in ("zip.pt", "legacy.pt"):  # the driver reads the checkpoint's metadata before any work
+    for name in models:  # the driver reads the checkpoint's metadata before any work
         proc = whisper_batch("run", manifest, "-o", tmp_path / f"out-{name}", "--model", models[name], timeout=120)
         message = output_of(proc)
         assert proc.returncode != 0 and "not a safe checkpoint" in message, f"run --model {name}:\n{message}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -20,17 +19,17 @@ import pytest
 from click.testing import CliRunner
 
 from tests.integration.conftest import (
-    REPO,
     RUN_TIMEOUT_S,
     alive,
-    cli_command,
-    cli_env,
     completion_records,
     count_ids,
     descendants,
     mtimes,
     output_of,
     read_rows,
+    start_whisper_batch,
+    stop_processes,
+    wait_until,
     whisper_batch,
     whisper_batch_ok,
     write_manifest,
@@ -54,28 +53,6 @@ def _kill_manifest(librispeech_rows: list[dict[str, Any]], eval_dir: Path, path:
     return write_manifest(path, rows, base=eval_dir)
 
 
-def _wait_for_first_commit(proc: subprocess.Popen, out: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not completion_records(out):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"no shard committed before the driver {'ended' if proc.poll() is not None else 'timed out'}")
-        time.sleep(0.1)
-
-
-def _stop_stragglers(pids: set[int], timeout: float = 30.0) -> set[int]:
-    """Waits for the killed run's processes to go; kills (by pid) and returns those still there after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = alive(pids)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return left
-
-
 @pytest.mark.slow
 def test_killed_driver_resumes_to_the_same_result(eval_dir, librispeech_rows, tmp_path: Path):
     manifest = _kill_manifest(librispeech_rows, eval_dir, tmp_path / "manifest.jsonl")
@@ -91,13 +68,10 @@ def test_killed_driver_resumes_to_the_same_result(eval_dir, librispeech_rows, tm
     delay = random.Random(seed).uniform(0.0, MAX_EXTRA_DELAY_S)
     print(f"kill after the first commit + {delay:.2f} s (WB_KILL_SEED={seed})")
     out = tmp_path / "out"
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(
-        cli_command("run", manifest, "-o", out, *sets), cwd=REPO, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the kill takes the driver and what it started there
-    )
+    proc = start_whisper_batch("run", manifest, "-o", out, *sets, log=tmp_path / "killed.log")
     try:
-        _wait_for_first_commit(proc, out, RUN_TIMEOUT_S)
+        if not wait_until(lambda: bool(completion_records(out)), proc, RUN_TIMEOUT_S, poll=0.1):
+            pytest.fail(f"no shard committed before the driver {'ended' if proc.poll() is not None else 'timed out'}")
         time.sleep(delay)
         tree = descendants(proc.pid)  # Ray's daemons and workers, some in process groups of their own
         running = proc.poll() is None
@@ -106,7 +80,6 @@ def test_killed_driver_resumes_to_the_same_result(eval_dir, librispeech_rows, tm
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
     committed_at_kill = completion_records(out)
     assert running, f"the run finished before the kill (seed {seed}, delay {delay:.2f} s): nothing was interrupted"
     assert len(committed_at_kill) < n_shards, f"all shards committed before the kill (seed {seed}); nothing to resume"
@@ -117,7 +90,7 @@ def test_killed_driver_resumes_to_the_same_result(eval_dir, librispeech_rows, tm
     # the rerun starts while the killed run's Ray workers may still be winding down
     proc2 = whisper_batch("run", manifest, "-o", out, *sets)
     t0 = time.monotonic()
-    stragglers = _stop_stragglers(tree)
+    stragglers = stop_processes(tree)
     print(f"{len(committed_at_kill)}/{n_shards} shards committed at the kill; {len(tree)} processes below the "
           f"driver then, {len(alive(tree))} alive after the rerun ({time.monotonic() - t0:.1f} s waited)")
     assert proc2.returncode == 0, f"the rerun after the kill (seed {seed}) failed:\n{output_of(proc2)[-4000:]}"
