@@ -44,8 +44,10 @@ class Sampler:
             next_tokens = logits.argmax(dim=-1)
         else:
             # seeded: a rerun (a resumed job) samples the same fallback text for the same windows
-            probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-            next_tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            # inverse-CDF sampling, one uniform draw per row: multinomial draws one per vocabulary entry (51k)
+            cdf = torch.softmax(logits.float() / self.temperature, dim=-1).cumsum(dim=-1)
+            u = torch.rand(cdf.shape[0], 1, generator=self.generator, device=cdf.device) * cdf[:, -1:]
+            next_tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         current = logprobs.gather(1, next_tokens[:, None]).squeeze(1)
         alive = tokens[:, length - 1] != self.eot

@@ -571,3 +571,20 @@ def test_transcribe_windows_continues_after_the_last_timestamp(random_model, tin
     ]
     assert out[0].text == "Hello world"
     assert [(s.start, s.end, s.text) for s in out[1].segments] == [(0.0, 2.0, " world")]
+
+
+def test_sampling_follows_the_tempered_distribution_and_never_picks_a_suppressed_token():
+    from model.search import Sampler
+
+    rows, eot = 20000, 4
+    logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.0, -1.0]]).repeat(rows, 1)
+    tokens = torch.zeros(rows, 2, dtype=torch.long)
+    sampler = Sampler(eot=eot, group=1, temperature=0.5, sample_begin=1)
+    sampler.step(tokens, 1, logits, torch.zeros(rows), cache=None)
+    freq = torch.bincount(tokens[:, 1], minlength=5).float() / rows
+    want = torch.softmax(logits[0] / 0.5, dim=-1)
+    assert freq[2] == 0
+    assert torch.allclose(freq, want, atol=0.01), (freq, want)
+    again = torch.zeros(rows, 2, dtype=torch.long)
+    Sampler(eot=eot, group=1, temperature=0.5, sample_begin=1).step(again, 1, logits, torch.zeros(rows), cache=None)
+    assert torch.equal(again, tokens)  # seeded by the temperature: a rerun samples the same
