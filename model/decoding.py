@@ -48,6 +48,9 @@ class DecodingOptions:
     without_timestamps: bool = False
     # the first timestamp may not be later than this many seconds
     max_initial_timestamp: float | None = 1.0
+    # stop sampling a row (greedy or best-of) whose text so far compresses better than this: it is looping, and
+    # would fail transcribe's compression check anyway — without this a loop runs on to sample_len tokens
+    stop_compression_ratio: float | None = None
 
     def validate(self) -> None:
         if self.task not in ("transcribe", "translate"):
@@ -79,6 +82,28 @@ class DecodingResult:
 def compression_ratio(text: str) -> float:
     data = text.encode("utf-8")
     return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+class LoopStop:
+    """Which rows to stop: those whose text so far compresses better than ``threshold`` (a loop)."""
+
+    every = 8  # steps between checks
+    min_tokens = 32  # shorter texts do not compress well whatever they hold
+
+    def __init__(self, tokenizer: Tokenizer, sample_begin: int, threshold: float):
+        self.tokenizer, self.sample_begin, self.threshold = tokenizer, sample_begin, threshold
+
+    def __call__(self, tokens: Tensor, length: int) -> list[int]:
+        if length - self.sample_begin < self.min_tokens or (length - self.sample_begin) % self.every:
+            return []
+        eot, rows = self.tokenizer.eot, []
+        for row, seq in enumerate(tokens[:, self.sample_begin : length].tolist()):
+            if eot in seq:
+                continue  # finished
+            text = self.tokenizer.decode([t for t in seq if t < eot])
+            if len(seq) >= self.min_tokens and compression_ratio(text) > self.threshold:
+                rows.append(row)
+        return rows
 
 
 @torch.no_grad()
@@ -261,7 +286,12 @@ def decode(
     else:
         search = Sampler(tokenizer.eot, options.best_of or 1, options.temperature, sample_begin)
     initial_t = torch.tensor(initial, dtype=torch.long, device=audio_features.device)
-    found = run_search(model, audio_features, initial_t, search, rules, sample_len, sot_index, tokenizer.no_speech)
+    stop = None
+    if options.stop_compression_ratio is not None and isinstance(search, Sampler):
+        stop = LoopStop(tokenizer, sample_begin, options.stop_compression_ratio)
+    found = run_search(
+        model, audio_features, initial_t, search, rules, sample_len, sot_index, tokenizer.no_speech, stop
+    )
 
     results = []
     for cands, lang, probs in zip(found, langs, lang_probs):

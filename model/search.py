@@ -138,8 +138,12 @@ def run_search(
     sample_len: int,
     sot_index: int,
     no_speech: int | None,
+    stop=None,
 ) -> list[Candidates]:
-    """Decode every audio of ``audio_features`` (n_audio, S, C) from its ``initial`` tokens (n_audio, L0)."""
+    """Decode every audio of ``audio_features`` (n_audio, S, C) from its ``initial`` tokens (n_audio, L0).
+
+    ``stop(tokens, length)``, if given, names rows to end now (their next token is forced to end-of-text).
+    """
     n_audio, begin = initial.shape
     group = search.group
     max_len = begin + sample_len
@@ -161,6 +165,10 @@ def run_search(
             no_speech_probs = probs.tolist()
         logits = logits[:, -1]
         rules.apply(logits, tokens[:, :length])
+        stopped = stop(tokens, length) if stop is not None else []
+        if stopped:
+            logits[stopped] = float("-inf")
+            logits[stopped, search.eot] = 0.0
         done = search.step(tokens, length, logits, sum_logprobs, cache).cpu()
         length += 1
         new = done & ~retired

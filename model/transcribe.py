@@ -47,6 +47,9 @@ class TranscribeOptions:
     quiet_log_mel: float | None = -6.0
     # candidates sampled per window at temperatures above 0
     best_of: int | None = 5
+    # stop sampling a row as soon as its text is too repetitive to pass compression_ratio_threshold (a loop) rather
+    # than at sample_len: it falls back to the next temperature as it would have, hundreds of steps sooner
+    stop_loops: bool = True
     # time each word from the alignment heads' cross-attention (one extra batched decoder pass per decoding pass)
     word_timestamps: bool = False
 
@@ -109,6 +112,8 @@ def needs_fallback(r: DecodingResult, opts: TranscribeOptions) -> bool:
 
 def options_at(opts: TranscribeOptions, temperature: float) -> DecodingOptions:
     d = opts.decoding
+    if opts.stop_loops and opts.compression_ratio_threshold is not None:
+        d = replace(d, stop_compression_ratio=opts.compression_ratio_threshold)
     if temperature > 0:  # sampling: best-of candidates instead of beams
         return replace(d, temperature=temperature, beam_size=None, patience=None, best_of=opts.best_of)
     return replace(d, temperature=0.0, best_of=None)

@@ -158,6 +158,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def decode_pool() -> ThreadPoolExecutor:
+    """The thread a featurizer decodes and computes log-mel in: one torch thread (many small STFTs: one thread per
+    actor scales better than contention), set in that thread only — a model in the same process keeps its own."""
+    return ThreadPoolExecutor(1, thread_name_prefix="decode", initializer=torch.set_num_threads, initargs=(1,))
+
+
 class Featurizer:
     """CPU stage: manifest rows → work items for the model stage.
 
@@ -168,8 +174,7 @@ class Featurizer:
 
     def __init__(self, cfg: RunConfig, n_mels: int = 80):
         self.cfg, self.n_mels = cfg, n_mels
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
-        torch.set_num_threads(1)  # many small STFTs: one thread per actor scales better than contention
+        self.pool = decode_pool()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         return to_batch(self.featurize_rows(to_rows(batch)))
@@ -216,7 +221,7 @@ class Featurizer:
         except FutureTimeout:
             # the stuck decode keeps its thread; later rows get a fresh one
             self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
+            self.pool = decode_pool()
             out["error"] = f"timeout: fetching and decoding {row.get('uri')} took more than {timeout:g} s"
         except AudioError as e:
             out["error"] = str(e)
@@ -332,11 +337,17 @@ class Transcriber:
         self.opts = transcribe_options(cfg.decode)
         # 0: as many windows as the device's free memory holds (cuda), else 16
         self.batch_size = cfg.model.batch_size or auto_batch_size(self.model, self.model.device)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.threads = torch.get_num_threads()  # as the actor set them; a new thread would start from its own
+        self.pool = self._model_pool()
 
     @property
     def n_mels(self) -> int:
         return self.model.dims.n_mels
+
+    def _model_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(
+            1, thread_name_prefix="model", initializer=torch.set_num_threads, initargs=(self.threads,)
+        )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         rows = to_rows(batch)
@@ -417,7 +428,7 @@ class Transcriber:
                 timeout = self.cfg.model.timeout_seconds
                 log.error("a batch of %d windows took more than %g s; its rows become errors", len(chunk), timeout)
                 self.pool.shutdown(wait=False, cancel_futures=True)
-                self.pool = ThreadPoolExecutor(1, thread_name_prefix="model")
+                self.pool = self._model_pool()
                 for i, _, _ in chunk:
                     failures[i] = f"timeout: the model took more than {timeout:g} s on a batch of {len(chunk)} windows"
             except Exception as e:

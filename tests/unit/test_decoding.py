@@ -588,3 +588,25 @@ def test_sampling_follows_the_tempered_distribution_and_never_picks_a_suppressed
     again = torch.zeros(rows, 2, dtype=torch.long)
     Sampler(eot=eot, group=1, temperature=0.5, sample_begin=1).step(again, 1, logits, torch.zeros(rows), cache=None)
     assert torch.equal(again, tokens)  # seeded by the temperature: a rerun samples the same
+
+
+def test_loop_stop_names_only_rows_that_already_repeat(tiny_en_tokenizer):
+    from model.decoding import LoopStop, compression_ratio
+
+    tk = tiny_en_tokenizer
+    loop = tk.encode(" I was there." * 20)[:40]
+    prose = tk.encode(
+        " Stephen leaned back and drew idly on his scribbler, listening to the talk about him which Heron checked"
+        " from time to time by saying something sharp about the rector and the boys of the third form."
+    )[:40]
+    assert compression_ratio(tk.decode(loop)) > 2.4 > compression_ratio(tk.decode(prose))
+    begin = 3
+    tokens = torch.full((3, begin + 40), tk.sot, dtype=torch.long)
+    tokens[0, begin:] = torch.tensor(loop)
+    tokens[1, begin:] = torch.tensor(prose)
+    tokens[2, begin:] = torch.tensor(loop)
+    tokens[2, begin + 10] = tk.eot  # already finished: left alone
+    stop = LoopStop(tk, begin, 2.4)
+    assert stop(tokens, begin + 40) == [0]
+    assert stop(tokens, begin + 39) == []  # checked every 8 steps only
+    assert stop(tokens, begin + 24) == []  # too short to judge
