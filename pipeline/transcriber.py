@@ -365,7 +365,10 @@ class Transcriber:
                 continue
             for j, m in enumerate(mel_windows(row["mel"], frames, self.n_mels)):
                 windows.append((i, j, m))
+        t_model = time.perf_counter()
         failures = self._run(windows, rows, per_row)
+        log.info("%d rows, %d windows: model %.2f s (%d torch threads)", len(rows), len(windows),
+                 time.perf_counter() - t_model, torch.get_num_threads())
         out = []
         for i, row in enumerate(rows):
             members = json.loads(row["members_json"]) if row.get("members_json") else None
