@@ -97,6 +97,12 @@ class DecodeConfig:
     logprob_threshold: float | None = -1.0
     # no-speech probability above which (with low log-prob) a window is taken as silence
     no_speech_threshold: float | None = 0.6
+    # a window that failed at every temperature is silence when its no-speech probability is above this (tones, hum)
+    failed_no_speech_threshold: float | None = 0.5
+    # a window whose loudest log10 mel power is below this (about -60 dBFS) is silence without running the model
+    quiet_log_mel: float | None = -6.0
+    # stop decoding a window as soon as its text is too repetitive to pass compression_ratio_threshold (a loop)
+    stop_loops: bool = True
     # decode text only, without timestamp tokens (segments then span whole windows)
     without_timestamps: bool = False
     # the first timestamp token may not be later than this many seconds

@@ -256,6 +256,9 @@ def transcribe_options(d: DecodeConfig) -> TranscribeOptions:
         compression_ratio_threshold=d.compression_ratio_threshold,
         logprob_threshold=d.logprob_threshold,
         no_speech_threshold=d.no_speech_threshold,
+        failed_no_speech_threshold=d.failed_no_speech_threshold,
+        quiet_log_mel=d.quiet_log_mel,
+        stop_loops=d.stop_loops,
         best_of=d.best_of,
         word_timestamps=d.word_timestamps,
     )

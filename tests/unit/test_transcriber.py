@@ -169,3 +169,13 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_retried(monkeypatch):
     monkeypatch.setenv("WHISPER_BATCH_FAILPOINT_OOM_ABOVE", "0")  # not even one window fits: error rows
     out = transcriber.transcribe_rows(items[:1])
     assert transcriber.batch_size == 1 and out[0]["error"].startswith("model failed: MemoryError")
+
+
+def test_no_speech_and_loop_settings_reach_the_model_options():
+    from pipeline.transcriber import transcribe_options
+
+    default = transcribe_options(load_config(None, []).decode)
+    assert (default.quiet_log_mel, default.failed_no_speech_threshold, default.stop_loops) == (-6.0, 0.5, True)
+    sets = ["decode.quiet_log_mel=null", "decode.failed_no_speech_threshold=null", "decode.stop_loops=false"]
+    off = transcribe_options(load_config(None, sets).decode)
+    assert (off.quiet_log_mel, off.failed_no_speech_threshold, off.stop_loops) == (None, None, False)
