@@ -130,7 +130,7 @@ class RayConfig:
     # GPUs per model actor; None means 1.0 when the cluster has GPUs, else 0
     gpus_per_model_actor: float | None = None
     # manifest rows (files) per model actor call; their windows are packed into model.batch_size batches
-    model_batch_size: int = 8
+    model_batch_size: int = 16
     # a run whose graph yields nothing for this many seconds stops with an error instead of hanging
     stall_timeout_seconds: float = 1800.0
     # shards per input block of the streaming graph (a block is read, decoded and transcribed as a unit of work)
