@@ -32,5 +32,7 @@ def quantize_int8(model: Whisper) -> Whisper:
     proj = nn.Linear(d.n_text_state, d.n_vocab, bias=False)
     proj.weight = nn.Parameter(model.decoder.token_embedding.weight.detach().clone())
     model.decoder.out_proj = proj
-    torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    # one scale per output row (per-channel): a per-tensor scale is set by the largest weight of the whole matrix
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    torch.ao.quantization.quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
     return model
