@@ -14,7 +14,6 @@ import dataclasses
 import gzip
 import logging
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,7 +22,14 @@ import torch
 
 from model.ct2 import ct2_to_reference, read_ct2_model, read_ct2_n_mels, read_ct2_variables
 from model.dims import ModelDimensions
-from model.hf_checkpoint import check_hf_weights, hf_to_reference, read_hf_model, read_hf_n_mels, read_json
+from model.hf_checkpoint import (
+    check_hf_weights,
+    hf_to_reference,
+    read_hf_model,
+    read_hf_n_mels,
+    read_json,
+    safe_torch_load,
+)
 from model.model_cache import (
     BASE_PACKAGES,
     DEFAULT_ALIASES,
@@ -99,19 +105,6 @@ def _load_ct2(model_dir: str) -> Checkpoint:
     )
 
 
-def _torch_load(path: str, mmap: bool = False) -> dict:
-    """``torch.load`` that refuses pickles carrying code; ``mmap`` maps tensor data instead of reading it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
-            raise ValueError(
-                f"{path}: not a safe checkpoint: its pickle needs code to load, which is refused "
-                f"(only tensors, dicts, lists and plain values are accepted)"
-            ) from e
-        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
-
-
 def _openai_dims(obj: object, path: str) -> ModelDimensions:
     """Checks the shape of an OpenAI checkpoint object and parses its ``dims``."""
     if not isinstance(obj, dict) or "dims" not in obj or "model_state_dict" not in obj:
@@ -124,7 +117,7 @@ def _openai_dims(obj: object, path: str) -> ModelDimensions:
 
 
 def _load_openai(path: str) -> Checkpoint:
-    obj = _torch_load(path)
+    obj = safe_torch_load(path)
     dims = _openai_dims(obj, path)
     heads = obj.get("alignment_heads")
     if isinstance(heads, (bytes, str)):
@@ -296,7 +289,7 @@ def describe_model(
         n_mels = read_ct2_n_mels(os.path.join(_ct2_dir(path), "model.bin"))
     elif fmt == "openai":
         # mmap needs the zip format; an old bare-pickle .pt is small enough to read whole.
-        n_mels = _openai_dims(_torch_load(path, mmap=_is_torch_zip(_file_head(path))), path).n_mels
+        n_mels = _openai_dims(safe_torch_load(path, mmap=_is_torch_zip(_file_head(path))), path).n_mels
     else:
         n_mels = read_hf_n_mels(path)
         check_hf_weights(path)  # a pickle carrying code is refused here, not first in the model actors

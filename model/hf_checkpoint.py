@@ -85,11 +85,12 @@ def _read_hf_weights(model_dir: str) -> dict[str, torch.Tensor]:
         return weights
     legacy = os.path.join(model_dir, "pytorch_model.bin")
     if os.path.isfile(legacy):
-        return _load_legacy(legacy)
+        return safe_torch_load(legacy)
     raise ValueError(f"{model_dir}: Hugging Face Whisper directory without model.safetensors or pytorch_model.bin")
 
 
-def _load_legacy(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+def safe_torch_load(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """``torch.load`` that refuses pickles carrying code; ``mmap`` maps tensor data instead of reading it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -112,7 +113,7 @@ def check_hf_weights(model_dir: str) -> None:
         raise ValueError(f"{model_dir}: Hugging Face Whisper directory without model.safetensors or pytorch_model.bin")
     with open(legacy, "rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip format can be mapped; a bare pickle is read
-    _load_legacy(legacy, mmap=zipped)
+    safe_torch_load(legacy, mmap=zipped)
 
 
 def read_hf_model(model_dir: str) -> tuple[dict[str, torch.Tensor], int, int]:
