@@ -101,7 +101,7 @@ class LoopStop:
             if eot in seq:
                 continue  # finished
             text = self.tokenizer.decode([t for t in seq if t < eot])
-            if len(seq) >= self.min_tokens and compression_ratio(text) > self.threshold:
+            if compression_ratio(text) > self.threshold:
                 rows.append(row)
         return rows
 

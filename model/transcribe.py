@@ -96,9 +96,10 @@ def is_silence(r: DecodingResult, opts: TranscribeOptions) -> bool:
 
 def is_quiet(mel: Tensor, opts: TranscribeOptions) -> bool:
     """Whether a window's log-mel (n_mels, frames of audio) is too quiet to hold speech."""
-    if opts.quiet_log_mel is None or mel.shape[-1] == 0:
-        return opts.quiet_log_mel is not None
-    return float(mel.max()) * 4.0 - 4.0 < opts.quiet_log_mel  # undo log_mel_spectrogram's (x + 4) / 4
+    if opts.quiet_log_mel is None:
+        return False
+    # no frames at all is quiet; else undo log_mel_spectrogram's (x + 4) / 4 on the loudest value
+    return mel.shape[-1] == 0 or float(mel.max()) * 4.0 - 4.0 < opts.quiet_log_mel
 
 
 def needs_fallback(r: DecodingResult, opts: TranscribeOptions) -> bool:
@@ -220,11 +221,13 @@ def transcribe_windows(
     todo = [(i, 0) for i in range(n)]  # (window, first frame still to decode)
     last_speech: dict[int, float] = {}  # window -> end of its last timed word (word_timestamps only)
     while todo:
-        quiet = [(i, seek) for i, seek in todo if is_quiet(mel[i, :, seek : frames[i]], opts)]
-        for i, _ in quiet:  # nothing to hear: no speech, and no model time spent on it
-            if out[i] is None:
+        heard = []
+        for i, seek in todo:
+            if not is_quiet(mel[i, :, seek : frames[i]], opts):
+                heard.append((i, seek))
+            elif out[i] is None:  # nothing to hear: no speech, and no model time spent on it
                 out[i] = WindowResult("", [], langs[i] or "en", [], 0.0, 0.0, 1.0, 0.0, no_speech=True)
-        todo = [w for w in todo if w not in quiet]
+        todo = heard
         if not todo:
             break
         batch = torch.zeros(len(todo), mel.shape[1], N_FRAMES, dtype=mel.dtype)
@@ -242,10 +245,8 @@ def transcribe_windows(
             passes.append((segments, consumed, silent))
         sel = [k for k, (i, _) in enumerate(todo) if timed[i]]
         if sel:
-            pick = lambda xs: [xs[k] for k in sel]  # noqa: E731
-            words = time_words(
-                model, tokenizer, features[sel], pick(todo), pick(decoded), pick(passes), frames, last_speech, opts
-            )
+            picked = ([xs[k] for k in sel] for xs in (todo, decoded, passes))
+            words = time_words(model, tokenizer, features[sel], *picked, frames, last_speech, opts)
             for k, p in zip(sel, words):
                 passes[k] = p
         later = []

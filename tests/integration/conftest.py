@@ -307,6 +307,19 @@ def wait_until(
     return False
 
 
+def sigkill(proc: subprocess.Popen, group: bool = False) -> bool:
+    """SIGKILLs ``proc`` (its whole process group with ``group``) and reaps it; returns whether it was still running
+    when the kill came — False means the kill interrupted nothing."""
+    running = proc.poll() is None
+    kill = os.killpg if group else os.kill
+    try:
+        kill(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    return running
+
+
 def stop_processes(pids: set[int], timeout: float = 30.0) -> set[int]:
     """Waits up to ``timeout`` for ``pids`` to end; kills (by pid) and returns those still alive then."""
     deadline = time.monotonic() + timeout

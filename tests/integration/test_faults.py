@@ -38,6 +38,7 @@ from tests.integration.conftest import (
     start_whisper_batch,
     status_json,
     stop_processes,
+    sigkill,
     wait_until,
     whisper_batch,
     whisper_batch_ok,
@@ -336,12 +337,8 @@ def test_driver_killed_at_ten_moments_then_rerun_gives_the_clean_result(
                     _names(out, "_staging/*/input/*.parquet"), _names(out, "_staging/*/parts/*/*.parquet"))
         try:
             hit = wait_until(lambda: ready(a), proc, poll=0.02)
-            running = proc.poll() is None
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
         finally:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
+            running = sigkill(proc)
         history.append((moment, hit and running, round(a.elapsed(), 1), before, len(completion_records(out))))
         _check_committed(out, reference)
     for moment, live, seconds, before, after in history:

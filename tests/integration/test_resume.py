@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from tests.integration.conftest import (
     read_rows,
     start_whisper_batch,
     stop_processes,
+    sigkill,
     wait_until,
     whisper_batch,
     whisper_batch_ok,
@@ -74,12 +74,8 @@ def test_killed_driver_resumes_to_the_same_result(eval_dir, librispeech_rows, tm
             pytest.fail(f"no shard committed before the driver {'ended' if proc.poll() is not None else 'timed out'}")
         time.sleep(delay)
         tree = descendants(proc.pid)  # Ray's daemons and workers, some in process groups of their own
-        running = proc.poll() is None
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        running = sigkill(proc, group=True)
     committed_at_kill = completion_records(out)
     assert running, f"the run finished before the kill (seed {seed}, delay {delay:.2f} s): nothing was interrupted"
     assert len(committed_at_kill) < n_shards, f"all shards committed before the kill (seed {seed}); nothing to resume"
