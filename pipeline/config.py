@@ -125,12 +125,13 @@ class RayConfig:
     address: str | None = None
     # CPU actors doing audio decode + log-mel features
     cpu_actors: int = 1
-    # model actors (one model copy each)
-    model_actors: int = 1
+    # model actors (one model copy each); 0: one per GPU, or on CPUs one per core (as many as half the memory holds)
+    model_actors: int = 0
     # GPUs per model actor; None means 1.0 when the cluster has GPUs, else 0
     gpus_per_model_actor: float | None = None
-    # manifest rows (files) per model actor call; their windows are packed into model.batch_size batches
-    model_batch_size: int = 16
+    # manifest rows (files) per model actor call; their windows are packed into model.batch_size batches.
+    # 0: 64 on GPUs, 4 on CPUs
+    model_batch_size: int = 0
     # a run whose graph yields nothing for this many seconds stops with an error instead of hanging
     stall_timeout_seconds: float = 1800.0
     # shards per input block of the streaming graph (a block is read, decoded and transcribed as a unit of work)
@@ -290,11 +291,12 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.decode.beam_size is None or cfg.decode.beam_size >= 1, "decode.beam_size must be None or >= 1"),
         (len(cfg.decode.temperatures) > 0, "decode.temperatures must not be empty"),
         (all(t >= 0 for t in cfg.decode.temperatures), "decode.temperatures must be >= 0"),
-        (cfg.ray.cpu_actors >= 1 and cfg.ray.model_actors >= 1, "ray.cpu_actors and ray.model_actors must be >= 1"),
+        (cfg.ray.cpu_actors >= 1, "ray.cpu_actors must be >= 1"),
+        (cfg.ray.model_actors >= 0, "ray.model_actors must be >= 1, or 0 for one per GPU or CPU core"),
         (cfg.ray.gpus_per_model_actor is None or cfg.ray.gpus_per_model_actor >= 0,
          "ray.gpus_per_model_actor must be None or >= 0"),
-        (min(cfg.ray.model_batch_size, cfg.ray.shards_per_block) >= 1,
-         "ray.model_batch_size and ray.shards_per_block must be >= 1"),
+        (cfg.ray.model_batch_size >= 0, "ray.model_batch_size must be >= 1, or 0 for 64 on GPUs and 4 on CPUs"),
+        (cfg.ray.shards_per_block >= 1, "ray.shards_per_block must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -69,14 +70,28 @@ TRANSCRIPT_SCHEMA = pa.schema(
 class ArrowFeaturizer:
     """Ray Data callable around :class:`~pipeline.transcriber.Featurizer` with a fixed output schema."""
 
-    def __init__(self, cfg: RunConfig, n_mels: int):
+    def __init__(self, cfg: RunConfig, n_mels: int, rows_per_call: int):
         from .transcriber import Featurizer
 
         self.inner = Featurizer(cfg, n_mels)
+        self.rows_per_call = rows_per_call
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = self.inner.featurize_rows(batch.to_pylist())
-        return pa.Table.from_pylist(items, schema=FEATURE_SCHEMA)
+        return pa.Table.from_pylist(balance_order(items, self.rows_per_call), schema=FEATURE_SCHEMA)
+
+
+def balance_order(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """Order featurized rows so that each run of ``k`` (one model call) holds one of the longest rows and a share of
+    the rest, longest calls first.
+
+    The calls of a block spread over the model actors, and a call takes as long as its windows take; a block's long
+    files gathered in one call would leave the other actors idle at the end while one actor works through them.
+    """
+    cost = sorted(items, key=lambda r: (len(r.get("mel_frames") or []), r.get("audio_seconds") or 0.0), reverse=True)
+    calls = -(-len(cost) // k)
+    heads, rest = cost[:calls], cost[calls:]
+    return [r for c in range(calls) for r in [heads[c], *rest[c * (k - 1) : (c + 1) * (k - 1)]]]
 
 
 class ArrowTranscriber:
@@ -163,18 +178,49 @@ def commit_shard(
     return record
 
 
-def model_resources(cfg: RunConfig) -> tuple[float, float, int | None]:
-    """(num_gpus, num_cpus, torch threads) per model actor, from the config and the cluster."""
+@dataclass(frozen=True)
+class ModelPlan:
+    """How the model stage runs on this cluster."""
+
+    actors: int
+    gpus: float  # per actor
+    cpus: float  # per actor (Ray's logical share)
+    threads: int | None  # torch threads per actor (None: torch's default, on GPUs)
+    rows_per_call: int  # manifest rows per actor call
+
+
+def model_resources(cfg: RunConfig) -> ModelPlan:
+    """The model stage's plan, from the config and the cluster.
+
+    ``ray.model_actors: 0`` means one actor per GPU, or on a CPU cluster one per core: single-threaded replicas
+    side by side do more work per core than one replica spread over all cores, whose small decoding steps leave
+    threads waiting. The CPU count is capped so that the replicas fit in half of the cluster's memory.
+    ``ray.model_batch_size: 0`` means 64 rows per call on GPUs, where a batch should fill the device, and 4 on
+    CPUs, where a batch gains little and small calls spread a shard's long files over the actors.
+    """
     cluster = ray.cluster_resources()
+    cores = max(1, int(cluster.get("CPU", os.cpu_count() or 1)))
     gpus = cfg.ray.gpus_per_model_actor
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
     if gpus > 0:
-        return gpus, 1.0, None
-    # CPU inference: each model actor reserves one core but runs torch on its share of the cluster's cores — the
-    # feature actors only decode and compute log-mels, a small fraction of the model's work
-    threads = max(1, int(cluster.get("CPU", os.cpu_count() or 1) // cfg.ray.model_actors))
-    return 0.0, 1.0, threads
+        actors = cfg.ray.model_actors or max(1, int(cluster["GPU"] // gpus))
+        return ModelPlan(actors, gpus, 1.0, None, cfg.ray.model_batch_size or 64)
+    actors = cfg.ray.model_actors or max(1, min(cores, int(cluster.get("memory", 0) / 2 // actor_memory(cfg)) or 1))
+    # CPU inference: the actors share the cores the feature actors leave (logical shares: the feature actors only
+    # decode and compute log-mels, a small fraction of the model's work), each runs torch on its share of the cores
+    cpus = max(0.01, min(1.0, (cores - cfg.ray.cpu_actors) / actors)) if cores > cfg.ray.cpu_actors else 0.01
+    return ModelPlan(actors, 0.0, cpus, max(1, cores // actors), cfg.ray.model_batch_size or 4)
+
+
+def actor_memory(cfg: RunConfig) -> int:
+    """Bytes one CPU model actor takes, roughly: twice the checkpoint's files (fp16 on disk become fp32, plus
+    activations) and a Python with torch."""
+    from model.checkpoint import fetch_to_cache, resolve_model
+
+    path = fetch_to_cache(resolve_model(cfg.model.name), cfg.storage.storage_options)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
+    return 2 * sum(os.path.getsize(f) for f in files) + 700 * 2**20
 
 
 def build_dataset(
@@ -186,27 +232,29 @@ def build_dataset(
     n_mels: int,
 ) -> "ray.data.Dataset":
     """The streaming dataset whose rows are part records; iterating it runs the whole graph."""
-    gpus, cpus, threads = model_resources(cfg)
+    plan = model_resources(cfg)
     # input blocks are read by zero-CPU tasks: CPU slots all belong to the actors, and a read waiting for one
     # behind them would deadlock the stream
     ds = ray.data.from_items([{"path": f} for f in input_files], override_num_blocks=len(input_files))
     ds = ds.map_batches(read_inputs, fn_args=(layout,), batch_size=1, batch_format="pyarrow", num_cpus=0)
     ds = ds.map_batches(
         ArrowFeaturizer,
-        fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels},
+        fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels, "rows_per_call": plan.rows_per_call},
         compute=ray.data.ActorPoolStrategy(size=cfg.ray.cpu_actors),
         batch_size=None,  # one whole input block (whole shards) per call: short rows are packed within a shard
         batch_format="pyarrow",
         num_cpus=1,
     )
+    # a block per model call (streaming, no shuffle): a shard's rows spread over every model actor
+    ds = ds.repartition(target_num_rows_per_block=plan.rows_per_call)
     ds = ds.map_batches(
         ArrowTranscriber,
-        fn_constructor_kwargs={"cfg": cfg, "torch_threads": threads},
-        compute=ray.data.ActorPoolStrategy(size=cfg.ray.model_actors),
-        batch_size=cfg.ray.model_batch_size,
+        fn_constructor_kwargs={"cfg": cfg, "torch_threads": plan.threads},
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        batch_size=plan.rows_per_call,
         batch_format="pyarrow",
-        num_gpus=gpus,
-        num_cpus=cpus,
+        num_gpus=plan.gpus,
+        num_cpus=plan.cpus,
     )
     return ds.map_batches(
         write_parts,
