@@ -52,6 +52,10 @@ class TranscribeOptions:
     stop_loops: bool = True
     # time each word from the alignment heads' cross-attention (one extra batched decoder pass per decoding pass)
     word_timestamps: bool = False
+    # None: every window is padded to 30 s, as the model was trained. A number: the encoder sees a batch's longest
+    # window plus at least this many seconds of padding (whole seconds, at most 30 s), so that a short window costs
+    # a shorter encoder pass and fewer cross-attention positions per decoded token
+    padding_seconds: float | None = None
 
 
 @dataclass
@@ -230,7 +234,8 @@ def transcribe_windows(
         todo = heard
         if not todo:
             break
-        batch = torch.zeros(len(todo), mel.shape[1], N_FRAMES, dtype=mel.dtype)
+        batch = torch.zeros(len(todo), mel.shape[1], encoder_frames([frames[i] - seek for i, seek in todo], opts),
+                            dtype=mel.dtype)
         for k, (i, seek) in enumerate(todo):
             batch[k, :, : frames[i] - seek] = mel[i, :, seek : frames[i]]
         features = model.embed_audio(batch.to(model.device, model.dtype))
@@ -259,6 +264,14 @@ def transcribe_windows(
         if t:
             tidy_words(r.segments, n / FRAMES_PER_SECOND)
     return out
+
+
+def encoder_frames(content: Sequence[int], opts: TranscribeOptions) -> int:
+    """Mel frames the encoder sees for a batch whose windows hold ``content`` frames of audio."""
+    if opts.padding_seconds is None:
+        return N_FRAMES
+    second = FRAMES_PER_SECOND
+    return min(N_FRAMES, -(-(max(content) + round(opts.padding_seconds * second)) // second) * second)
 
 
 def time_words(

@@ -177,16 +177,21 @@ class AudioEncoder(nn.Module):
         self.ln_post = LayerNorm(n_state)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, n_mels, 2 * n_ctx) log-mel -> (B, n_ctx, n_state)"""
-        if x.ndim != 3 or x.shape[1] != self.n_mels or x.shape[2] != 2 * self.n_ctx:
+        """x: (B, n_mels, frames) log-mel -> (B, frames // 2, n_state).
+
+        ``frames`` is ``2 * n_ctx`` (a 30 s window) as in training, or fewer (an even number): the window cut short,
+        its padding trimmed, with the first ``frames // 2`` positional embeddings (as whisper.cpp's ``audio_ctx``).
+        """
+        if x.ndim != 3 or x.shape[1] != self.n_mels or not 0 < x.shape[2] <= 2 * self.n_ctx or x.shape[2] % 2:
             raise ValueError(
                 f"mel of shape {tuple(x.shape)} does not fit this model: expected (batch, {self.n_mels}, "
-                f"{2 * self.n_ctx}) — {self.n_mels} mel bins, {2 * self.n_ctx} frames per 30 s window"
+                f"{2 * self.n_ctx}) — {self.n_mels} mel bins, {2 * self.n_ctx} frames per 30 s window (or an even "
+                f"number of frames below that)"
             )
         x = F.gelu(self.conv1(x))
         x = F.gelu(self.conv2(x))
         x = x.permute(0, 2, 1)  # (B, n_ctx, n_state)
-        x = (x + self.positional_embedding).to(x.dtype)
+        x = (x + self.positional_embedding[: x.shape[1]]).to(x.dtype)
         for block in self.blocks:
             x = block(x)
         return self.ln_post(x)

@@ -103,6 +103,8 @@ class DecodeConfig:
     quiet_log_mel: float | None = -6.0
     # stop decoding a window as soon as its text is too repetitive to pass compression_ratio_threshold (a loop)
     stop_loops: bool = True
+    # the encoder sees a window's audio plus at least this many seconds of padding, not always 30 s (null: 30 s)
+    padding_seconds: float | None = None
     # decode text only, without timestamp tokens (segments then span whole windows)
     without_timestamps: bool = False
     # the first timestamp token may not be later than this many seconds
@@ -287,6 +289,8 @@ def _validate(cfg: RunConfig) -> None:
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.model.device) is not None,
          f"model.device must be auto, cpu, cuda or cuda:N; got {cfg.model.device!r}"),
         (cfg.model.batch_size >= 0, "model.batch_size must be >= 1, or 0 for as many as free GPU memory holds"),
+        (cfg.decode.padding_seconds is None or cfg.decode.padding_seconds >= 0,
+         "decode.padding_seconds must be null (pad every window to 30 s) or >= 0"),
         (cfg.decode.task in TASKS, f"decode.task must be one of {', '.join(TASKS)}"),
         (cfg.decode.beam_size is None or cfg.decode.beam_size >= 1, "decode.beam_size must be None or >= 1"),
         (len(cfg.decode.temperatures) > 0, "decode.temperatures must not be empty"),

@@ -259,6 +259,7 @@ def transcribe_options(d: DecodeConfig) -> TranscribeOptions:
         failed_no_speech_threshold=d.failed_no_speech_threshold,
         quiet_log_mel=d.quiet_log_mel,
         stop_loops=d.stop_loops,
+        padding_seconds=d.padding_seconds,
         best_of=d.best_of,
         word_timestamps=d.word_timestamps,
     )

@@ -24,7 +24,13 @@ from model.decoding import (
     suppressed_tokens,
 )
 from model.search import Sampler
-from model.transcribe import TranscribeOptions, decode_with_fallback, split_segments, transcribe_windows
+from model.transcribe import (
+    TranscribeOptions,
+    decode_with_fallback,
+    encoder_frames,
+    split_segments,
+    transcribe_windows,
+)
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
 
@@ -610,3 +616,27 @@ def test_loop_stop_names_only_rows_that_already_repeat(tiny_en_tokenizer):
     assert stop(tokens, begin + 40) == [0]
     assert stop(tokens, begin + 39) == []  # checked every 8 steps only
     assert stop(tokens, begin + 24) == []  # too short to judge
+
+
+def test_padding_rule_gives_whole_seconds_up_to_a_full_window():
+    pad = TranscribeOptions(padding_seconds=10.0)
+    assert encoder_frames([300, 450], pad) == 1500  # 4.5 s + 10 s, up to a whole second
+    assert encoder_frames([1000], pad) == 2000
+    assert encoder_frames([2500, 100], pad) == 3000  # never past 30 s
+    assert encoder_frames([1], TranscribeOptions(padding_seconds=0.0)) == 100
+    assert encoder_frames([300], TranscribeOptions()) == 3000  # None: the reference's 30 s windows
+
+
+def test_short_windows_are_encoded_with_their_padding_trimmed(random_model, tiny_en_tokenizer, decode_calls):
+    frames = [450, 300, 120]
+    mel = padded_mel(frames)
+    opts = TranscribeOptions(decoding=DecodingOptions(sample_len=10), temperatures=(0.0,), padding_seconds=10.0)
+    out = transcribe_windows(random_model, tiny_en_tokenizer, mel, frames, opts)
+    # the first pass: the three windows cut to 4.5 s + 10 s = 1500 frames, 750 encoder positions
+    with torch.no_grad():
+        trimmed = random_model.embed_audio(mel[:, :, :1500])
+    torch.testing.assert_close(decode_calls[0][0], trimmed)
+    assert len(out) == 3
+    decode_calls.clear()
+    transcribe_windows(random_model, tiny_en_tokenizer, mel, frames, replace(opts, padding_seconds=None))
+    assert decode_calls[0][0].shape == (3, 1500, random_model.dims.n_audio_state)  # the reference's 30 s windows

@@ -172,10 +172,24 @@ def test_allocate_shapes():
     assert cache.length == 0 and cache.group == 3 and cache.cross_k is None
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("frames", [3000, 1600, 200])
+def test_trimmed_window_encodes_as_the_reference_with_fewer_positions(random_setup, reference_of, frames):
+    """A window cut to ``frames`` mel frames (its padding trimmed) is encoded as the reference encodes it with its
+    positional embedding cut to ``frames // 2`` positions (whisper.cpp's audio_ctx)."""
+    model, _ = random_setup
+    ref = reference_of(model)
+    ref.encoder.positional_embedding = ref.encoder.positional_embedding[: frames // 2].clone()
+    mel = random_mel(2, seed=7)[:, :, :frames]
+    ours = model.embed_audio(mel)
+    assert ours.shape == (2, frames // 2, model.dims.n_audio_state)
+    torch.testing.assert_close(ours, ref.embed_audio(mel), atol=ATOL, rtol=0)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("shape", [(1, 128, 3000), (1, 80, 2999), (80, 3000)])
+@pytest.mark.parametrize("shape", [(1, 128, 3000), (1, 80, 2999), (1, 80, 3002), (1, 80, 0), (80, 3000)])
 def test_wrong_mel_shape_is_a_clear_error(random_model, tiny_en_tokenizer, shape):
     mel = torch.zeros(shape)
     with pytest.raises(ValueError, match=r"80 mel bins, 3000 frames"):

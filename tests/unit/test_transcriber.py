@@ -179,3 +179,39 @@ def test_no_speech_and_loop_settings_reach_the_model_options():
     sets = ["decode.quiet_log_mel=null", "decode.failed_no_speech_threshold=null", "decode.stop_loops=false"]
     off = transcribe_options(load_config(None, sets).decode)
     assert (off.quiet_log_mel, off.failed_no_speech_threshold, off.stop_loops) == (None, None, False)
+
+
+def test_each_model_call_holds_one_of_the_longest_rows():
+    from pipeline.graph import balance_order
+
+    # (windows, seconds) per row: three long files among short ones, the longest last as in the eval manifest
+    shapes = [(1, 5), (1, 3), (1, 7), (1, 2), (1, 9), (1, 4), (1, 6), (2, 60), (4, 100), (3, 89)]
+    items = [{"id": i, "mel_frames": [3000] * n, "audio_seconds": float(s)} for i, (n, s) in enumerate(shapes)]
+    out = balance_order(items, 4)
+    assert sorted(r["id"] for r in out) == list(range(10))  # every row once
+    calls = [[r["id"] for r in out[k : k + 4]] for k in range(0, len(out), 4)]
+    assert [c[0] for c in calls] == [8, 9, 7]  # the three longest lead a call each, longest first
+    assert all(not {7, 8, 9} & set(c[1:]) for c in calls)
+    assert [r["id"] for r in balance_order(items, 16)][:3] == [8, 9, 7]
+
+
+def test_model_stage_plan_from_the_cluster(monkeypatch):
+    import pipeline.graph as graph
+
+    def plan(cluster, *sets):
+        monkeypatch.setattr(graph.ray, "cluster_resources", lambda: cluster)
+        return graph.model_resources(load_config(None, list(sets)))
+
+    # CPUs: one single-threaded actor per core, sharing the cores the feature actor leaves; small calls
+    assert plan({"CPU": 2.0, "memory": 16e9}) == graph.ModelPlan(2, 0.0, 0.5, 1, 4)
+    assert plan({"CPU": 16.0, "memory": 64e9}) == graph.ModelPlan(16, 0.0, 15 / 16, 1, 4)
+    # ... as many as half the memory holds
+    small = plan({"CPU": 16.0, "memory": 4 * 2**30})
+    assert 1 <= small.actors < 16 and small.actors * graph.actor_memory(load_config(None, [])) <= 2 * 2**30
+    # the config wins
+    assert plan({"CPU": 2.0, "memory": 16e9}, "ray.model_actors=1", "ray.model_batch_size=16") == graph.ModelPlan(
+        1, 0.0, 1.0, 2, 16
+    )
+    # GPUs: one actor per GPU, calls that fill it
+    assert plan({"CPU": 16.0, "GPU": 4.0, "memory": 64e9}) == graph.ModelPlan(4, 1.0, 1.0, None, 64)
+    assert plan({"CPU": 16.0, "GPU": 4.0}, "ray.gpus_per_model_actor=0.5").actors == 8
