@@ -21,6 +21,7 @@ from typing import Any
 ENGINES = {
     "whisper-batch": "our whole pipeline: local Ray, feature + model actors, packed windows, Parquet commit",
     "whisper-batch-int8": "the same with model.quantize=int8",
+    "whisper-batch-pad10": "the same with decode.padding_seconds=10 (short windows get a shorter encoder pass)",
     "openai": "openai-whisper transcribe(), greedy, fp32",
     "faster-int8": "faster-whisper WhisperModel.transcribe, greedy, int8",
     "faster-fp32": "faster-whisper WhisperModel.transcribe, greedy, float32",
@@ -42,13 +43,19 @@ def read_rows(manifest: str) -> list[dict[str, Any]]:
 # ---- engines (run inside the child process) ----
 
 
-def _run_ours(manifest: str, model: str | None, threads: int, quantize: bool) -> dict[str, Any]:
+OUR_SETTINGS = {
+    "whisper-batch": [],
+    "whisper-batch-int8": ["model.quantize=int8"],
+    "whisper-batch-pad10": ["decode.padding_seconds=10"],
+}
+
+
+def _run_ours(manifest: str, model: str | None, sets: list[str]) -> dict[str, Any]:
     import pyarrow.dataset as pads
 
     from jobs.run import init_ray, run
     from pipeline.config import load_config
 
-    sets = ["model.quantize=int8"] if quantize else []
     cfg = load_config(None, sets + ([f"model.name={model}"] if model else []))
     t0 = time.perf_counter()
     init_ray(cfg)
@@ -117,8 +124,8 @@ def _seconds(audios) -> float:
 
 
 def run_engine(engine: str, manifest: str, model: str | None, threads: int) -> dict[str, Any]:
-    if engine.startswith("whisper-batch"):
-        return _run_ours(manifest, model, threads, quantize=engine.endswith("int8"))
+    if engine in OUR_SETTINGS:
+        return _run_ours(manifest, model, OUR_SETTINGS[engine])
     rows = read_rows(manifest)
     if engine == "openai":
         return _run_openai(rows, model, threads)
