@@ -219,12 +219,12 @@ def test_model_actor_killed_mid_run_is_restarted_and_its_work_redone(
     try:
         # once the actor has done some work (a shard committed) and has more to do
         if wait_until(lambda: len(completion_records(out)) >= 1, proc) and len(completion_records(out)) < N_ROWS:
-            pids = cluster.actor_pids("ArrowTranscriber")
-            assert len(pids) == 1, f"expected one model actor, found {sorted(pids)}"
-            pid = pids.pop()
+            pids = cluster.actor_pids("ArrowTranscriber")  # one per core by default
+            assert pids, "no model actor found"
+            pid = min(pids)
             os.kill(pid, signal.SIGKILL)
             killed.append((pid, len(completion_records(out))))
-            restarted = wait_until(lambda: bool(cluster.actor_pids("ArrowTranscriber") - {pid}), proc)
+            restarted = wait_until(lambda: bool(cluster.actor_pids("ArrowTranscriber") - pids), proc)
         proc.wait(timeout=RUN_TIMEOUT_S)
     finally:
         if proc.poll() is None:

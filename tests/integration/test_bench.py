@@ -1,0 +1,37 @@
+"""`whisper-batch bench`: our whole pipeline and openai-whisper on the same real speech, in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import whisper_batch_ok, write_manifest
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_runs_every_engine_on_the_same_audio(tmp_path: Path, eval_dir: Path, librispeech_rows):
+    pytest.importorskip("whisper", reason="the openai-whisper peer is a test dependency")
+    rows = librispeech_rows[:3]
+    manifest = write_manifest(tmp_path / "m.jsonl", rows, base=eval_dir)
+    out = tmp_path / "bench.json"
+    proc = whisper_batch_ok("bench", manifest, "--engines", "whisper-batch,openai", "--json", out)
+    scores = {s["engine"]: s for s in json.loads(out.read_text())}
+    assert set(scores) == {"whisper-batch", "openai"}
+    audio = sum(r["duration"] for r in rows)
+    for s in scores.values():
+        assert s["audio_s"] == pytest.approx(audio, abs=0.05)  # every engine heard all of the same audio
+        assert s["wall_s"] > 0 and s["rtfx"] == pytest.approx(s["audio_s"] / s["wall_s"])
+        assert s["wer"] is not None and s["wer"] < 0.15  # real transcripts, scored against the references
+        assert s["peak_rss_mb"] > 100  # a process running a model was sampled
+    table = proc.stdout
+    assert "| whisper-batch |" in table and "| openai |" in table and "cores" in table
+
+
+def test_bench_refuses_an_unknown_engine(tmp_path: Path):
+    from tests.integration.conftest import whisper_batch
+
+    proc = whisper_batch("bench", tmp_path / "m.jsonl", "--engines", "whisper-batch,nemo")
+    assert proc.returncode == 2 and "unknown engine(s) ['nemo']" in proc.stderr and "faster-int8" in proc.stderr
