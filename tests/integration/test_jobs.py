@@ -243,7 +243,8 @@ def test_stop_midway_then_resume_exactly_once(s3, head):
     address, env, token = head
     output = "s3://jobs/out-long"
     args = ["submit", "s3://jobs/long/manifest.jsonl", "-o", output, "--address", address, *JOB_SETTINGS,
-            "--set", "ray.model_batch_size=1", "--set", "model.batch_size=1", "--set", "decode.beam_size=5"]
+            "--set", "ray.model_batch_size=1", "--set", "model.batch_size=1", "--set", "decode.beam_size=5",
+            "--set", "ray.model_actors=1"]  # one row at a time, slowly: the stop lands between shards
     first = _ok(_cli(args, env)).strip().splitlines()[-1]
     busy = _cli(["resume", output, "--address", address], env)  # while it runs: refused, nothing submitted
     assert busy.returncode == 1 and f"job {first} is still " in busy.stderr, busy.stderr

@@ -178,12 +178,16 @@ def test_trimmed_window_encodes_as_the_reference_with_fewer_positions(random_set
     """A window cut to ``frames`` mel frames (its padding trimmed) is encoded as the reference encodes it with its
     positional embedding cut to ``frames // 2`` positions (whisper.cpp's audio_ctx)."""
     model, _ = random_setup
-    ref = reference_of(model)
-    ref.encoder.positional_embedding = ref.encoder.positional_embedding[: frames // 2].clone()
-    mel = random_mel(2, seed=7)[:, :, :frames]
-    ours = model.embed_audio(mel)
-    assert ours.shape == (2, frames // 2, model.dims.n_audio_state)
-    torch.testing.assert_close(ours, ref.embed_audio(mel), atol=ATOL, rtol=0)
+    ref = reference_of(model)  # shared by the session's tests: its embedding is put back below
+    full = ref.encoder.positional_embedding
+    ref.encoder.positional_embedding = full[: frames // 2].clone()
+    try:
+        mel = random_mel(2, seed=7)[:, :, :frames]
+        ours = model.embed_audio(mel)
+        assert ours.shape == (2, frames // 2, model.dims.n_audio_state)
+        torch.testing.assert_close(ours, ref.embed_audio(mel), atol=ATOL, rtol=0)
+    finally:
+        ref.encoder.positional_embedding = full
 
 
 # --------------------------------------------------------------------------- bad input
