@@ -206,10 +206,10 @@ def model_resources(cfg: RunConfig) -> ModelPlan:
     if gpus > 0:
         actors = cfg.ray.model_actors or max(1, int(cluster["GPU"] // gpus))
         return ModelPlan(actors, gpus, 1.0, None, cfg.ray.model_batch_size or 64)
-    actors = cfg.ray.model_actors or max(1, min(cores, int(cluster.get("memory", 0) / 2 // actor_memory(cfg)) or 1))
+    actors = cfg.ray.model_actors or max(1, min(cores, int(cluster.get("memory", 0) / 2 // actor_memory(cfg))))
     # CPU inference: the actors share the cores the feature actors leave (logical shares: the feature actors only
     # decode and compute log-mels, a small fraction of the model's work), each runs torch on its share of the cores
-    cpus = max(0.01, min(1.0, (cores - cfg.ray.cpu_actors) / actors)) if cores > cfg.ray.cpu_actors else 0.01
+    cpus = max(0.01, min(1.0, (cores - cfg.ray.cpu_actors) / actors))
     return ModelPlan(actors, 0.0, cpus, max(1, cores // actors), cfg.ray.model_batch_size or 4)
 
 

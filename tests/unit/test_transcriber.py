@@ -205,6 +205,8 @@ def test_model_stage_plan_from_the_cluster(monkeypatch):
     # CPUs: one single-threaded actor per core, sharing the cores the feature actor leaves; small calls
     assert plan({"CPU": 2.0, "memory": 16e9}) == graph.ModelPlan(2, 0.0, 0.5, 1, 4)
     assert plan({"CPU": 16.0, "memory": 64e9}) == graph.ModelPlan(16, 0.0, 15 / 16, 1, 4)
+    # one core, held by the feature actor: the model actor still gets a (small) logical share, so it is scheduled
+    assert plan({"CPU": 1.0, "memory": 16e9}) == graph.ModelPlan(1, 0.0, 0.01, 1, 4)
     # ... as many as half the memory holds
     small = plan({"CPU": 16.0, "memory": 4 * 2**30})
     assert 1 <= small.actors < 16 and small.actors * graph.actor_memory(load_config(None, [])) <= 2 * 2**30
