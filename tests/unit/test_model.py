@@ -12,7 +12,7 @@ import torch
 from model.dims import ModelDimensions
 from model.kv_cache import KVCache
 from model.transcribe import transcribe_windows
-from model.whisper import Whisper, sinusoids
+from model.whisper import ATTENTION_CHUNK, Whisper, attention, chunked_attention, sinusoids
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
 
@@ -188,6 +188,35 @@ def test_trimmed_window_encodes_as_the_reference_with_fewer_positions(random_set
         torch.testing.assert_close(ours, ref.embed_audio(mel), atol=ATOL, rtol=0)
     finally:
         ref.encoder.positional_embedding = full
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_encoder_attention_matches_fused_attention(dtype):
+    """Encoder self-attention in bf16/fp16 on the CPU runs in query chunks (the last one short here); it computes the
+    same attention as the fp32 fused kernel, to the half-precision dtype's rounding."""
+    g = torch.Generator().manual_seed(3)
+    t = 3 * ATTENTION_CHUNK + 44
+    q, k, v = (torch.randn(2, 3, t, 32, generator=g) for _ in range(3))
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    ours = attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert ours.shape == exact.shape and ours.dtype == dtype
+    assert torch.equal(ours, chunked_attention(q.to(dtype), k.to(dtype), v.to(dtype)))  # the path taken
+    torch.testing.assert_close(ours.float(), exact, atol=2e-2, rtol=2e-2)
+    fused = torch.nn.functional.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype)).float()
+    assert (ours.float() - exact).abs().mean() <= 2 * (fused - exact).abs().mean()  # no worse than the fused kernel
+
+
+@torch.no_grad()
+def test_bf16_encoder_stays_close_to_fp32(random_setup):
+    """The whole encoder in bf16 (chunked attention) against fp32, on the random model."""
+    model, _ = random_setup
+    mel = random_mel(1, seed=9)
+    exact = model.embed_audio(mel)
+    half = Whisper(model.dims).to(torch.bfloat16)
+    half.load_state_dict(model.state_dict())
+    ours = half.embed_audio(mel.to(torch.bfloat16)).float()
+    assert (ours - exact).abs().mean() < 0.02 * exact.abs().mean()
 
 
 # --------------------------------------------------------------------------- bad input
