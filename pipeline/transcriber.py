@@ -336,6 +336,8 @@ class Transcriber:
             from model.quantize import quantize_int8
 
             self.model = quantize_int8(self.model)
+        elif device == "cpu":
+            self.model.pack_cpu_weights()
         self.model_name = ckpt.name
         self.load_s = time.perf_counter() - t0
         self.opts = transcribe_options(cfg.decode)

@@ -219,6 +219,48 @@ def test_bf16_encoder_stays_close_to_fp32(random_setup):
     assert (ours - exact).abs().mean() < 0.02 * exact.abs().mean()
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_cpu_weights_give_the_same_logits(random_setup, dtype):
+    """oneDNN-packed linear weights and vocabulary projection: the same encoder output and decoding-step logits as
+    the plain weights (bit for bit in bf16), and the same state dict."""
+    model, tokenizer = random_setup
+    plain = Whisper(model.dims).to(dtype)
+    plain.load_state_dict(model.state_dict())
+    packed = Whisper(model.dims).to(dtype)
+    packed.load_state_dict(model.state_dict())
+    if not packed.pack_cpu_weights():
+        pytest.skip("this torch or CPU cannot pack linear weights for oneDNN")
+    assert packed.decoder.packed_projection is not None and packed.encoder.blocks[0].mlp[0].packed is not None
+    assert packed.state_dict().keys() == plain.state_dict().keys()
+    mel = random_mel(2, seed=11).to(dtype)
+    features = [m.embed_audio(mel) for m in (plain, packed)]
+    tokens = torch.tensor([[tokenizer.sot, *tokenizer.encode(" packed weights")]] * 2)
+    steps = []
+    for m, f in zip((plain, packed), features):
+        cache = m.new_cache(f)
+        steps.append(torch.cat([m.decode_step(tokens[:, :-1], cache)[:, -1:], m.decode_step(tokens[:, -1:], cache)], 1))
+    if dtype == torch.bfloat16:
+        assert torch.equal(features[0], features[1]) and torch.equal(steps[0], steps[1])
+    else:
+        torch.testing.assert_close(features[1], features[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(steps[1], steps[0], atol=ATOL, rtol=0)
+    assert not torch.equal(steps[0][:, 0], steps[0][:, 1])  # two different positions: the comparison means something
+
+
+@torch.no_grad()
+def test_packed_layer_falls_back_when_its_dtype_changes(random_setup):
+    model, _ = random_setup
+    packed = Whisper(model.dims).to(torch.bfloat16)
+    packed.load_state_dict(model.state_dict())
+    if not packed.pack_cpu_weights():
+        pytest.skip("this torch or CPU cannot pack linear weights for oneDNN")
+    layer = packed.encoder.blocks[0].attn.query
+    x = torch.randn(3, model.dims.n_audio_state)
+    layer.float()  # the packed copy is bf16: an fp32 layer must use its own weight
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
 # --------------------------------------------------------------------------- bad input
 
 
