@@ -246,7 +246,7 @@ def build_dataset(
         num_cpus=1,
     )
     # a block per model call (streaming, no shuffle): a shard's rows spread over every model actor
-    ds = ds.repartition(target_num_rows_per_block=plan.rows_per_call)
+    ds = split_blocks(ds, plan.rows_per_call)
     ds = ds.map_batches(
         ArrowTranscriber,
         fn_constructor_kwargs={"cfg": cfg, "torch_threads": plan.threads},
@@ -263,6 +263,25 @@ def build_dataset(
         batch_format="pyarrow",
         num_cpus=0,  # small I/O: must never wait behind the actors that hold every core
     )
+
+
+def split_blocks(ds: "ray.data.Dataset", rows: int) -> "ray.data.Dataset":
+    """Ray Data's streaming repartition into blocks of ``rows`` rows, its tasks taking no CPU slot.
+
+    Its tasks ask for one CPU by default. On a CPU-only cluster the actors hold every CPU slot, so the split waited
+    until the feature actors exited: the model stage started only once every shard had its features, which piled
+    up in the object store. The split only slices Arrow tables. Ray (2.60) has no public argument for a
+    repartition's resources, so the logical operator's remote arguments are set; where a Ray version lacks them,
+    the split keeps its default and a warning says so.
+    """
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    args = getattr(getattr(getattr(ds, "_logical_plan", None), "dag", None), "ray_remote_args", None)
+    if isinstance(args, dict):
+        args["num_cpus"] = 0
+    else:
+        log.warning("this Ray's repartition takes a CPU slot: on a CPU-only cluster the model stage starts only once "
+                    "every shard has its features")
+    return ds
 
 
 def run_graph(
