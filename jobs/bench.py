@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ENGINES = {
-    "whisper-batch": "our whole pipeline: local Ray, feature + model actors, packed windows, Parquet commit",
+    "whisper-batch": "our whole pipeline: local Ray, feature + model actors, windows of many files batched, Parquet commit",
     "whisper-batch-int8": "the same with model.quantize=int8",
     "whisper-batch-pad10": "the same with decode.padding_seconds=10 (short windows get a shorter encoder pass)",
     "openai": "openai-whisper transcribe(), greedy, fp32",
