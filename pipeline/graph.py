@@ -214,13 +214,14 @@ def model_resources(cfg: RunConfig) -> ModelPlan:
 
 
 def actor_memory(cfg: RunConfig) -> int:
-    """Bytes one CPU model actor takes, roughly: twice the checkpoint's files (fp16 on disk become fp32, plus
-    activations) and a Python with torch."""
+    """Bytes one CPU model actor takes, roughly: four times the checkpoint's files (fp16 on disk become fp32 on a CPU
+    without bf16, and the weights packed for oneDNN take as much again; activations fit in the rest) and a Python
+    with torch."""
     from model.model_cache import fetch_to_cache, resolve_model
 
     path = fetch_to_cache(resolve_model(cfg.model.name), cfg.storage.storage_options)
     files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
-    return 2 * sum(os.path.getsize(f) for f in files) + 700 * 2**20
+    return 4 * sum(os.path.getsize(f) for f in files) + 700 * 2**20
 
 
 def build_dataset(
