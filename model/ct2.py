@@ -17,10 +17,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: a run's driver re
     import torch
 
 _CT2_MAX_VERSION = 6
-# torch dtype names and item sizes
+# torch dtype names
 _CT2_DTYPES = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5: "bfloat16"}
 _CT2_ITEMSIZE_DTYPES = {4: "float32", 2: "int16", 1: "int8"}  # binary versions < 4
-_ITEMSIZE = {"float32": 4, "int8": 1, "int16": 2, "int32": 4, "float16": 2, "bfloat16": 2}
 _CT2_INT16_SCALE = 1000.0  # CTranslate2's global scale for old int16 models saved without one
 CONV1_WEIGHT = "encoder/conv1/weight"  # (n_audio_state, n_mels, 3): the one shape describe needs
 
@@ -94,7 +93,8 @@ def read_ct2_variables(path: str) -> dict[str, torch.Tensor]:
         for _ in range(count):
             name, shape, dtype_name, nbytes = _read_variable_header(reader, version)
             data = reader.read(nbytes, f"variable {name}")
-            dtype, numel = getattr(torch, dtype_name), nbytes // _ITEMSIZE[dtype_name]
+            dtype = getattr(torch, dtype_name)
+            numel = nbytes // dtype.itemsize
             if numel != torch.Size(shape).numel():
                 raise ValueError(f"{path}: variable {name} has {nbytes} bytes, expected shape {list(shape)}")
             # model.bin is little-endian, as are the machines we run on.

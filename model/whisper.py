@@ -397,8 +397,8 @@ class Whisper(nn.Module):
         """Pack every linear layer's weight, and the vocabulary projection, for oneDNN (CPU inference, fp32/bf16).
 
         Call it once the model has its final device and dtype: the packed copies do not follow ``.to()`` (a layer
-        whose dtype no longer matches falls back to the plain weight). Returns whether anything was packed; on a
-        torch or CPU that cannot pack, nothing changes. The packed copies take as much memory as the weights.
+        whose dtype no longer matches falls back to the plain weight). Returns whether the weights were packed; off
+        the CPU, or on a torch or CPU that cannot pack, nothing changes. The packed copies take as much memory as the weights.
         """
         layers = [m for m in self.modules() if isinstance(m, Linear)]
         packed = [pack_weight(m.weight) for m in layers]
