@@ -36,7 +36,8 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file and line.")
 def transcribe(files, model_spec, config, overrides, as_json) -> None:
     """Transcribe FILES (any audio container; local paths or URIs) in this process, without Ray."""
-    from pipeline.transcriber import Featurizer, Transcriber, transcribe_files
+    from pipeline.features import Featurizer
+    from pipeline.transcriber import Transcriber, transcribe_files
 
     cfg = _load(config, overrides, model_spec)
     try:
@@ -76,12 +77,19 @@ def _layout(output: str, config: str | None = None, overrides: tuple[str, ...] =
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. decode.beam_size=5.")
 @click.option("--model", "model_spec", default=None, help="Checkpoint path, URI or name (default: packaged tiny.en).")
 @click.option("--retry-failed", is_flag=True, help="Redo only the committed rows whose `error` is set.")
-def run(input_uri, output, config, overrides, model_spec, retry_failed) -> None:
+@click.option("--progress-interval", type=click.FloatRange(min=0.5), default=15.0, show_default=True,
+              envvar="WHISPER_BATCH_PROGRESS_INTERVAL", metavar="SECONDS",
+              help="Seconds between progress lines when the screen is not a terminal (a pipe, a job's log).")
+def run(input_uri, output, config, overrides, model_spec, retry_failed, progress_interval) -> None:
     """Transcribe INPUT (a manifest .jsonl/.csv/.parquet, or a folder or glob of audio) into OUTPUT.
 
     Rerunning the same command resumes: committed shards are skipped. Failed rows are data (an `error` column),
     not a failed run: the exit status is non-zero only when the run itself fails.
+
+    Progress shows as one bar in a terminal, or as a line every --progress-interval seconds elsewhere; Ray's own
+    output goes to a log file (its path is printed) unless -v.
     """
+    from jobs.progress import quiet_screen
     from jobs.run import run as run_job
     from jobs.status import format_status, run_status
     from jobs.lock import LockHeld
@@ -91,7 +99,11 @@ def run(input_uri, output, config, overrides, model_spec, retry_failed) -> None:
 
     cfg = _load(config, overrides, model_spec)
     try:
-        summary = run_job(input_uri, output, cfg, retry_failed=retry_failed, echo=click.echo)
+        with quiet_screen(verbose=click.get_current_context().find_root().params.get("verbose", 0) > 0) as screen:
+            if screen.log_path:
+                click.echo(f"Ray's log: {screen.log_path} (-v shows it here)")
+            summary = run_job(input_uri, output, cfg, retry_failed=retry_failed, echo=click.echo, screen=screen,
+                              progress_interval=progress_interval)
     except Stalled as e:
         mute_console_logs()  # Ray tears the stalled graph down at exit: its tracebacks would bury the message
         raise click.ClickException(str(e)) from None

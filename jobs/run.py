@@ -49,11 +49,13 @@ def init_ray(cfg: RunConfig) -> None:
 
     if ray.is_initialized():
         return
+    hook = cfg.ray.worker_setup_hook
+    runtime_env = {"worker_process_setup_hook": hook} if hook else None
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=False)
+        ray.init(address=cfg.ray.address, log_to_driver=False, runtime_env=runtime_env)
     else:
         # a local Ray: this machine's cores; the dashboard is not needed for a batch job
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
 

@@ -138,6 +138,9 @@ class RayConfig:
     stall_timeout_seconds: float = 1800.0
     # shards per input block of the streaming graph (a block is read, decoded and transcribed as a unit of work)
     shards_per_block: int = 1
+    # "module.function" that Ray calls in every worker process as it starts (Ray's worker_process_setup_hook), e.g.
+    # to set up logging; the fault tests install their hooks (pipeline/faults.py) with it. None: nothing
+    worker_setup_hook: str | None = None
 
 
 @dataclass(frozen=True)

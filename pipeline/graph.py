@@ -68,10 +68,10 @@ TRANSCRIPT_SCHEMA = pa.schema(
 
 
 class ArrowFeaturizer:
-    """Ray Data callable around :class:`~pipeline.transcriber.Featurizer` with a fixed output schema."""
+    """Ray Data callable around :class:`~pipeline.features.Featurizer` with a fixed output schema."""
 
     def __init__(self, cfg: RunConfig, n_mels: int, rows_per_call: int):
-        from .transcriber import Featurizer
+        from .features import Featurizer
 
         self.inner = Featurizer(cfg, n_mels)
         self.rows_per_call = rows_per_call

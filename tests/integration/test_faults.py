@@ -3,8 +3,9 @@ connections reset / cut / stalled by a proxy, hung decodes and model calls, two 
 credentials that must never show up.
 
 The runs share one Ray cluster that this module starts (``ray start --head --block`` in a private temp dir) and stops,
-so each run pays a driver connect instead of a Ray start. The cluster's environment carries the model-hang failpoint
-for rows whose id contains ``hang-me``; no other row is affected. Every run transcribes the same 8 short espeak
+so each run pays a driver connect instead of a Ray start. Every run installs the model-hang hook in the cluster's
+workers (``ray.worker_setup_hook``, :func:`tests.faults.install_model_hang`): a model call on a row whose id contains
+``hang-me`` hangs; no other row is affected. Every run transcribes the same 8 short espeak
 utterances, one per shard, so any run can be compared with a clean run: same rows, exactly once, same text.
 """
 
@@ -24,7 +25,6 @@ from typing import Any, Callable
 
 import pytest
 
-from pipeline.transcriber import HANG_FAILPOINT
 from tests.integration.conftest import (
     RUN_TIMEOUT_S,
     alive,
@@ -44,13 +44,13 @@ from tests.integration.conftest import (
     whisper_batch_ok,
     write_manifest,
 )
+from tests.faults import HANG_TAG
 from tests.integration.tcp_proxy import TcpProxy
 from tests.speech import have_espeak
 
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-HANG_TAG = "hang-me"
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "The weather is nice today, so we will walk to the park.",
@@ -81,7 +81,8 @@ class Cluster:
     def settings(self) -> tuple[str, ...]:
         """`--set` arguments of every run here: this cluster, one row per shard, one row per model call (so
         shards commit one by one while a run goes on)."""
-        sets = (f"ray.address={self.address}", "manifest.shard_size=1", "ray.model_batch_size=1")
+        sets = (f"ray.address={self.address}", "manifest.shard_size=1", "ray.model_batch_size=1",
+                "ray.worker_setup_hook=tests.faults.install_model_hang")
         return tuple(a for s in sets for a in ("--set", s))
 
     def start(self, *args: Any, log: Path) -> subprocess.Popen:
@@ -107,7 +108,7 @@ def cluster(tmp_path_factory) -> Cluster:
     # Ray's socket paths must stay short: a temp dir directly under /tmp
     temp = Path(tempfile.mkdtemp(prefix="wbf-", dir="/tmp"))
     port = free_port()
-    env = cli_env({"RAY_AUTH_MODE": "disabled", HANG_FAILPOINT: HANG_TAG})
+    env = cli_env({"RAY_AUTH_MODE": "disabled"})
     log_path = tmp_path_factory.mktemp("cluster") / "ray-start.log"
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
            "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}",

@@ -251,7 +251,7 @@ _MEASURE = textwrap.dedent(
                     n, samples = n + 1, samples + len(audio)
             return n, samples / 16000
     else:  # the whole CPU stage: decode, windows, log-mel of each window (what a feature actor does)
-        from pipeline.transcriber import Featurizer
+        from pipeline.features import Featurizer
         featurizer = Featurizer(cfg, 80)
 
         def run(u):

@@ -125,7 +125,8 @@ def test_batched_pass_equals_one_window_alone(real_model, ours, windows):
 @pytest.mark.slow
 def test_pipeline_rows_carry_absolute_word_times(eval_dir, ours):
     """Through the Transcriber: short files share one packed window; each row's words come back on its own clock."""
-    from pipeline.transcriber import Featurizer, Transcriber, transcribe_files
+    from pipeline.features import Featurizer
+    from pipeline.transcriber import Transcriber, transcribe_files
 
     overrides = ["decode.word_timestamps=true", "decode.temperatures=[0.0]", "audio.pack_max_seconds=20"]  # packing on
     cfg = load_config(None, overrides)

@@ -30,7 +30,8 @@ from model.timing import (
 )
 from model.transcribe import Segment, TranscribeOptions, WindowResult, transcribe_windows
 from pipeline.schema import rows_to_table
-from pipeline.transcriber import member_share, stitch
+from pipeline.packing import member_share
+from pipeline.transcriber import stitch
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
 ref_timing = pytest.importorskip("whisper.timing", reason="the reference's timing module needs numba (test-only)")

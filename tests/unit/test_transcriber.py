@@ -13,17 +13,11 @@ from model.decoding import DecodingResult
 from model.timing import Word
 from model.transcribe import Segment, TranscribeOptions, WindowResult, is_quiet, is_silence, transcribe_windows
 from pipeline.config import load_config
-from pipeline.transcriber import (
-    Featurizer,
-    Transcriber,
-    cpu_has_bf16,
-    featurize_windows,
-    is_out_of_memory,
-    mel_windows,
-    member_share,
-    pack_ok,
-    pick_device,
-)
+from pipeline import faults
+from pipeline.device import cpu_has_bf16, is_out_of_memory, pick_device
+from pipeline.features import Featurizer, featurize_windows, mel_windows
+from pipeline.packing import member_share, pack_ok
+from pipeline.transcriber import Transcriber
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -152,7 +146,7 @@ def test_out_of_memory_errors_are_recognised():
 
 
 def test_a_batch_that_runs_out_of_memory_is_halved_and_retried(monkeypatch):
-    """Real tiny.en on the example speech; batches of more than 2 windows fail with MemoryError (failpoint)."""
+    """Real tiny.en on the example speech; batches of more than ``limit`` windows fail with MemoryError (a hook)."""
     paths = sorted(str(p) for p in EXAMPLES.iterdir() if p.suffix in (".flac", ".ogg"))
     cfg = load_config(None, ["model.batch_size=8", "model.device=cpu"])
     transcriber, rows = Transcriber(cfg), []
@@ -162,23 +156,47 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_retried(monkeypatch):
                      "row_index": i, "id": f"r{i}"})
     items = featurizer.featurize_rows(rows)
     assert len(items) > 2
-    monkeypatch.setenv("WHISPER_BATCH_FAILPOINT_OOM_ABOVE", "2")
+    limit = [2]
+
+    def out_of_memory_above(ids, n_windows):
+        if n_windows > limit[0]:
+            raise MemoryError(f"out of memory (test hook: a batch of {n_windows} windows)")
+
+    monkeypatch.setattr(faults, "model_call_hooks", [out_of_memory_above])
     out = transcriber.transcribe_rows(items)
     assert transcriber.batch_size == 2
     assert [r["error"] for r in out] == [None] * len(items) and all(r["text"] for r in out)
-    monkeypatch.setenv("WHISPER_BATCH_FAILPOINT_OOM_ABOVE", "0")  # not even one window fits: error rows
+    limit[0] = 0  # not even one window fits: error rows
     out = transcriber.transcribe_rows(items[:1])
     assert transcriber.batch_size == 1 and out[0]["error"].startswith("model failed: MemoryError")
 
 
-def test_no_speech_and_loop_settings_reach_the_model_options():
+def test_every_decode_setting_reaches_the_model_options():
+    """Each DecodeConfig field, set away from its default, arrives by name (or its one rename) in the options."""
+    import dataclasses
+
+    from pipeline.config import DecodeConfig
     from pipeline.transcriber import transcribe_options
 
-    default = transcribe_options(load_config(None, []).decode)
-    assert (default.quiet_log_mel, default.failed_no_speech_threshold, default.stop_loops) == (-6.0, 0.5, True)
-    sets = ["decode.quiet_log_mel=null", "decode.failed_no_speech_threshold=null", "decode.stop_loops=false"]
-    off = transcribe_options(load_config(None, sets).decode)
-    assert (off.quiet_log_mel, off.failed_no_speech_threshold, off.stop_loops) == (None, None, False)
+    def other(value):  # a value of the same kind that differs from the default
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, (int, float)):
+            return value + 3
+        if isinstance(value, tuple):
+            return (0.0, 0.5)
+        return "xx" if value is None or isinstance(value, str) else value
+
+    default = DecodeConfig()
+    changed = {f.name: other(getattr(default, f.name)) for f in dataclasses.fields(DecodeConfig)}
+    opts = transcribe_options(DecodeConfig(**changed))
+    for name, value in changed.items():
+        target = "prompt" if name == "initial_prompt" else name
+        got = getattr(opts, target) if hasattr(opts, target) else getattr(opts.decoding, target)
+        assert got == value, name
+    assert opts.decoding.temperature == 0.0  # the pass's temperature comes from `temperatures`, not the config
+    base = transcribe_options(default)
+    assert (base.quiet_log_mel, base.failed_no_speech_threshold, base.stop_loops) == (-6.0, 0.5, True)
 
 
 def test_each_model_call_holds_one_of_the_longest_rows():

@@ -1,0 +1,175 @@
+"""The feature stage (CPU): a manifest row's bytes → 16 kHz audio → windows of ≤ 30 s cut at quiet points →
+log-mel per window; short rows of a shard packed into shared windows (:mod:`pipeline.packing`).
+
+A row's windows travel as one fp16 buffer holding each window's real frames only (no 30 s padding), so a short
+utterance costs its length, not a full window, between the stages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from model.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+
+from .audio import AudioError, iter_audio_chunks, open_stream
+from .config import AudioConfig, RunConfig
+from .packing import member_record, pack_audio, plan_packs
+from .windows import iter_windows, plan_windows
+
+logger = logging.getLogger(__name__)
+
+
+# features travel as fp16: half the bytes of fp32 through the object store and in memory (log-mel values lie in
+# [-1.5, 2.5], where fp16 keeps about 3 decimal digits — finer than the bf16 a CPU model computes in)
+MEL_DTYPE = np.float16
+
+
+@dataclass
+class Windows:
+    """The log-mel windows of one file."""
+
+    starts: list[float]  # seconds from the start of the row's audio
+    frames: list[int]  # real mel frames per window (≤ 3000)
+    mel: bytearray  # window after window, each (n_mels, frames[i]) MEL_DTYPE in C order
+    duration: float  # seconds of audio
+
+
+def mel_windows(blob: bytes | bytearray, frames: Iterable[int], n_mels: int) -> list[np.ndarray]:
+    """The windows of a features blob (see :class:`Windows`), as read-only views."""
+    out, offset = [], 0
+    for n in frames:
+        out.append(np.frombuffer(blob, dtype=MEL_DTYPE, count=n_mels * n, offset=offset).reshape(n_mels, n))
+        offset += n_mels * n * np.dtype(MEL_DTYPE).itemsize
+    return out
+
+
+def featurize_windows(windows: Iterable[tuple[int, np.ndarray]], n_mels: int) -> Windows:
+    """``(start_sample, audio)`` windows → the log-mel of each, computed as the reference computes a window.
+
+    The features are appended to one buffer window by window, so a long file's features are held once (about
+    30 MB per hour of audio), never as a list of windows plus their concatenation.
+    """
+    starts, frames, blob, samples = [], [], bytearray(), 0
+    for begin, audio in windows:
+        n = max(1, len(audio) // HOP_LENGTH)
+        # zero padding to a full window keeps the reference's STFT edges; only the real frames are kept
+        mel = log_mel_spectrogram(audio, n_mels, padding=N_SAMPLES)[:, :n].numpy()
+        blob += np.ascontiguousarray(mel, dtype=MEL_DTYPE).data
+        starts.append(begin / SAMPLE_RATE)
+        frames.append(n)
+        samples = begin + len(audio)
+    return Windows(starts, frames, blob, samples / SAMPLE_RATE)
+
+
+def featurize(audio: np.ndarray, n_mels: int, cfg: AudioConfig) -> Windows:
+    """Audio (T,) at 16 kHz → windows at quiet points → log-mel of each."""
+    cuts = plan_windows(audio, cfg.max_window_seconds, cfg.max_window_seconds - cfg.cut_search_seconds)
+    return featurize_windows(((b, audio[b:e]) for b, e in cuts), n_mels)
+
+
+def load_features(row: dict[str, Any], n_mels: int, cfg: RunConfig) -> Windows | np.ndarray:
+    """Stream one manifest row's audio from storage into windows and features; raises AudioError with the cause.
+
+    Decoding is chunked, so at most one chunk plus one window of audio is held however long the file is. A row
+    short enough to share a window with others (``audio.pack_max_seconds``) comes back as its raw audio instead,
+    for :func:`plan_packs`.
+    """
+    a = cfg.audio
+    duration = row.get("duration")
+    duration = None if duration is None or duration != duration else float(duration)
+    with open_stream(row["uri"], cfg.storage.storage_options) as f:
+        chunks = iter_audio_chunks(
+            f, a.streaming_chunk_seconds, offset=float(row.get("offset") or 0.0), duration=duration, name=row["uri"]
+        )
+        windows = iter_windows(chunks, a.max_window_seconds, a.max_window_seconds - a.cut_search_seconds)
+        head = list(itertools.islice(windows, 2))
+        if len(head) == 1 and len(head[0][1]) <= a.pack_max_seconds * SAMPLE_RATE:
+            return head[0][1]
+        return featurize_windows(itertools.chain(head, windows), n_mels)
+
+
+def decode_pool() -> ThreadPoolExecutor:
+    """The thread a featurizer decodes and computes log-mel in: one torch thread (many small STFTs: one thread per
+    actor scales better than contention), set in that thread only — a model in the same process keeps its own."""
+    return ThreadPoolExecutor(1, thread_name_prefix="decode", initializer=torch.set_num_threads, initargs=(1,))
+
+
+class Featurizer:
+    """CPU stage: manifest rows → work items for the model stage.
+
+    An item is one row with its windows (``mel`` bytes, ``mel_frames``, ``window_starts``), or — for short rows —
+    a *pack*: several rows' audio laid into one 30 s window with silence between them (``members_json`` lists the
+    rows and where each starts), so a 5 s utterance does not cost a whole 30 s window of encoder work.
+    """
+
+    def __init__(self, cfg: RunConfig, n_mels: int = 80):
+        self.cfg, self.n_mels = cfg, n_mels
+        self.pool = decode_pool()
+
+    def featurize_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        items, short = [], []
+        for row in rows:
+            out, audio = self.featurize_row(row)
+            if audio is None:
+                items.append(out)
+            else:
+                short.append((out, audio))
+        a = self.cfg.audio
+        by_shard: dict[Any, list] = {}
+        for out, audio in short:  # packs stay inside a shard, so a shard's text never depends on other shards
+            by_shard.setdefault(out.get("shard_id"), []).append((out, audio))
+        for group in by_shard.values():
+            durations = [len(au) / SAMPLE_RATE for _, au in group]
+            for pack in plan_packs(durations, a.max_window_seconds, a.pack_gap_seconds):
+                items.append(self.pack_item([group[i] for i in pack]))
+        return items
+
+    def pack_item(self, members: list[tuple[dict[str, Any], np.ndarray]]) -> dict[str, Any]:
+        gap = self.cfg.audio.pack_gap_seconds
+        audio, starts = pack_audio([au for _, au in members], gap)
+        w = featurize_windows([(0, audio)], self.n_mels)
+        item = dict(members[0][0], mel=w.mel, mel_frames=w.frames, window_starts=[0.0])
+        if len(members) > 1:
+            item["members_json"] = json.dumps(
+                [dict(member_record(m), window_start=start) for (m, _), start in zip(members, starts)]
+            )
+        return item
+
+    def featurize_row(self, row: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray | None]:
+        """One row → (item without features yet if short, its audio) or (item with features, None)."""
+        out = dict(row, mel=b"", mel_frames=[], window_starts=[], audio_seconds=0.0, error=None, decode_s=0.0)
+        out["members_json"] = None
+        t0 = time.perf_counter()
+        timeout = self.cfg.audio.decode_timeout_seconds
+        future = self.pool.submit(load_features, row, self.n_mels, self.cfg)
+        audio = None
+        try:
+            w = future.result(timeout=timeout)
+        except FutureTimeout:
+            # the stuck decode keeps its thread; later rows get a fresh one
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = decode_pool()
+            out["error"] = f"timeout: fetching and decoding {row.get('uri')} took more than {timeout:g} s"
+        except AudioError as e:
+            out["error"] = str(e)
+        except Exception as e:  # a bad file is a row with its error, never a failed job
+            logger.exception("decoding %s failed", row.get("uri"))
+            out["error"] = f"decode failed: {type(e).__name__}: {e}"
+        else:
+            if isinstance(w, np.ndarray):
+                audio = w
+                out["audio_seconds"] = len(w) / SAMPLE_RATE
+            else:
+                out.update(mel=w.mel, mel_frames=w.frames, window_starts=w.starts, audio_seconds=w.duration)
+        out["decode_s"] = time.perf_counter() - t0
+        return out, audio
