@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -24,6 +25,7 @@ from model.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
 from .audio import AudioError, iter_audio_chunks, open_stream
 from .config import AudioConfig, RunConfig
 from .packing import member_record, pack_audio, plan_packs
+from .sources import audio_source, iter_sample_audio
 from .windows import iter_windows, plan_windows
 
 logger = logging.getLogger(__name__)
@@ -77,8 +79,13 @@ def featurize(audio: np.ndarray, n_mels: int, cfg: AudioConfig) -> Windows:
     return featurize_windows(((b, audio[b:e]) for b, e in cuts), n_mels)
 
 
-def load_features(row: dict[str, Any], n_mels: int, cfg: RunConfig) -> Windows | np.ndarray:
+def load_features(
+    row: dict[str, Any], n_mels: int, cfg: RunConfig, data: bytes | Exception | None = None
+) -> Windows | np.ndarray:
     """Stream one manifest row's audio from storage into windows and features; raises AudioError with the cause.
+
+    ``data`` is the audio of a sample read from its container (tar member, Parquet cell: see
+    :func:`pipeline.sources.iter_sample_audio`), or the error that stopped reading it; None opens ``row["uri"]``.
 
     Decoding is chunked, so at most one chunk plus one window of audio is held however long the file is. A row
     short enough to share a window with others (``audio.pack_max_seconds``) comes back as its raw audio instead,
@@ -87,9 +94,11 @@ def load_features(row: dict[str, Any], n_mels: int, cfg: RunConfig) -> Windows |
     a = cfg.audio
     duration = row.get("duration")
     duration = None if duration is None or duration != duration else float(duration)
-    with open_stream(row["uri"], cfg.storage.storage_options) as f:
+    name = row["uri"] if data is None else row.get("audio_filepath") or row["uri"]
+    source = open_stream(row["uri"], cfg.storage.storage_options) if data is None else nullcontext(audio_source(data))
+    with source as f:
         chunks = iter_audio_chunks(
-            f, a.streaming_chunk_seconds, offset=float(row.get("offset") or 0.0), duration=duration, name=row["uri"]
+            f, a.streaming_chunk_seconds, offset=float(row.get("offset") or 0.0), duration=duration, name=name
         )
         windows = iter_windows(chunks, a.max_window_seconds, a.max_window_seconds - a.cut_search_seconds)
         head = list(itertools.islice(windows, 2))
@@ -118,8 +127,9 @@ class Featurizer:
 
     def featurize_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         items, short = [], []
-        for row in rows:
-            out, audio = self.featurize_row(row)
+        # samples inside tar shards / Parquet files come with their bytes, each container read once
+        for row, data in iter_sample_audio(rows, self.cfg.storage.storage_options):
+            out, audio = self.featurize_row(row, data)
             if audio is None:
                 items.append(out)
             else:
@@ -145,13 +155,17 @@ class Featurizer:
             )
         return item
 
-    def featurize_row(self, row: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray | None]:
-        """One row → (item without features yet if short, its audio) or (item with features, None)."""
+    def featurize_row(
+        self, row: dict[str, Any], data: bytes | Exception | None = None
+    ) -> tuple[dict[str, Any], np.ndarray | None]:
+        """One row → (item without features yet if short, its audio) or (item with features, None).
+
+        ``data``: the row's audio bytes when its container was already read (see :func:`load_features`)."""
         out = dict(row, mel=b"", mel_frames=[], window_starts=[], audio_seconds=0.0, error=None, decode_s=0.0)
         out["members_json"] = None
         t0 = time.perf_counter()
         timeout = self.cfg.audio.decode_timeout_seconds
-        future = self.pool.submit(load_features, row, self.n_mels, self.cfg)
+        future = self.pool.submit(load_features, row, self.n_mels, self.cfg, data)
         audio = None
         try:
             w = future.result(timeout=timeout)

@@ -1,4 +1,5 @@
-"""Streaming manifest readers: JSON lines, CSV, Parquet, or a folder / glob of audio files.
+"""Streaming manifest readers: JSON lines, CSV, Parquet, a folder / glob of audio files, or containers of samples
+(WebDataset tar shards, Parquet files with embedded audio: see ``pipeline.sources``).
 
 Rows are yielded one at a time (Parquet by record batches), so a manifest of any size is never held whole. Each row
 becomes a `ManifestRow` with its row number, id, the audio path as written and as resolved (relative paths resolve
@@ -20,12 +21,26 @@ import fsspec
 
 from pipeline.config import ManifestConfig
 from pipeline.layout import is_local_fs
+from pipeline.sources import (
+    SampleRef,
+    SourceError,
+    audio_column,
+    container_kind,
+    container_paths,
+    full_uri,
+    has_braces,
+    iter_parquet_samples,
+    iter_tar_samples,
+    open_container,
+)
 
 logger = logging.getLogger(__name__)
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
 _LANGUAGE_FIELDS = ("language", "lang")
+# inputs whose samples live inside container files: plan shards follow the containers
+CONTAINER_FORMATS = ("tar", "parquet-audio")
 
 
 class ManifestError(ValueError):
@@ -89,15 +104,32 @@ def default_id(audio_filepath: str, offset: float) -> str:
     return f"{stem}-{digest}"
 
 
-def manifest_format(uri: str, fs: fsspec.AbstractFileSystem, path: str, audio_extensions: tuple[str, ...]) -> str:
-    """One of "jsonl", "csv", "parquet", "audio-glob", "audio-folder", "audio-file"."""
-    if fsspec.core.has_magic(path):
+def manifest_format(
+    uri: str,
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    audio_extensions: tuple[str, ...],
+    audio_field: str = ManifestConfig.audio_field,
+) -> str:
+    """One of "jsonl", "csv", "parquet", "audio-glob", "audio-folder", "audio-file", "tar" (tar shards: one file, a
+    glob or brace pattern) or "parquet-audio" (Parquet files with the audio bytes in a column)."""
+    kind = container_kind(path)
+    pattern = fsspec.core.has_magic(path) or has_braces(path)
+    if kind == "tar":
+        return "tar"
+    if kind == "parquet" and pattern:
+        return "parquet-audio"
+    if pattern:
         return "audio-glob"
     name = path.lower()
     for suffix in _COMPRESSION:
         if name.endswith(suffix) and not name.endswith(".parquet" + suffix):
             name = name[: -len(suffix)]
     ext = posixpath.splitext(name)[1]
+    if ext == ".parquet" and name == path.lower():
+        if not fs.exists(path):
+            raise ManifestError(f"input {uri!r} does not exist")
+        return "parquet-audio" if _parquet_audio_column(fs, path, uri, audio_field) else "parquet"
     if ext in FORMATS:
         return FORMATS[ext]
     if ext in audio_extensions:
@@ -118,7 +150,10 @@ def read_manifest(
     """Streams the rows of the manifest (or audio folder/glob) at `uri` in order."""
     cfg = cfg or ManifestConfig()
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    fmt = manifest_format(uri, fs, path, cfg.audio_extensions)
+    fmt = manifest_format(uri, fs, path, cfg.audio_extensions, cfg.audio_field)
+    if fmt in CONTAINER_FORMATS:
+        yield from _container_rows(uri, fs, path, fmt, cfg)
+        return
     if fmt.startswith("audio-"):
         yield from _audio_rows(uri, fs, path, fmt, cfg)
         return
@@ -237,3 +272,98 @@ def _audio_rows(uri: str, fs: fsspec.AbstractFileSystem, path: str, fmt: str, cf
     for index, p in enumerate(audio):
         full = os.path.abspath(p) if local else fs.unstrip_protocol(p)
         yield ManifestRow(index=index, id=default_id(full, 0.0), audio_filepath=full, uri=full)
+
+
+# --- containers of samples (pipeline.sources) ------------------------------------------------------------------
+
+
+def _parquet_audio_column(fs: fsspec.AbstractFileSystem, path: str, uri: str, audio_field: str) -> str | None:
+    """The embedded-audio column of a Parquet file (reads its footer only), None for a manifest of paths."""
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        schema = pq.ParquetFile(f).schema_arrow
+    return audio_column(schema, audio_field, uri)
+
+
+def _container_rows(
+    uri: str, fs: fsspec.AbstractFileSystem, path: str, fmt: str, cfg: ManifestConfig
+) -> Iterator[ManifestRow]:
+    """Rows of every sample in the input's containers, container after container (sorted), each read once."""
+    index = 0
+    for p in container_paths(uri, fs, path):
+        container = full_uri(fs, p)
+        try:
+            with open_container(fs, p) as f:
+                if fmt == "tar":
+                    rows = _tar_rows(f, container, cfg, index)
+                else:
+                    import pyarrow.parquet as pq
+
+                    column = audio_column(pq.ParquetFile(f).schema_arrow, cfg.audio_field, container)
+                    if column is None:
+                        raise ManifestError(
+                            f"Parquet file {container} has no embedded audio: no binary column "
+                            f"{cfg.audio_field!r} or 'audio' (set manifest.audio_field)"
+                        )
+                    f.seek(0)
+                    rows = _parquet_audio_rows(f, container, column, cfg, index)
+                for row in rows:
+                    yield row
+                    index += 1
+        except FileNotFoundError as e:
+            raise ManifestError(f"input {uri!r}: {container} does not exist") from e
+        except SourceError as e:
+            raise ManifestError(str(e)) from e
+
+
+def _fields_row(index: int, row_id: str, raw: dict[str, Any], ref: SampleRef, display: str, reference: Any,
+                cfg: ManifestConfig, where: str) -> ManifestRow:
+    """A container sample's row: offset/duration/language honoured, the reference from `text`, the rest carried."""
+    raw = dict(raw)
+    offset = _number(raw.pop("offset", None), "offset", where)
+    if offset is not None and offset < 0:
+        raise ManifestError(f"{where}: 'offset' must be >= 0, got {offset}")
+    duration = _number(raw.pop("duration", None), "duration", where)
+    if duration is not None and duration <= 0:
+        raise ManifestError(f"{where}: 'duration' must be > 0, got {duration}")
+    text = raw.pop(cfg.text_field, None)
+    reference = text if text is not None else reference
+    language = None
+    for name in _LANGUAGE_FIELDS:
+        language = language or raw.pop(name, None)
+    return ManifestRow(
+        index=index,
+        id=row_id,
+        audio_filepath=display,
+        uri=ref.to_uri(),
+        offset=offset or 0.0,
+        duration=duration,
+        reference=None if reference is None else str(reference),
+        language=None if language is None else str(language),
+        extra=raw,
+    )
+
+
+def _tar_rows(f, container: str, cfg: ManifestConfig, start: int) -> Iterator[ManifestRow]:
+    for i, sample in enumerate(iter_tar_samples(f, container, cfg.audio_extensions)):
+        if sample.error is None:
+            ref = SampleRef("tar", container, sample.audio[0][1], sample.audio[0][0])
+            display = ref.display
+        else:
+            ref = SampleRef("error", container, 0, sample.error)
+            display = f"tar://{sample.audio[0][0] if sample.audio else sample.key}::{container}"
+        where = f"tar {container} sample {sample.key!r}"
+        yield _fields_row(start + i, sample.key, sample.fields, ref, display, sample.text, cfg, where)
+
+
+def _parquet_audio_rows(f, container: str, column: str, cfg: ManifestConfig, start: int) -> Iterator[ManifestRow]:
+    stem = posixpath.splitext(posixpath.basename(container))[0]
+    for row, raw in iter_parquet_samples(f, column):
+        row_id = raw.pop(cfg.id_field, None)
+        where = f"Parquet file {container} row {row}"
+        if row_id is not None and str(row_id).strip() == "":
+            raise ManifestError(f"{where}: empty {cfg.id_field!r}")
+        ref = SampleRef("parquet", container, row, column)
+        row_id = str(row_id) if row_id is not None else f"{stem}-{row:06d}"
+        yield _fields_row(start + row, row_id, raw, ref, ref.display, None, cfg, where)

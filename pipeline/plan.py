@@ -16,6 +16,7 @@ import os
 import platform
 import socket
 import uuid
+from bisect import bisect_right
 from array import array
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +26,8 @@ import numpy as np
 
 from pipeline.config import ManifestConfig, RunConfig, config_fingerprint_fields, redact_uri, redacted
 from pipeline.layout import RunLayout
-from pipeline.manifest import ManifestError, ManifestRow, manifest_format, read_manifest
+from pipeline.manifest import CONTAINER_FORMATS, ManifestError, ManifestRow, manifest_format, read_manifest
+from pipeline.sources import parse_ref
 from pipeline.sink import collect_stats
 
 logger = logging.getLogger(__name__)
@@ -51,15 +53,26 @@ class Plan:
     extra_types: dict[str, str] = field(default_factory=dict)
     # the ManifestConfig field names used to read the manifest (so later passes read it the same way)
     manifest_fields: dict[str, Any] = field(default_factory=dict)
+    # first row of each shard, for inputs whose shards follow their container files (tar shards, Parquet files
+    # with embedded audio: a shard never spans two files, a file of more than shard_size samples is split into
+    # consecutive shards); None: fixed shards of shard_size rows
+    shard_starts: list[int] | None = None
 
     @property
     def n_shards(self) -> int:
+        if self.shard_starts is not None:
+            return len(self.shard_starts)
         return -(-self.n_rows // self.shard_size)
 
     def shard_of(self, index: int) -> int:
+        if self.shard_starts is not None:
+            return bisect_right(self.shard_starts, index) - 1
         return index // self.shard_size
 
     def shard_rows(self, shard_id: int) -> range:
+        if self.shard_starts is not None:
+            ends = self.shard_starts[1:] + [self.n_rows]
+            return range(self.shard_starts[shard_id], ends[shard_id])
         return range(shard_id * self.shard_size, min((shard_id + 1) * self.shard_size, self.n_rows))
 
     def manifest_config(self) -> ManifestConfig:
@@ -119,7 +132,17 @@ def build_plan(input_uri: str, cfg: RunConfig, storage_options: dict[str, Any] |
     digests = array("Q")  # 8 bytes per row, so a manifest of 10M rows costs 80 MB
     kinds: dict[str, set[str]] = {}
     n_rows = 0
+    fmt = _format_of(input_uri, storage_options, mcfg)
+    starts: list[int] | None = [] if fmt in CONTAINER_FORMATS else None
+    container, in_shard = None, 0
     for row in read_manifest(input_uri, storage_options, mcfg):
+        if starts is not None:  # a new shard at each container and every shard_size samples within one
+            ref = parse_ref(row.uri)
+            here = ref.container if ref is not None else row.uri
+            if here != container or in_shard == mcfg.shard_size:
+                starts.append(n_rows)
+                container, in_shard = here, 0
+            in_shard += 1
         hasher.update(_row_key(row))
         digests.append(int.from_bytes(hashlib.blake2b(row.id.encode(), digest_size=8).digest(), "little"))
         for name, value in row.extra.items():
@@ -133,11 +156,10 @@ def build_plan(input_uri: str, cfg: RunConfig, storage_options: dict[str, Any] |
             f"{', '.join(mcfg.audio_extensions)})"
         )
     _check_duplicates(digests, input_uri, storage_options, mcfg)
-    fmt = _format_of(input_uri, storage_options, mcfg)
     manifest_fields = {k: v for k, v in asdict(mcfg).items() if k != "shard_size"}
     manifest_fields["audio_extensions"] = list(manifest_fields["audio_extensions"])
     extra_types = {name: merge_kinds(seen) for name, seen in kinds.items()}
-    plan = Plan(input_uri, fmt, n_rows, mcfg.shard_size, hasher.hexdigest(), extra_types, manifest_fields)
+    plan = Plan(input_uri, fmt, n_rows, mcfg.shard_size, hasher.hexdigest(), extra_types, manifest_fields, starts)
     logger.info("plan: %d rows in %d shards of %d", n_rows, plan.n_shards, plan.shard_size)
     return plan
 
@@ -146,7 +168,7 @@ def _format_of(input_uri: str, storage_options: dict[str, Any] | None, mcfg: Man
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(input_uri, **(storage_options or {}))
-    return manifest_format(input_uri, fs, path, mcfg.audio_extensions)
+    return manifest_format(input_uri, fs, path, mcfg.audio_extensions, mcfg.audio_field)
 
 
 def _check_duplicates(digests: array, input_uri: str, storage_options: dict | None, mcfg: ManifestConfig) -> None:
@@ -156,14 +178,22 @@ def _check_duplicates(digests: array, input_uri: str, storage_options: dict | No
         return
     # rare error path: a second pass names the duplicated ids and their rows
     rows_by_id: dict[str, list[int]] = {}
+    files_by_id: dict[str, list[str]] = {}  # for tar / Parquet inputs: the container files holding each id
     for row in read_manifest(input_uri, storage_options, mcfg):
         digest = int.from_bytes(hashlib.blake2b(row.id.encode(), digest_size=8).digest(), "little")
         if digest in repeated:
             rows_by_id.setdefault(row.id, []).append(row.index)
+            if (ref := parse_ref(row.uri)) is not None:
+                files_by_id.setdefault(row.id, []).append(ref.container)
     dups = {k: v for k, v in rows_by_id.items() if len(v) > 1}
     if not dups:
         return  # 64-bit digest collision between distinct ids
-    shown = "; ".join(f"{k!r} (rows {', '.join(map(str, v[:3]))})" for k, v in list(dups.items())[:5])
+    shown = "; ".join(
+        f"{k!r} (rows {', '.join(map(str, v[:3]))}"
+        + (f" in {', '.join(redact_uri(c) for c in files_by_id[k][:3])}" if k in files_by_id else "")
+        + ")"
+        for k, v in list(dups.items())[:5]
+    )
     raise ManifestError(
         f"manifest {redact_uri(input_uri)!r} has {len(dups)} duplicated id(s): {shown}"
         f"{' ...' if len(dups) > 5 else ''}; ids must be unique (drop the id field to derive ids from path + offset)"
