@@ -93,7 +93,7 @@ def run(input_uri, output, config, overrides, model_spec, retry_failed, progress
     from jobs.run import run as run_job
     from jobs.status import format_status, run_status
     from jobs.lock import LockHeld
-    from pipeline.graph import Stalled
+    from pipeline.graph import Incomplete, Stalled
     from pipeline.manifest import ManifestError
     from pipeline.plan import PlanMismatch
 
@@ -104,7 +104,7 @@ def run(input_uri, output, config, overrides, model_spec, retry_failed, progress
                 click.echo(f"Ray's log: {screen.log_path} (-v shows it here)")
             summary = run_job(input_uri, output, cfg, retry_failed=retry_failed, echo=click.echo, screen=screen,
                               progress_interval=progress_interval)
-    except Stalled as e:
+    except (Stalled, Incomplete) as e:
         mute_console_logs()  # Ray tears the stalled graph down at exit: its tracebacks would bury the message
         raise click.ClickException(str(e)) from None
     except (PlanMismatch, ManifestError, LockHeld, FileNotFoundError, ValueError) as e:

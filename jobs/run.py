@@ -164,7 +164,7 @@ def stage_inputs(
     """
     import pyarrow as pa
 
-    from pipeline.graph import RECORD_SCHEMA
+    from pipeline.schema import RECORD_SCHEMA
     from pipeline.sink import table_to_parquet_bytes
 
     retry = set(only_rows) if only_rows is not None else None

@@ -22,50 +22,10 @@ import ray
 
 from .config import RunConfig
 from .layout import RunLayout
-from .schema import SEGMENT_TYPE
-from .sink import write_shard
+from .schema import RECORD_SCHEMA, features_table, transcripts_table
+from .sink import commit_shard_table
 
 log = logging.getLogger(__name__)
-
-RECORD_FIELDS = [
-    ("shard_id", pa.int32()),
-    ("row_index", pa.int64()),
-    ("id", pa.string()),
-    ("audio_filepath", pa.string()),
-    ("uri", pa.string()),
-    ("offset", pa.float64()),
-    ("duration", pa.float64()),
-    ("reference", pa.string()),
-    ("language", pa.string()),
-    ("extra_json", pa.string()),
-]
-RECORD_SCHEMA = pa.schema(RECORD_FIELDS)
-FEATURE_SCHEMA = pa.schema(
-    RECORD_FIELDS
-    + [
-        ("mel", pa.large_binary()),
-        ("mel_frames", pa.list_(pa.int64())),
-        ("window_starts", pa.list_(pa.float64())),
-        ("audio_seconds", pa.float64()),
-        ("error", pa.string()),
-        ("decode_s", pa.float64()),
-        ("members_json", pa.string()),
-    ]
-)
-TRANSCRIPT_SCHEMA = pa.schema(
-    [f for f in RECORD_FIELDS if f[0] != "language"]
-    + [
-        ("text", pa.string()),
-        ("segments", pa.list_(SEGMENT_TYPE)),
-        ("language", pa.string()),
-        ("error", pa.string()),
-        ("model", pa.string()),
-        ("window_temperatures", pa.list_(pa.float64())),
-        ("decode_s", pa.float64()),
-        ("model_s", pa.float64()),
-    ]
-)
-
 
 class ArrowFeaturizer:
     """Ray Data callable around :class:`~pipeline.features.Featurizer` with a fixed output schema."""
@@ -78,7 +38,7 @@ class ArrowFeaturizer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = self.inner.featurize_rows(batch.to_pylist())
-        return pa.Table.from_pylist(balance_order(items, self.rows_per_call), schema=FEATURE_SCHEMA)
+        return features_table(balance_order(items, self.rows_per_call))
 
 
 def balance_order(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
@@ -110,7 +70,7 @@ class ArrowTranscriber:
         rows = self.inner.transcribe_rows(batch.to_pylist())
         for r in rows:
             r["duration"] = r.get("duration") or 0.0
-        return pa.Table.from_pylist(rows, schema=TRANSCRIPT_SCHEMA)
+        return transcripts_table(rows)
 
 
 def read_inputs(batch: pa.Table, layout: RunLayout) -> pa.Table:
@@ -127,7 +87,7 @@ def write_parts(batch: pa.Table, layout: RunLayout, staging: str, extra_types: d
     """Write the batch's rows as one part file per shard; return one small record per part."""
     import uuid
 
-    from .schema import rows_to_table
+    from .schema import output_table
     from .sink import table_to_parquet_bytes
 
     rows = batch.to_pylist()
@@ -137,7 +97,7 @@ def write_parts(batch: pa.Table, layout: RunLayout, staging: str, extra_types: d
     out = {"shard_id": [], "path": [], "row_indices": [], "decode_s": [], "windows": [], "window_fallbacks": []}
     for shard_id, shard_rows in sorted(by_shard.items()):
         path = f"{staging}/parts/{shard_id:05d}/{uuid.uuid4().hex}.parquet"
-        table = rows_to_table(shard_rows, extra_types)
+        table = output_table(shard_rows, extra_types)
         layout.write_bytes(path, table_to_parquet_bytes(table))
         temps = [t for r in shard_rows for t in (r.get("window_temperatures") or [])]
         out["shard_id"].append(shard_id)
@@ -157,19 +117,18 @@ def commit_shard(
     stats: dict[str, Any],
     replace_failed: bool,
 ) -> dict[str, Any]:
-    """Merge a shard's part files (a row written twice by a retried task is kept once) and commit the shard."""
+    """Merge a shard's part files (a row written twice by a retried task is kept once) and commit the shard.
+
+    The parts are output tables already: they are concatenated and de-duplicated, never converted again."""
     import io
 
     import pyarrow.parquet as pq
 
-    seen, rows = set(), []
-    for path in parts:
-        for r in pq.read_table(io.BytesIO(layout.read_bytes(path))).to_pylist():
-            if r["row_index"] not in seen:
-                seen.add(r["row_index"])
-                rows.append(r)
-    model = next((r["model"] for r in rows if r.get("model")), None)
-    record = write_shard(layout, shard_id, rows, extra_types, model, stats, replace_failed)
+    from .schema import merge_output
+
+    table = merge_output([pq.read_table(io.BytesIO(layout.read_bytes(p))) for p in parts], extra_types)
+    model = next((m for m in table.column("model").to_pylist() if m), None)
+    record = commit_shard_table(layout, shard_id, table, extra_types, model, stats, replace_failed)
     for path in parts:  # the shard is committed: its parts are garbage now
         try:
             layout.fs.rm(path)
@@ -349,11 +308,21 @@ def run_graph(
             collect(block=False)
     while pending:
         collect(block=True)
+    if missing := sorted(set(expected) - committed):
+        raise Incomplete(
+            f"the graph ended with {len(missing)} shard(s) not committed (e.g. shard {missing[0]}: "
+            f"{len(written.get(missing[0], ()))} of {expected[missing[0]]} rows written). Committed shards are "
+            f"kept; rerun the same command to do the rest."
+        )
     return records
 
 
 class Stalled(RuntimeError):
     """The graph made no progress for longer than ``ray.stall_timeout_seconds``."""
+
+
+class Incomplete(RuntimeError):
+    """The graph ended without every shard it was given committed."""
 
 
 def _stream(ds: "ray.data.Dataset", poll: float = 2.0):

@@ -1,7 +1,20 @@
-"""The output row schema: fixed columns, then one column per extra manifest field with the plan's Arrow type.
+"""The row, from manifest to committed shard: every stage's schema and the conversions between them live here.
 
-Every shard file of a run has exactly this schema (the extra-field types are inferred once, at plan time), so the
-shards of a run concatenate without promotion.
+A row goes through four forms:
+
+- **record** (``RECORD_SCHEMA``): a manifest row as planned — where its audio is, its id, and the manifest's other
+  fields kept verbatim as one JSON string, ``extra_json``, so no field name of the user's can collide with ours;
+- **features** (``FEATURE_SCHEMA``): the record plus its log-mel windows (the feature stage's output);
+- **transcript** (``TRANSCRIPT_SCHEMA``): the record plus text and segments (the model stage's output);
+- **output** (:func:`output_schema`): the committed columns — the fixed ones, then one column per extra manifest
+  field with the plan's Arrow type. :func:`output_table` is the one conversion into it (from records or
+  transcripts); part files are written in it, and a commit only concatenates, de-duplicates and sorts output tables
+  (:func:`merge_output`), never converts them again.
+
+An extra field whose name is a fixed column's, or starts with ``extra_``, becomes the column ``extra_<name>``
+(``model`` → ``extra_model``, ``extra_note`` → ``extra_extra_note``); every other field keeps its name. Every shard
+file of a run has exactly the output schema (the extra-field types are inferred once, at plan time), so the shards
+of a run concatenate without promotion.
 """
 
 from __future__ import annotations
@@ -58,6 +71,65 @@ BASE_NAMES = frozenset(f.name for f in BASE_FIELDS)
 # the causes an `error` value may start with
 ERROR_CAUSES = ("not found", "empty", "no audio stream", "decode failed", "timeout", "model failed")
 EXTRA_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
+
+
+# --- the forms before the output -----------------------------------------------------------------------------------
+
+RECORD_SCHEMA = pa.schema(
+    [
+        ("shard_id", pa.int32()),
+        ("row_index", pa.int64()),
+        ("id", pa.string()),
+        ("audio_filepath", pa.string()),
+        ("uri", pa.string()),
+        ("offset", pa.float64()),
+        ("duration", pa.float64()),
+        ("reference", pa.string()),
+        ("language", pa.string()),
+        # the manifest's other fields, verbatim, as a JSON object
+        ("extra_json", pa.string()),
+    ]
+)
+FEATURE_SCHEMA = pa.schema(
+    list(RECORD_SCHEMA)
+    + [
+        ("mel", pa.large_binary()),
+        ("mel_frames", pa.list_(pa.int64())),
+        ("window_starts", pa.list_(pa.float64())),
+        ("audio_seconds", pa.float64()),
+        ("error", pa.string()),
+        ("decode_s", pa.float64()),
+        ("members_json", pa.string()),
+    ]
+)
+TRANSCRIPT_SCHEMA = pa.schema(
+    [f for f in RECORD_SCHEMA if f.name != "language"]
+    + [
+        ("text", pa.string()),
+        ("segments", pa.list_(SEGMENT_TYPE)),
+        ("language", pa.string()),
+        ("error", pa.string()),
+        ("model", pa.string()),
+        ("window_temperatures", pa.list_(pa.float64())),
+        ("decode_s", pa.float64()),
+        ("model_s", pa.float64()),
+    ]
+)
+
+
+def records_table(records: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+
+def features_table(items: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(items, schema=FEATURE_SCHEMA)
+
+
+def transcripts_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=TRANSCRIPT_SCHEMA)
+
+
+# --- the output -----------------------------------------------------------------------------------------------------
 
 
 def extra_column_name(field_name: str) -> str:
@@ -125,11 +197,12 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def rows_to_table(rows: Iterable[dict[str, Any]], extra_types: dict[str, str], model_name: str | None = None) -> pa.Table:
-    """Builds the output table from row dicts.
+def output_table(rows: Iterable[dict[str, Any]], extra_types: dict[str, str], model_name: str | None = None) -> pa.Table:
+    """Records or transcripts → the output table: the one conversion into the output form.
 
-    A row holds the fixed columns by name (missing ones are null; `model` falls back to `model_name`) and its extra
-    fields either as `extra_json` (the manifest record's JSON string) or directly by field name.
+    A row holds the fixed columns by name (missing ones are null; `model` falls back to `model_name`) and the
+    manifest's other fields only in `extra_json` — never by name, so a manifest field called `model` or `error`
+    cannot be mistaken for ours. Keys that are not output columns (`uri`, timings, ...) are dropped.
     """
     schema = output_schema(extra_types)
     columns: dict[str, list] = {f.name: [] for f in schema}
@@ -139,7 +212,23 @@ def rows_to_table(rows: Iterable[dict[str, Any]], extra_types: dict[str, str], m
             columns[name].append(_segments(value) if name == "segments" else _clean(value))
         if columns["model"][-1] is None:
             columns["model"][-1] = model_name
-        extras = json.loads(row["extra_json"] or "{}") if "extra_json" in row else row
+        extras = json.loads(row.get("extra_json") or "{}")
         for name, kind in extra_types.items():
             columns[extra_column_name(name)].append(extra_value(_clean(extras.get(name)), kind))
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+def merge_output(tables: list[pa.Table], extra_types: dict[str, str]) -> pa.Table:
+    """Output tables → one, sorted by `row_index`; a row index given more than once keeps its last version (a part
+    re-written by a retried task, or a committed row replaced by --retry-failed).
+
+    The tables are already in the output form: rows are selected, never converted.
+    """
+    schema = output_schema(extra_types)
+    tables = [t.select(schema.names).cast(schema) for t in tables if t.num_rows]
+    if not tables:
+        return schema.empty_table()
+    table = pa.concat_tables(tables)
+    last = {i: k for k, i in enumerate(table.column("row_index").to_pylist())}
+    keep = sorted(last.items())
+    return table.take(pa.array([k for _, k in keep], pa.int64()))

@@ -7,7 +7,6 @@ file, is the commit: readers (`iter_committed`, status, evaluate, export) trust 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from datetime import datetime, timezone
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.layout import RunLayout
-from pipeline.schema import error_cause, extra_column_name, output_schema, rows_to_table
+from pipeline.schema import error_cause, merge_output, output_schema, output_table
 
 logger = logging.getLogger(__name__)
 
@@ -37,26 +36,41 @@ def write_shard(
     stats: dict[str, Any] | None = None,
     replace_failed: bool = False,
 ) -> dict[str, Any]:
+    """Commits one shard from records or transcripts (see `schema.output_table`); `shard_id` defaults to this
+    shard. See :func:`commit_shard_table`."""
+    rows = [{**r, "shard_id": r.get("shard_id", shard_id)} for r in rows]
+    _check_rows(shard_id, rows)
+    table = output_table(rows, extra_types, model_name)
+    return commit_shard_table(layout, shard_id, table, extra_types, model_name, stats, replace_failed)
+
+
+def commit_shard_table(
+    layout: RunLayout,
+    shard_id: int,
+    table: pa.Table,
+    extra_types: dict[str, str],
+    model_name: str | None,
+    stats: dict[str, Any] | None = None,
+    replace_failed: bool = False,
+) -> dict[str, Any]:
     """Commits one shard: writes transcripts/shard-NNNNN.parquet atomically, then shards/NNNNN.json.
 
     Args:
-        rows: output row dicts (see `schema.rows_to_table`); `shard_id` defaults to this shard.
+        table: the shard's rows, already in the output form (each row index once).
         stats: timing etc. from the workers (e.g. decode_seconds, model_seconds), copied into the record.
         replace_failed: merge into the committed file instead: rows with the same `row_index` are replaced by
-            `rows`, the others kept, and the whole file rewritten (still one atomic write).
+            `table`'s, the others kept, and the whole file rewritten (still one atomic write).
 
     Returns:
         The completion record.
     """
-    rows = [{**r, "shard_id": r.get("shard_id", shard_id)} for r in rows]
     previous = None
+    tables = [table]
     if replace_failed and layout.exists(layout.shard_file(shard_id)):
-        rows = _merge_rows(_read_rows(layout, shard_id, extra_types), rows)
+        tables.insert(0, read_shard(layout, shard_id))
         if layout.exists(layout.record_file(shard_id)):
             previous = layout.read_json(layout.record_file(shard_id))
-    rows.sort(key=lambda r: int(r["row_index"]))
-    _check_rows(shard_id, rows)
-    table = rows_to_table(rows, extra_types, model_name)
+    table = merge_output(tables, extra_types)
     layout.write_bytes(layout.shard_file(shard_id), table_to_parquet_bytes(table))
     record = completion_record(layout, shard_id, table, model_name, stats, previous)
     layout.write_json(layout.record_file(shard_id), record)
@@ -67,24 +81,9 @@ def write_shard(
 def _check_rows(shard_id: int, rows: list[dict[str, Any]]) -> None:
     if bad := [r["row_index"] for r in rows if int(r["shard_id"]) != shard_id]:
         raise ValueError(f"rows {bad[:5]} belong to another shard than {shard_id}")
-    indices = [int(r["row_index"]) for r in rows]
+    indices = sorted(int(r["row_index"]) for r in rows)
     if dups := sorted({i for i, j in zip(indices, indices[1:]) if i == j}):
         raise ValueError(f"shard {shard_id}: row_index {dups[:5]} given more than once")
-
-
-def _read_rows(layout: RunLayout, shard_id: int, extra_types: dict[str, str]) -> list[dict[str, Any]]:
-    """The committed rows of a shard, with extra columns folded back into `extra_json`."""
-    rows = read_shard(layout, shard_id).to_pylist()
-    for row in rows:
-        extras = {name: row.pop(extra_column_name(name), None) for name in extra_types}
-        row["extra_json"] = json.dumps(extras, ensure_ascii=False)
-    return rows
-
-
-def _merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_index = {int(r["row_index"]): r for r in old}
-    by_index.update({int(r["row_index"]): r for r in new})
-    return list(by_index.values())
 
 
 def completion_record(

@@ -18,7 +18,7 @@ from model.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pa
 from model.transcribe import TranscribeOptions, transcribe_windows
 from pipeline.audio import decode_audio
 from pipeline.config import load_config
-from pipeline.schema import rows_to_table
+from pipeline.schema import output_table
 
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
@@ -148,7 +148,7 @@ def test_pipeline_rows_carry_absolute_word_times(eval_dir, ours):
     if [w["word"] for w in packed] == [w.word for w in alone]:
         diffs = [abs(p["start"] - a.start) for p, a in zip(packed, alone)]
         assert np.median(diffs) <= 0.1, diffs
-    table = rows_to_table([{**r, "id": str(i), "shard_id": 0} for i, r in enumerate(rows)], {})
+    table = output_table([{**r, "id": str(i), "shard_id": 0} for i, r in enumerate(rows)], {})
     assert table.column("segments").to_pylist()[1][0]["words"][0]["word"].strip() == "And"
     srt = to_srt(rows[1], words=True)
     assert srt.startswith("1\n00:00:00,") and "\nfellow\n" in srt

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.layout import RunLayout
-from pipeline.schema import output_schema, rows_to_table
+from pipeline.schema import output_schema, output_table
 from pipeline.sink import collect_stats, failed_rows, iter_committed, read_committed, write_shard
 
 EXTRA = {"speaker": "string", "age": "int64"}
@@ -126,14 +126,14 @@ def test_rows_from_ray_batches():
     row = make_rows(0, [0])[0]
     row.update(row_index=np.int64(0), duration=float("nan"), offset=np.float32(1.5),
                segments=np.array(row["segments"], dtype=object))
-    table = rows_to_table([row], EXTRA, "m")
+    table = output_table([row], EXTRA, "m")
     assert table.column("duration").to_pylist() == [None] and table.column("offset").to_pylist() == [1.5]
     assert table.column("segments").to_pylist()[0][0]["text"] == "text 0"
 
 
 def test_extra_column_clash_is_prefixed():
     row = make_rows(0, [0], model="from-manifest")[0]
-    table = rows_to_table([row], {"model": "string"}, "tiny.en")
+    table = output_table([row], {"model": "string"}, "tiny.en")
     assert table.column("model").to_pylist() == ["tiny.en"]
     assert table.column("extra_model").to_pylist() == ["from-manifest"]
 

@@ -29,7 +29,7 @@ from model.timing import (
     tidy_words,
 )
 from model.transcribe import Segment, TranscribeOptions, WindowResult, transcribe_windows
-from pipeline.schema import rows_to_table
+from pipeline.schema import output_table
 from pipeline.packing import member_share
 from pipeline.transcriber import stitch
 
@@ -306,7 +306,7 @@ def test_schema_holds_words_or_null():
     timed = stitch([timed_result()], [0.0])
     plain = {**timed, "segments": [{**s, "words": None} for s in timed["segments"]]}
     rows = [{"id": i, "shard_id": 0, "row_index": i, **r} for i, r in enumerate([timed, plain])]
-    table = rows_to_table([{**r, "id": str(r["id"])} for r in rows], {})
+    table = output_table([{**r, "id": str(r["id"])} for r in rows], {})
     segs = table.column("segments").to_pylist()
     assert segs[0][0]["words"][1] == {"word": " there.", "start": 0.9, "end": 1.6, "probability": 0.8}
     assert segs[1][0]["words"] is None
