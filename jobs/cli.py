@@ -146,6 +146,30 @@ def eval_(output, as_json, config, overrides) -> None:
 
 @main.command()
 @click.argument("output")
+@click.option("-o", "--out", "target", default=None, help="Where to write the page (a path or URI; default: OUTPUT/report.html).")
+@click.option("--by", "by", multiple=True, metavar="FIELD", help="Also group by this manifest field (repeatable), e.g. --by dataset.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config (storage options).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def report(output, target, by, config, overrides) -> None:
+    """One self-contained HTML page about OUTPUT's committed rows: languages, failures, confidence signals and what
+    filters would drop, WER, fallbacks, throughput (plots inline; the page loads nothing from the network)."""
+    from jobs.report import ReportError, write_report
+
+    layout = _layout(output, config, overrides)
+    target = target or f"{output.rstrip('/')}/report.html"
+    try:
+        data = write_report(layout, target, by, layout.storage_options)
+    except ReportError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {target}: {scrub(str(e))}") from None
+    agg = data["agg"]
+    state = "complete" if data["complete"] else f"in progress: {data['shards_done']}/{data['shards_total']} shards committed"
+    click.echo(f"wrote {target}: {agg.rows} rows, {agg.failed} failed ({state})")
+
+
+@main.command()
+@click.argument("output")
 @click.option("--format", "fmt", type=click.Choice(["srt", "vtt", "txt", "jsonl"]), required=True)
 @click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False), help="Local folder to write into.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config (storage options).")

@@ -6,6 +6,7 @@ the workers, which write the shard files themselves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from pipeline.sink import failed_rows
 from pipeline.storage import preflight
 
 from .lock import RunLock
+from .progress import DEFAULT_INTERVAL, Counts, Progress, Screen
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,7 @@ def init_ray(cfg: RunConfig) -> None:
     else:
         # a local Ray: this machine's cores; the dashboard is not needed for a batch job
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    # Ray Data's operator bars: on (Ray's default) unless jobs.progress.quiet_screen turned them off
 
 
 def run(
@@ -66,8 +67,14 @@ def run(
     cfg: RunConfig,
     retry_failed: bool = False,
     echo: Callable[[str], None] = print,
+    screen: Screen | None = None,
+    progress_interval: float = DEFAULT_INTERVAL,
 ) -> RunSummary:
-    """Transcribe ``input_uri`` into ``output_uri``, skipping shards already committed there."""
+    """Transcribe ``input_uri`` into ``output_uri``, skipping shards already committed there.
+
+    With a ``screen`` (see ``jobs.progress.quiet_screen``) the graph's progress is drawn there, as a bar or as a
+    line every ``progress_interval`` seconds; without one, ``echo`` gets a line per committed shard.
+    """
     cfg = preflight(input_uri, output_uri, cfg)  # raises StorageError (a ValueError) before any work
     so = cfg.storage.storage_options
     layout = RunLayout(output_uri, so)
@@ -79,12 +86,13 @@ def run(
     lock.acquire()
     try:
         state = check_resume(layout, plan, cfg, name)  # raises PlanMismatch before any work
-        return _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed, echo)
+        display = (screen, progress_interval)
+        return _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed, echo, display)
     finally:
         lock.release()
 
 
-def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed, echo) -> RunSummary:
+def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed, echo, display=(None, 0)) -> RunSummary:
     invocation = start_run(layout, plan, cfg, name)
     only_rows = None
     pending = list(state.pending)
@@ -99,11 +107,15 @@ def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed,
     )
     totals = {"shards": 0, "rows": 0, "errors": 0}
     status, t0 = "ok", time.time()
+    progress: Progress | None = None
 
     def on_commit(rec: dict[str, Any]) -> None:
         totals["shards"] += 1
         totals["rows"] += rec["rows"]
         totals["errors"] += rec["errors"]
+        if progress is not None:
+            progress.on_commit(rec)
+            return
         echo(
             f"  committed shard {rec['shard_id']} ({rec['rows']} rows, {rec['errors']} failed) — "
             f"{totals['shards']}/{len(pending)} shards, {time.time() - t0:.0f}s"
@@ -117,10 +129,12 @@ def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed,
                 init_ray(cfg)
                 from pipeline.graph import run_graph
 
-                run_graph(
-                    files, expected, cfg, layout, staging, plan.extra_types, n_mels,
-                    replace_failed=retry_failed, on_commit=on_commit,
-                )
+                progress = _progress(display, plan, state, expected)
+                with progress or contextlib.nullcontext():
+                    run_graph(
+                        files, expected, cfg, layout, staging, plan.extra_types, n_mels,
+                        replace_failed=retry_failed, on_commit=on_commit, on_part=progress and progress.on_part,
+                    )
         remove_staging(layout, invocation["id"])
     except BaseException:
         status = "failed"
@@ -130,6 +144,19 @@ def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed,
     return RunSummary(
         layout.display_uri, plan.n_shards, len(state.done), totals["shards"], totals["rows"], totals["errors"], stats
     )
+
+
+def _progress(display: tuple[Screen | None, float], plan, state, expected: dict[int, int]) -> Progress | None:
+    """The progress display of this invocation's graph, or None without a screen."""
+    screen, interval = display
+    if screen is None:
+        return None
+    rows = sum(expected.values())
+    counts = Counts(
+        rows_total=rows, run_rows_total=plan.n_rows, run_rows_before=max(0, plan.n_rows - rows),
+        shards_total=len(expected), run_shards_total=plan.n_shards, run_shards_before=len(state.done),
+    )
+    return Progress(counts, screen, interval)
 
 
 def remove_staging(layout: RunLayout, invocation_id: str) -> None:

@@ -87,14 +87,15 @@ def write_parts(batch: pa.Table, layout: RunLayout, staging: str, extra_types: d
     """Write the batch's rows as one part file per shard; return one small record per part."""
     import uuid
 
-    from .schema import output_table
+    from .schema import error_cause, output_table
     from .sink import table_to_parquet_bytes
 
     rows = batch.to_pylist()
     by_shard: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         by_shard.setdefault(int(r["shard_id"]), []).append(r)
-    out = {"shard_id": [], "path": [], "row_indices": [], "decode_s": [], "windows": [], "window_fallbacks": []}
+    out = {"shard_id": [], "path": [], "row_indices": [], "decode_s": [], "windows": [], "window_fallbacks": [],
+           "audio_seconds": [], "error_causes": []}
     for shard_id, shard_rows in sorted(by_shard.items()):
         path = f"{staging}/parts/{shard_id:05d}/{uuid.uuid4().hex}.parquet"
         table = output_table(shard_rows, extra_types)
@@ -106,6 +107,9 @@ def write_parts(batch: pa.Table, layout: RunLayout, staging: str, extra_types: d
         out["decode_s"].append(sum(r.get("decode_s") or 0.0 for r in shard_rows))
         out["windows"].append(len(temps))
         out["window_fallbacks"].append(sum(t > 0 for t in temps))
+        # for the driver's progress display: the part's audio and the cause of each failed row
+        out["audio_seconds"].append(float(sum(r.get("duration") or 0.0 for r in shard_rows)))
+        out["error_causes"].append([error_cause(r["error"]) for r in shard_rows if r.get("error")])
     return pa.table(out)
 
 
@@ -254,11 +258,13 @@ def run_graph(
     n_mels: int,
     replace_failed: bool = False,
     on_commit=None,
+    on_part=None,
 ) -> list[dict[str, Any]]:
     """Run the graph over ``input_files``; commit each shard once its ``expected`` number of rows is written.
 
-    Returns the completion records; ``on_commit(record)`` is called as each shard commits. The driver only holds
-    the row indices of shards in flight, so its memory does not grow with the corpus.
+    Returns the completion records; ``on_commit(record)`` is called as each shard commits, and
+    ``on_part(part, new_rows)`` as each part record arrives (``new_rows``: its rows not seen before). The driver only
+    holds the row indices of shards in flight, so its memory does not grow with the corpus.
     """
     commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
     written: dict[int, set[int]] = {}
@@ -295,7 +301,10 @@ def run_graph(
         shard = int(part["shard_id"])
         if shard in committed:  # a part re-sent by a retried task after its shard committed
             continue
-        written.setdefault(shard, set()).update(part["row_indices"])
+        before = len(written.setdefault(shard, set()))
+        written[shard].update(part["row_indices"])
+        if on_part:  # the progress display: rows, audio and failures as they are written
+            on_part(part, len(written[shard]) - before)
         parts.setdefault(shard, []).append(part["path"])
         acc = stats.setdefault(shard, {})
         for key, name in (("decode_s", "decode_seconds"), ("windows", "windows"), ("window_fallbacks", "window_fallbacks")):
