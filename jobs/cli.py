@@ -8,8 +8,9 @@ import sys
 
 import click
 
-from jobs.logs import configure_logging, mute_console_logs, register_secrets, scrub
+from jobs.logs import configure_logging, mute_console_logs
 from pipeline.config import ConfigError, load_config
+from pipeline.secrets import register as register_secrets, scrub
 
 
 def _load(config: str | None, overrides: tuple[str, ...], model: str | None = None):

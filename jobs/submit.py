@@ -27,8 +27,9 @@ from typing import Any, Callable
 import click
 import yaml
 
-from pipeline.config import RunConfig, config_to_dict, load_config, redact_uri
-from pipeline.storage import credential_option_names, is_remote, resolve_storage_options, without_credentials
+from pipeline.config import RunConfig, config_to_dict, load_config
+from pipeline.secrets import redact_uri, secret_option_names, without_secrets
+from pipeline.storage import is_remote, resolve_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ def job_config(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
     """The config a job runs with (joins its cluster, no credentials) and the names of the options left out."""
     d = config_to_dict(cfg)
     options = d["storage"]["storage_options"]
-    dropped = credential_option_names(options)
-    d["storage"]["storage_options"] = without_credentials(options)
+    dropped = secret_option_names(options)
+    d["storage"]["storage_options"] = without_secrets(options)
     d["ray"]["address"] = "auto"  # the driver runs on the cluster: join it, never start a Ray of its own
     return d, dropped
 
@@ -257,7 +258,7 @@ def resume_source(client, output_uri: str, overrides: tuple[str, ...]) -> tuple[
     else:
         from pipeline.layout import RunLayout
 
-        reader = _config_from_dict({}, overrides)
+        reader = load_config({}, list(overrides))
         layout = RunLayout(output_uri, resolve_storage_options(reader.storage.storage_options))
         if not layout.exists(layout.run_json):
             raise JobError(
@@ -266,21 +267,12 @@ def resume_source(client, output_uri: str, overrides: tuple[str, ...]) -> tuple[
         run = layout.read_json(layout.run_json)
         base, input_uri, previous = run["config"], run["input_uri"], None
         base["storage"]["storage_options"] = _drop_masked(base["storage"]["storage_options"])
-    return input_uri, _config_from_dict(base, overrides), previous
+    return input_uri, load_config(base, list(overrides)), previous
 
 
 def _drop_masked(options: dict[str, Any]) -> dict[str, Any]:
     """run.json stores credentials as "***": drop those entries."""
     return {k: _drop_masked(v) if isinstance(v, dict) else v for k, v in options.items() if v != "***"}
-
-
-def _config_from_dict(base: dict[str, Any], overrides: tuple[str, ...]) -> RunConfig:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(base, f)
-    try:
-        return load_config(f.name, list(overrides))
-    finally:
-        os.unlink(f.name)
 
 
 def resume_run(

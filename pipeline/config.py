@@ -7,15 +7,18 @@ bad types are errors that name the key, so a typo never silently falls back to a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 import yaml
+
+from .secrets import redact_options, redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -173,10 +176,16 @@ _RESULT_KEYS = (
 _NO_RESULT_KEYS = ("model.device", "model.batch_size", "model.timeout_seconds")
 
 
-def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults, then the YAML file at `path` (if any), then `section.key=value` overrides."""
+def load_config(
+    source: str | Mapping[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """Defaults, then ``source`` (the path of a YAML file, or a mapping of sections), then `section.key=value`
+    overrides."""
     raw = config_to_dict(RunConfig())
-    if path is not None:
+    if isinstance(source, Mapping):
+        _merge(raw, copy.deepcopy(dict(source)), where="the given config")
+    elif source is not None:
+        path = source
         try:
             with open(path, encoding="utf-8") as f:
                 loaded = yaml.safe_load(f) or {}
@@ -330,32 +339,10 @@ def config_fingerprint_fields(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-_SECRET_WORDS = ("secret", "key", "token", "password", "passwd", "credential", "auth", "signature")
-
-
-def _is_secret(name: str) -> bool:
-    return any(word in name.lower() for word in _SECRET_WORDS)
-
-
-def redact_uri(uri: str) -> str:
-    """Masks a password in `scheme://user:password@host/...`."""
-    return re.sub(r"(?<=://)([^/@:]*):[^/@]*@", r"\1:***@", uri)
-
-
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: "***" if _is_secret(str(k)) and v is not None else _redact_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_redact_value(v) for v in value]
-    if isinstance(value, str):
-        return redact_uri(value)
-    return value
-
-
 def redacted(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """`config_to_dict(cfg)` with secrets in storage options (keys, tokens, passwords in URLs) masked as "***"."""
     out = config_to_dict(cfg)
-    out["storage"]["storage_options"] = _redact_value(out["storage"]["storage_options"])
+    out["storage"]["storage_options"] = redact_options(out["storage"]["storage_options"])
     if out["ray"]["address"]:
         out["ray"]["address"] = redact_uri(out["ray"]["address"])
     return out

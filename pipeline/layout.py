@@ -27,7 +27,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.config import redact_uri
+from pipeline.secrets import redact_uri
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from typing import Any, Collection, Iterator
 
 import numpy as np
 
-from pipeline.config import ManifestConfig, RunConfig, config_fingerprint_fields, redact_uri, redacted
+from pipeline.config import ManifestConfig, RunConfig, config_fingerprint_fields, redacted
+from pipeline.secrets import redact_uri
 from pipeline.layout import RunLayout
 from pipeline.manifest import CONTAINER_FORMATS, ManifestError, ManifestRow, manifest_format, read_manifest
 from pipeline.sources import parse_ref

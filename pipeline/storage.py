@@ -23,19 +23,12 @@ from typing import Any
 
 import fsspec
 
-from pipeline.config import RunConfig, StorageConfig, redact_uri
+from pipeline.config import RunConfig, StorageConfig
+from pipeline.secrets import redact_uri, scrub, secret_option_names
 
 logger = logging.getLogger(__name__)
 
-# Options that hold credentials (fsspec backends for s3, gcs, azure, http): never shipped to a cluster.
-CREDENTIAL_OPTIONS = frozenset(
-    {
-        "key", "secret", "token", "username", "password", "aws_access_key_id", "aws_secret_access_key",
-        "aws_session_token", "account_key", "sas_token", "connection_string", "client_secret", "credentials",
-    }
-)
 _S3_PROTOCOLS = ("s3", "s3a")
-_AWS_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _CREDENTIAL_METHODS = {
     "env": "environment variables AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY",
     "shared-credentials-file": "the shared credentials file ({file}), profile {profile!r}",
@@ -62,28 +55,6 @@ def resolve_storage_options(options: dict[str, Any] | None) -> dict[str, Any]:
     resolved = dict(options or {})
     resolved.setdefault("use_listings_cache", False)
     return resolved
-
-
-def credential_option_names(options: dict[str, Any] | None, prefix: str = "") -> list[str]:
-    """Dotted names of the options that hold credentials (values are never looked at beyond being set)."""
-    names = []
-    for name, value in (options or {}).items():
-        if isinstance(value, dict):
-            names += credential_option_names(value, f"{prefix}{name}.")
-        elif name in CREDENTIAL_OPTIONS and value is not None:
-            names.append(prefix + name)
-    return names
-
-
-def without_credentials(options: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``options`` without credential entries (nested dicts too)."""
-    out = {}
-    for name, value in (options or {}).items():
-        if isinstance(value, dict):
-            out[name] = without_credentials(value)
-        elif name not in CREDENTIAL_OPTIONS:
-            out[name] = value
-    return out
 
 
 def is_remote(uri: str | None) -> bool:
@@ -145,7 +116,7 @@ def _credential_source(options: dict[str, Any], fs: fsspec.AbstractFileSystem | 
     """Where botocore found (or would look for) credentials; never the credentials themselves."""
     if options.get("anon"):
         return "nowhere: anonymous access (storage.storage_options.anon)"
-    explicit = credential_option_names(options)
+    explicit = secret_option_names(options)
     if explicit:
         return f"storage.storage_options ({', '.join(sorted(explicit))})"
     profile = options.get("profile") or os.environ.get("AWS_PROFILE") or "default"
@@ -174,28 +145,10 @@ def _credential_source(options: dict[str, Any], fs: fsspec.AbstractFileSystem | 
     )
 
 
-def _scrub(text: str, options: dict[str, Any]) -> str:
-    """Removes any credential value (from the options or the AWS environment) that a library put in a message."""
-    values = [os.environ.get(v) for v in _AWS_SECRET_ENV]
-
-    def collect(opts: dict[str, Any]) -> None:
-        for name, value in opts.items():
-            if isinstance(value, dict):
-                collect(value)
-            elif name in CREDENTIAL_OPTIONS and isinstance(value, str):
-                values.append(value)
-
-    collect(options)
-    for value in values:
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
-
-
 def _explain(role: str, uri: str, error: BaseException, fs, options: dict[str, Any]) -> str:
     """One message for a failed check: what failed, the likely cause, and what was tried."""
     shown = redact_uri(uri)
-    text = _scrub(f"{type(error).__name__}: {error}", options)
+    text = scrub(f"{type(error).__name__}: {error}", options)
     if isinstance(error, PermissionError):
         cause = "access denied (wrong or expired credentials, or no permission for this bucket/prefix)"
     elif isinstance(error, FileNotFoundError):
@@ -208,7 +161,7 @@ def _explain(role: str, uri: str, error: BaseException, fs, options: dict[str, A
         cause = "no usable credentials found"
     else:
         cause = "the storage request failed"
-    return f"{role} {shown}: {cause} ({text}); tried {describe_access(uri, options, fs)}"
+    return scrub(f"{role} {shown}: {cause} ({text}); tried {describe_access(uri, options, fs)}", options)
 
 
 def _is_connection_error(error: BaseException) -> bool:
@@ -250,10 +203,12 @@ def _missing(role: str, uri: str, fs, path: str, options: dict[str, Any]) -> Sto
 
 
 def _check_readable(role: str, uri: str, fs, path: str, options: dict[str, Any]) -> None:
-    """The object, folder or glob's base exists and can be read."""
-    if fsspec.core.has_magic(path):
+    """The object, folder or glob's base exists and can be read (a brace pattern of tar shards is a glob here)."""
+    from pipeline.sources import has_braces
+
+    if fsspec.core.has_magic(path) or has_braces(path):
         parts = path.split("/")
-        base = "/".join(parts[: next(i for i, p in enumerate(parts) if fsspec.core.has_magic(p))])
+        base = "/".join(parts[: next(i for i, p in enumerate(parts) if fsspec.core.has_magic(p) or has_braces(p))])
         if not base or fs.isdir(base):
             return
         raise _missing(role, uri, fs, base, options)

@@ -12,7 +12,6 @@ from pipeline.config import (
     config_fingerprint_fields,
     config_to_dict,
     load_config,
-    redact_uri,
     redacted,
 )
 
@@ -121,6 +120,13 @@ def test_storage_options_overrides_merge():
     assert cfg.storage.storage_options == {"endpoint_url": "http://localhost:9000", "anon": False}
 
 
+def test_a_mapping_is_a_config_source():
+    cfg = load_config({"decode": {"beam_size": 5}, "ray": {"cpu_actors": 2}}, ["decode.beam_size=3"])
+    assert (cfg.decode.beam_size, cfg.ray.cpu_actors) == (3, 2)
+    with pytest.raises(ConfigError, match="nope"):
+        load_config({"decode": {"nope": 1}})
+
+
 def test_redaction_masks_secrets():
     cfg = load_config(None, [
         "storage.storage_options={key: AKIA123, secret: s3cr3t, token: tok, profile: prod, "
@@ -134,11 +140,6 @@ def test_redaction_masks_secrets():
     assert options["profile"] == "prod" and options["client_kwargs"]["region_name"] == "eu"
     assert options["endpoint_url"] == "http://user:***@minio:9000"
     assert cfg.storage.storage_options["key"] == "AKIA123"  # the config itself is untouched
-
-
-def test_redact_uri():
-    assert redact_uri("s3://bucket/x") == "s3://bucket/x"
-    assert redact_uri("https://me:pass@host/x") == "https://me:***@host/x"
 
 
 def test_fingerprint_fields_cover_results_only():

@@ -8,12 +8,9 @@ import pytest
 from pipeline.config import load_config
 from pipeline.storage import (
     StorageError,
-    _scrub,
-    credential_option_names,
     describe_access,
     preflight,
     resolve_storage_options,
-    without_credentials,
 )
 
 
@@ -36,20 +33,6 @@ def test_resolved_options_turn_listing_cache_off_without_mutating():
     assert resolved == {"endpoint_url": "http://x", "use_listings_cache": False} and given == {"endpoint_url": "http://x"}
     assert resolve_storage_options({"use_listings_cache": True})["use_listings_cache"] is True
     assert resolve_storage_options(None) == {"use_listings_cache": False}
-
-
-def test_credential_options_found_and_removed_at_any_depth():
-    options = {"key": "K", "secret": "S", "profile": "p", "endpoint_url": "http://e",
-               "client_kwargs": {"aws_session_token": "T", "region_name": "r"}, "token": None}
-    assert sorted(credential_option_names(options)) == ["client_kwargs.aws_session_token", "key", "secret"]
-    assert without_credentials(options) == {"profile": "p", "endpoint_url": "http://e",
-                                            "client_kwargs": {"region_name": "r"}}
-
-
-def test_scrub_removes_credential_values_from_messages(monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret123")
-    text = _scrub("bad envsecret123 and optsecret456 and abc", {"client_kwargs": {"aws_secret_access_key": "optsecret456"}})
-    assert text == "bad *** and *** and abc"
 
 
 def test_describe_names_endpoint_source_and_credential_source_never_values(no_aws, monkeypatch):
