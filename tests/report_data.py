@@ -44,7 +44,7 @@ def synthetic_row(i: int, rng: random.Random, failed: bool, failed_index: int = 
 
 def make_run(output: str, n_rows: int = 60, shard_size: int = 10, shards_done: int | None = None,
              all_failed: bool = False, fail_every: int = 9, seed: int = 0,
-             storage_options: dict | None = None) -> RunLayout:
+             storage_options: dict | None = None, invocations: int = 1) -> RunLayout:
     """A run of ``n_rows`` rows in shards of ``shard_size``, the first ``shards_done`` shards committed (all by
     default); every ``fail_every``-th row failed (every row with ``all_failed``). The last invocation is left
     running when not every shard is committed."""
@@ -55,13 +55,15 @@ def make_run(output: str, n_rows: int = 60, shard_size: int = 10, shards_done: i
                 {"dataset": "string", "speaker": "string"}, {"id_field": "id"})
     n_shards = plan.n_shards
     shards_done = n_shards if shards_done is None else shards_done
-    invocation = start_run(layout, plan, cfg, MODEL)
-    for shard in range(shards_done):
-        rows = [synthetic_row(i, rng, all_failed or i % fail_every == fail_every - 1, i // fail_every)
-                for i in plan.shard_rows(shard)]
-        write_shard(layout, shard, rows, plan.extra_types, MODEL, {"decode_seconds": 0.1})
-    if shards_done == n_shards:
-        finish_run(layout, invocation, shards_committed=shards_done)
+    for k in range(invocations):  # the committed shards split between the invocations, in order
+        invocation = start_run(layout, plan, cfg, MODEL)
+        mine = range(shards_done * k // invocations, shards_done * (k + 1) // invocations)
+        for shard in mine:
+            rows = [synthetic_row(i, rng, all_failed or i % fail_every == fail_every - 1, i // fail_every)
+                    for i in plan.shard_rows(shard)]
+            write_shard(layout, shard, rows, plan.extra_types, MODEL, {"decode_seconds": 0.1})
+        if k < invocations - 1 or shards_done == n_shards:
+            finish_run(layout, invocation, shards_committed=len(mine))
     return layout
 
 
