@@ -11,13 +11,15 @@ install:
 	$(PIP) install -q -e .
 
 # Test-only: the reference implementation without its dependencies (torch stays pinned), the few packages
-# it imports, and Debian's espeak-ng/sox/ffmpeg for speech and containers the tests make themselves.
+# it imports, Debian's espeak-ng/sox/ffmpeg for speech and containers the tests make themselves, and chromium
+# (headless) to load the report page.
 install-test: install
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps openai-whisper==20250625
-	@if ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v sox >/dev/null; then \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq espeak-ng sox ffmpeg >/dev/null; \
-		else echo "warning: espeak-ng/sox/ffmpeg missing and not root: tests needing them will skip"; fi; fi
+	@if ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v sox >/dev/null \
+		|| ! command -v chromium >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq espeak-ng sox ffmpeg chromium >/dev/null; \
+		else echo "warning: espeak-ng/sox/ffmpeg/chromium missing and not root: tests needing them will skip"; fi; fi
 
 # Command one: the main job on the embedded default (local Ray, packaged tiny.en, example speech in examples/).
 demo: install
