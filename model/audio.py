@@ -14,16 +14,18 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# Hard-coded audio hyper-parameters, named as in the reference implementation.
-SAMPLE_RATE = 16000
-N_FFT = 400
-HOP_LENGTH = 160
-CHUNK_LENGTH = 30
-N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30-second window
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
-N_SAMPLES_PER_TOKEN = HOP_LENGTH * 2  # the encoder's second convolution has stride 2
-FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 10 ms per mel frame
-TOKENS_PER_SECOND = SAMPLE_RATE // N_SAMPLES_PER_TOKEN  # 20 ms per audio token
+# the audio hyper-parameters, importable from here as in the reference implementation (defined in constants.py)
+from .constants import (  # noqa: E402,F401
+    CHUNK_LENGTH,
+    FRAMES_PER_SECOND,
+    HOP_LENGTH,
+    N_FFT,
+    N_FRAMES,
+    N_SAMPLES,
+    N_SAMPLES_PER_TOKEN,
+    SAMPLE_RATE,
+    TOKENS_PER_SECOND,
+)
 
 SUPPORTED_N_MELS = (80, 128)
 

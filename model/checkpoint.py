@@ -336,6 +336,6 @@ def load_model(
     model = Whisper(ckpt.dims)
     model.load_state_dict(ckpt.state_dict, strict=True)
     model.to(device=device, dtype=dtype or torch.float32).eval()
-    if ckpt.alignment_heads and hasattr(model, "set_alignment_heads_from_pairs"):
-        model.set_alignment_heads_from_pairs(ckpt.alignment_heads)
+    if ckpt.alignment_heads:
+        model.set_alignment_heads(ckpt.alignment_heads)
     return model, tokenizer, ckpt

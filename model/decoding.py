@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .audio import CHUNK_LENGTH
+from .constants import CHUNK_LENGTH, TASKS
 from .tokenizer import Tokenizer
 from .whisper import Whisper
 
@@ -53,8 +53,8 @@ class DecodingOptions:
     stop_compression_ratio: float | None = None
 
     def validate(self) -> None:
-        if self.task not in ("transcribe", "translate"):
-            raise ValueError(f"task must be 'transcribe' or 'translate', got {self.task!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.beam_size is not None and self.best_of is not None:
             raise ValueError("beam_size and best_of can't be given together")
         if self.temperature == 0 and self.best_of is not None:

@@ -15,12 +15,12 @@ from functools import cached_property
 
 import tokenizers
 
+from .constants import TASKS, TIME_PRECISION
+
 logger = logging.getLogger(__name__)
 
 N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|>
-TIME_PRECISION = 0.02  # seconds per timestamp token
 MULTILINGUAL_MIN_VOCAB = 51865
-TASKS = ("transcribe", "translate")
 # Scripts written without spaces between words: split words at unicode-point boundaries instead.
 UNSEGMENTED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 REPLACEMENT_CHAR = "\ufffd"

@@ -13,14 +13,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .audio import FRAMES_PER_SECOND, N_FRAMES
+from .constants import FRAMES_PER_SECOND, N_FRAMES, TIME_PRECISION
 
 from .decoding import DecodingOptions, DecodingResult, decode
 from .timing import Word, add_word_timestamps, find_alignments, speech_end, tidy_words
 from .tokenizer import Tokenizer
 from .whisper import Whisper
 
-TIME_PRECISION = 0.02  # seconds per timestamp token
 # a rest of audio shorter than this after a decode that stopped early is not decoded again: too short to hold a
 # word, it is where the model hallucinates (it re-reads text from the pass before)
 MIN_CONTINUATION_FRAMES = 50

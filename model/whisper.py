@@ -7,8 +7,6 @@ writes keys/values into a :class:`~model.kv_cache.KVCache` instead of forward ho
 
 from __future__ import annotations
 
-import base64
-import gzip
 from typing import Iterable
 
 import numpy as np
@@ -328,16 +326,9 @@ class Whisper(nn.Module):
         heads[dims.n_text_layer // 2 :] = True
         self.register_buffer("alignment_heads", heads, persistent=False)
 
-    def set_alignment_heads(self, dump: bytes | str) -> None:
-        """Set the heads from the reference's dump: base85-encoded, gzip-compressed booleans."""
-        raw = gzip.decompress(base64.b85decode(dump))
-        mask = torch.from_numpy(np.frombuffer(raw, dtype=bool).copy())
-        self.alignment_heads = mask.reshape(self.dims.n_text_layer, self.dims.n_text_head).to(
-            self.alignment_heads.device
-        )
-
-    def set_alignment_heads_from_pairs(self, pairs: Iterable[tuple[int, int]]) -> None:
-        """Set the heads from (layer, head) pairs, as a CTranslate2 ``config.json`` lists them."""
+    def set_alignment_heads(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Set the heads from (layer, head) pairs, as a CTranslate2 ``config.json`` lists them (the reference's
+        base85 dump decodes to pairs with :func:`model.checkpoint.decode_alignment_heads`)."""
         mask = torch.zeros_like(self.alignment_heads)
         for layer, head in pairs:
             mask[layer, head] = True

@@ -19,9 +19,10 @@ import av
 import fsspec
 import numpy as np
 
+from model.constants import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000  # same as model.audio.SAMPLE_RATE; repeated so this module needs no torch import
 
 # Seek instead of decoding from the start only when the offset is this large: seeking lands on a packet
 # boundary before the target and costs a resampler restart, which is not worth it for short skips.

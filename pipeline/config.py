@@ -18,14 +18,14 @@ from typing import Any, Mapping, Union
 
 import yaml
 
+from model.constants import SAMPLE_RATE, TASKS
+
 from .secrets import redact_options, redact_uri
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZE = ("none", "int8")
-TASKS = ("transcribe", "translate")
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from model.audio import SAMPLE_RATE
+from model.constants import SAMPLE_RATE
 from model.transcribe import WindowResult
 
 # keys of a featurized item that are features, not the row's record

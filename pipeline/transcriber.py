@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from model.audio import FRAMES_PER_SECOND, N_FRAMES
+from model.constants import FRAMES_PER_SECOND, N_FRAMES
 from model.decoding import DecodingOptions
 from model.transcribe import TranscribeOptions, WindowResult, transcribe_windows
 

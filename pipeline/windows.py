@@ -16,9 +16,10 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from model.constants import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 
 FRAME_SECONDS = 0.025  # energy frame (25 ms: a few pitch periods, shorter than a phoneme)
 HOP_SECONDS = 0.010

@@ -385,7 +385,7 @@ def test_load_model_builds_loads_and_sets_alignment_heads(monkeypatch, ct2_dir):
         def __init__(self, dims):
             super().__init__(whisper.model.ModelDimensions(**dims.to_dict()))
 
-        def set_alignment_heads_from_pairs(self, pairs):
+        def set_alignment_heads(self, pairs):  # ours takes (layer, head) pairs
             self.pairs = pairs
 
     monkeypatch.setitem(sys.modules, "model.whisper", types.SimpleNamespace(Whisper=Whisper))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.checkpoint import decode_alignment_heads
 from model.dims import ModelDimensions
 from model.kv_cache import KVCache
 from model.transcribe import transcribe_windows
@@ -74,10 +75,10 @@ def test_alignment_heads_from_reference_dump(make_random_whisper, tiny_en_tokeni
     ours = make_random_whisper(dims, tiny_en_tokenizer.eot)
     ref = whisper.model.Whisper(whisper.model.ModelDimensions(**dims.to_dict()))
     dump = whisper._ALIGNMENT_HEADS["tiny.en"]
-    ours.set_alignment_heads(dump)
+    ours.set_alignment_heads(decode_alignment_heads(dump, dims))
     ref.set_alignment_heads(dump)
     assert torch.equal(ours.alignment_heads, ref.alignment_heads.to_dense())
-    ours.set_alignment_heads_from_pairs([(1, 0), (3, 5)])
+    ours.set_alignment_heads([(1, 0), (3, 5)])
     assert ours.alignment_heads.nonzero().tolist() == [[1, 0], [3, 5]]
 
 
