@@ -6,7 +6,6 @@ rate: total substitutions + deletions + insertions over total reference words.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from typing import Any
 
@@ -17,7 +16,6 @@ from pipeline.layout import RunLayout
 from pipeline.schema import extra_column_name
 from pipeline.sink import iter_committed
 
-logger = logging.getLogger(__name__)
 
 _COUNTS = ("hits", "substitutions", "deletions", "insertions")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.layout import RunLayout
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class LockHeld(RuntimeError):
@@ -68,7 +68,7 @@ class RunLock:
                 continue  # released (or being written) just now: try again
             if holder.get("invocation") == self.invocation:
                 # our own create took effect but its answer was lost; the client's retry then saw the lock
-                log.info("the lock of %s is already ours (a retried exclusive create)", self.layout.display_uri)
+                logger.info("the lock of %s is already ours (a retried exclusive create)", self.layout.display_uri)
                 self._start_heartbeat()
                 return
             if not self.is_stale(holder):
@@ -78,7 +78,7 @@ class RunLock:
                     f"If it died on another host, its lock expires {self.stale_after:.0f} s after its last heartbeat, "
                     f"or delete {self.layout.display_uri}/lock.json"
                 )
-            log.warning("taking over the stale lock of %s (pid %s)", holder.get("host"), holder.get("pid"))
+            logger.warning("taking over the stale lock of %s (pid %s)", holder.get("host"), holder.get("pid"))
             self.layout.remove_tree(self.path)
         raise LockHeld(f"could not take the lock of {self.layout.display_uri}: another run took it just now")
 
@@ -91,11 +91,11 @@ class RunLock:
             try:
                 holder = self.layout.read_json(self.path)
                 if holder.get("invocation") != self.invocation:
-                    log.error("the lock of %s was taken over by %s; stop this run", self.layout.display_uri, holder)
+                    logger.error("the lock of %s was taken over by %s; stop this run", self.layout.display_uri, holder)
                     return
                 self.layout.write_bytes(self.path, json.dumps(self._info()).encode())
             except Exception:  # a missed heartbeat is not fatal; the next one retries
-                log.warning("could not refresh %s", self.path, exc_info=True)
+                logger.warning("could not refresh %s", self.path, exc_info=True)
 
     def release(self) -> None:
         self._stop.set()

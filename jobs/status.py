@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from pipeline.layout import RunLayout
 from pipeline.sink import collect_stats
-
-logger = logging.getLogger(__name__)
 
 
 def run_status(layout: RunLayout) -> dict[str, Any]:

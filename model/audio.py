@@ -5,14 +5,12 @@ No I/O here: waveforms arrive as float32 arrays at 16 kHz (see ``pipeline/audio.
 
 from __future__ import annotations
 
-import logging
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
 
 # the audio hyper-parameters, importable from here as in the reference implementation (defined in constants.py)
 from .constants import (  # noqa: E402,F401

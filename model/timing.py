@@ -11,7 +11,6 @@ agree with it; DTW is plain numpy, vectorised along anti-diagonals.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
     from .transcribe import Segment
     from .whisper import Whisper
 
-logger = logging.getLogger(__name__)
 
 MEDFILT_WIDTH = 7
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"

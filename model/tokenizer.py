@@ -8,7 +8,6 @@ in CTranslate2's ``tokenizer.json``: they are the 1501 ids right after ``<|notim
 
 from __future__ import annotations
 
-import logging
 import string
 from collections.abc import Iterable, Sequence
 from functools import cached_property
@@ -17,7 +16,6 @@ import tokenizers
 
 from .constants import TASKS, TIME_PRECISION
 
-logger = logging.getLogger(__name__)
 
 N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|>
 MULTILINGUAL_MIN_VOCAB = 51865

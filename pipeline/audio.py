@@ -21,7 +21,9 @@ import numpy as np
 
 from model.constants import SAMPLE_RATE
 
-log = logging.getLogger(__name__)
+from .schema import DECODE_CAUSES
+
+logger = logging.getLogger(__name__)
 
 
 # Seek instead of decoding from the start only when the offset is this large: seeking lands on a packet
@@ -39,7 +41,7 @@ class AudioError(Exception):
         detail: what was wrong, naming the file where known.
     """
 
-    CAUSES = ("not found", "empty", "no audio stream", "decode failed")
+    CAUSES = DECODE_CAUSES
 
     def __init__(self, cause: str, detail: str):
         if cause not in self.CAUSES:
@@ -109,7 +111,7 @@ def _seek(container: av.container.InputContainer, stream: av.audio.AudioStream, 
         # backward=True (the default) lands at or before the target; decoding then trims exactly
         container.seek(int((target + start) / stream.time_base), stream=stream)
     except av.error.FFmpegError as e:
-        log.warning("%s: cannot seek (%s), decoding from the start", name, e)
+        logger.warning("%s: cannot seek (%s), decoding from the start", name, e)
         return False
     return True
 
@@ -125,7 +127,7 @@ def _decoded_frames(
                 frames = packet.decode()
             except av.error.FFmpegError as e:
                 bad, first_error = bad + 1, first_error or e
-                log.debug("%s: skipping undecodable packet (%s)", name, e)
+                logger.debug("%s: skipping undecodable packet (%s)", name, e)
                 continue
             decoded += len(frames)
             yield from frames
@@ -133,11 +135,11 @@ def _decoded_frames(
         # demuxer failure mid-file (e.g. a cut-off container): keep what was decoded, like the ffmpeg CLI
         if decoded == 0:
             raise AudioError("decode failed", f"{name}: {e}") from e
-        log.warning("%s: stopped reading after %d frames: %s", name, decoded, e)
+        logger.warning("%s: stopped reading after %d frames: %s", name, decoded, e)
     if bad:
         if decoded == 0:
             raise AudioError("decode failed", f"{name}: no decodable audio packet ({bad} rejected): {first_error}")
-        log.warning("%s: skipped %d undecodable audio packets (%s)", name, bad, first_error)
+        logger.warning("%s: skipped %d undecodable audio packets (%s)", name, bad, first_error)
 
 
 def _frame_time(frame: av.AudioFrame, stream: av.audio.AudioStream) -> float | None:
@@ -277,7 +279,7 @@ def _align_after_seek(
 
     skip = int(round(offset * sr)) - (n0 + drop) * sr // in_sr
     if skip < 0:
-        log.warning("seek landed %.3f s after the requested offset %.3f s", -skip / sr, offset)
+        logger.warning("seek landed %.3f s after the requested offset %.3f s", -skip / sr, offset)
     return aligned(), max(0, skip)
 
 

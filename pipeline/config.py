@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 import re
 import types
 import typing
@@ -21,8 +20,6 @@ import yaml
 from model.constants import SAMPLE_RATE, TASKS
 
 from .secrets import redact_options, redact_uri
-
-logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZE = ("none", "int8")

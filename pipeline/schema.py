@@ -20,13 +20,11 @@ of a run concatenate without promotion.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from typing import Any, Iterable
 
 import pyarrow as pa
 
-logger = logging.getLogger(__name__)
 
 WORD_TYPE = pa.struct(
     [("word", pa.string()), ("start", pa.float64()), ("end", pa.float64()), ("probability", pa.float64())]
@@ -69,7 +67,9 @@ BASE_FIELDS = [
 BASE_NAMES = frozenset(f.name for f in BASE_FIELDS)
 
 # the causes an `error` value may start with
-ERROR_CAUSES = ("not found", "empty", "no audio stream", "decode failed", "timeout", "model failed")
+# the causes of a row that could not be read or decoded (pipeline.audio.AudioError), then those of the model stage
+DECODE_CAUSES = ("not found", "empty", "no audio stream", "decode failed")
+ERROR_CAUSES = DECODE_CAUSES + ("timeout", "model failed")
 EXTRA_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
 
 

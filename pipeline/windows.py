@@ -11,14 +11,11 @@ for hour-long files) and the in-memory ``plan_windows`` give identical windows.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from model.constants import SAMPLE_RATE
-
-log = logging.getLogger(__name__)
 
 
 FRAME_SECONDS = 0.025  # energy frame (25 ms: a few pitch periods, shorter than a phoneme)
