@@ -35,7 +35,7 @@ test-fast: install-test
 	$(PYTHON) -m pytest -m "not gpu and not integration and not slow" -q
 
 bench: install-test
-	$(PYTHON) -m model.bench
+	$(PYTHON) -m jobs.model_bench
 
 clean:
 	rm -rf out .pytest_cache

@@ -1,6 +1,6 @@
 """Throughput of our batched decoding beside the reference openai-whisper on the same log-mel windows.
 
-    python -m model.bench [--batches 1,8,32] [--windows 32] [--model PATH] [--beam-size N] [--repeats 1]
+    python -m jobs.model_bench [--batches 1,8,32] [--windows 32] [--model PATH] [--beam-size N] [--repeats 1]
 
 Windows come from the LibriSpeech files of ``../shared/data/eval`` (beside the project) when present, otherwise from
 speech made with espeak-ng. Every batch size processes the same windows in chunks of that size; the engines take turns
@@ -28,10 +28,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
-from .checkpoint import load_model
-from .decoding import DecodingOptions, decode
-from .transcribe import TranscribeOptions, transcribe_windows
+from model.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from model.checkpoint import load_model
+from model.decoding import DecodingOptions, decode
+from model.transcribe import TranscribeOptions, transcribe_windows
+from pipeline.audio import decode_audio
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ def machine() -> str:
 
 
 def read_audio(paths: list[Path]) -> list[np.ndarray]:
-    from pipeline.audio import decode_audio  # PyAV decoding: only this tool needs files, model/ stays I/O-free
-
     return [decode_audio(p.read_bytes(), name=str(p)) for p in paths]
 
 
@@ -202,7 +201,7 @@ def table(timings: list[Timing]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jobs.model_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
     parser.add_argument("--windows", type=int, default=32, help="windows decoded at every batch size (default 32)")
     parser.add_argument("--model", default=None, help="model spec or path (default: the bundled tiny.en)")
