@@ -246,7 +246,7 @@ class Progress:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
@@ -256,7 +256,7 @@ class Progress:
                 self._bar.close()
                 self._bar = None
             else:
-                self.emit_line(final=True)
+                self.emit_line("done: " if exc_type is None else "stopped: ")
 
     def _tick(self) -> None:
         # a bar's clock and time left move on even while no part arrives; lines come at a steady interval
@@ -268,10 +268,10 @@ class Progress:
                 elif now - self._last_line >= self.interval:
                     self.emit_line()
 
-    def emit_line(self, final: bool = False) -> None:
+    def emit_line(self, prefix: str = "") -> None:
         now = time.monotonic()
         self._last_line = now
-        self._print(f"[{time.strftime('%H:%M:%S')}] {'done: ' if final else ''}{self.counts.summary(now)}")
+        self._print(f"[{time.strftime('%H:%M:%S')}] {prefix}{self.counts.summary(now)}")
 
     def _print(self, message: str) -> None:
         try:

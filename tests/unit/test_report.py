@@ -165,3 +165,11 @@ def test_progress_work_per_part_is_constant():
         progress.on_part(part, 4)
     assert time.perf_counter() - t0 < 2.0  # a million rows in 250k parts: seconds at most
     assert progress.counts.rows == 80_000
+
+
+def test_progress_says_stopped_when_the_graph_fails():
+    stream = io.StringIO()
+    with pytest.raises(RuntimeError):
+        with Progress(_counts(), Screen(stream), interval=60, bar=False):
+            raise RuntimeError("graph failed")
+    assert stream.getvalue().splitlines()[-1].split("] ", 1)[1].startswith("stopped: rows 0/100")
