@@ -2,9 +2,13 @@
 display's counters and lines."""
 
 import io
+import os
 import re
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -12,7 +16,7 @@ from click.testing import CliRunner
 from jobs.cli import main
 from jobs.plots import PLOT_IDS
 from jobs.progress import Counts, Progress, Screen
-from jobs.report import ReportError, build_report
+from jobs.report import build_report
 from tests.report_data import make_run
 
 
@@ -173,3 +177,28 @@ def test_progress_says_stopped_when_the_graph_fails():
         with Progress(_counts(), Screen(stream), interval=60, bar=False):
             raise RuntimeError("graph failed")
     assert stream.getvalue().splitlines()[-1].split("] ", 1)[1].startswith("stopped: rows 0/100")
+
+
+def test_quiet_screen_sends_stderr_to_the_log_and_errors_to_the_screen(tmp_path):
+    code = """
+import logging, os, sys, warnings
+from jobs.logs import configure_logging
+from jobs.progress import quiet_screen
+configure_logging(0)
+with quiet_screen() as screen:
+    os.write(2, b"[E core_worker.cc] noise from C++\\n")
+    warnings.warn("a warning that means nothing to the user")
+    logging.getLogger("ray.data").warning("operator chatter")
+    logging.getLogger("jobs.run").error("the upload failed")
+    print("bar", file=screen.stream)
+    print(screen.log_path)
+print("after", file=sys.stderr)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "the upload failed" in proc.stderr and "bar" in proc.stderr and "after" in proc.stderr
+    for noise in ("noise from C++", "means nothing", "operator chatter"):
+        assert noise not in proc.stderr
+    log_text = Path(proc.stdout.strip()).read_text()
+    assert all(s in log_text for s in ("noise from C++", "means nothing", "operator chatter", "the upload failed"))
