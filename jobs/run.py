@@ -38,12 +38,10 @@ class RunSummary:
 
 def model_label(cfg: RunConfig) -> tuple[str, int]:
     """The model's display name and its mel bins, from the checkpoint's metadata (no weights loaded)."""
-    from model import checkpoint
+    from model.checkpoint import describe_model
+    from pipeline.model_store import fetcher
 
-    if hasattr(checkpoint, "describe_model"):
-        return checkpoint.describe_model(cfg.model.name, cfg.storage.storage_options)
-    ckpt = checkpoint.load_checkpoint(cfg.model.name, cfg.storage.storage_options)
-    return ckpt.name, ckpt.dims.n_mels
+    return describe_model(cfg.model.name, fetch=fetcher(cfg.storage.storage_options))
 
 
 def init_ray(cfg: RunConfig) -> None:

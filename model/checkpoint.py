@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from model.ct2 import ct2_to_reference, read_ct2_model, read_ct2_n_mels, read_ct2_variables
 from model.dims import ModelDimensions
@@ -31,11 +31,9 @@ from model.hf_checkpoint import (
 from model.model_cache import (
     BASE_PACKAGES,
     DEFAULT_ALIASES,
-    _publish as _publish,  # re-exported: tests reach the cache's publication step through here
     cache_root,
     default_model_path,
     display_name,
-    fetch_to_cache,
     package_data,
     resolve_model,
 )
@@ -49,11 +47,14 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: describe_model (a
 __all__ = [
     "BASE_PACKAGES", "DEFAULT_ALIASES", "FORMATS", "Checkpoint", "cache_root", "ct2_to_reference",
     "decode_alignment_heads", "default_model_path", "describe_model", "detect_format", "dims_from_state_dict",
-    "display_name", "fetch_to_cache", "hf_to_reference", "load_checkpoint", "load_model", "load_tokenizer",
+    "display_name", "hf_to_reference", "load_checkpoint", "load_model", "load_tokenizer", "local_path",
     "read_ct2_variables", "reference_keys", "resolve_model",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
+
+# uri -> local path of a fetched copy (pipeline.model_store.fetcher)
+Fetch = Callable[[str], str]
 
 FORMATS = (
     "a CTranslate2 Whisper directory (model.bin, config.json, tokenizer.json), "
@@ -256,11 +257,22 @@ def detect_format(path: str) -> str:
     raise ValueError(f"{path}: unrecognised checkpoint format; expected {FORMATS}")
 
 
-def load_checkpoint(
-    spec: str | None = None, storage_options: dict | None = None, cache_dir: str | None = None
-) -> Checkpoint:
-    """Loads a checkpoint from a model name ("tiny.en", "base"), a local path or an fsspec URI."""
-    path = fetch_to_cache(resolve_model(spec, cache_dir), storage_options, cache_dir)
+def local_path(spec: str | None, cache_dir: str | None = None, fetch: Fetch | None = None) -> str:
+    """The local file or directory of ``spec`` (a model name, a local path, or a URI that ``fetch`` brings into the
+    model cache: this package reads local files only)."""
+    path = resolve_model(spec, cache_dir)
+    if path.startswith("file://"):
+        return path[len("file://") :]
+    if "://" not in path:
+        return path
+    if fetch is None:
+        raise ValueError(f"{path} is not a local path: fetch it first (pipeline.model_store.fetcher)")
+    return fetch(path)
+
+
+def load_checkpoint(spec: str | None = None, cache_dir: str | None = None, fetch: Fetch | None = None) -> Checkpoint:
+    """Loads a checkpoint from a model name ("tiny.en", "base"), a local path, or a URI ``fetch`` brings here."""
+    path = local_path(spec, cache_dir, fetch)
     fmt = detect_format(path)
     if fmt == "ct2":
         ckpt = _load_ct2(_ct2_dir(path))
@@ -274,9 +286,7 @@ def load_checkpoint(
     return dataclasses.replace(ckpt, name=name, source=spec or path)
 
 
-def describe_model(
-    spec: str | None = None, storage_options: dict | None = None, cache_dir: str | None = None
-) -> tuple[str, int]:
+def describe_model(spec: str | None = None, cache_dir: str | None = None, fetch: Fetch | None = None) -> tuple[str, int]:
     """(display name, n_mels) of a checkpoint from its metadata, without loading the weights.
 
     The name is ``load_checkpoint(spec).name``. The driver of a run calls this, so a large model is not
@@ -285,7 +295,7 @@ def describe_model(
     is checked to be safe, memory-mapped). A remote checkpoint is fetched into the cache, as ``load_model``
     would do anyway.
     """
-    path = fetch_to_cache(resolve_model(spec, cache_dir), storage_options, cache_dir)
+    path = local_path(spec, cache_dir, fetch)
     fmt = detect_format(path)
     if fmt == "ct2":
         n_mels = read_ct2_n_mels(os.path.join(_ct2_dir(path), "model.bin"))
@@ -322,8 +332,8 @@ def load_model(
     spec: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    storage_options: dict | None = None,
     cache_dir: str | None = None,
+    fetch: Fetch | None = None,
 ) -> tuple[Whisper, Tokenizer, Checkpoint]:
     """Builds our ``Whisper`` from a checkpoint, in eval mode on ``device``/``dtype`` (default fp32), with its
     tokenizer."""
@@ -331,7 +341,7 @@ def load_model(
 
     from model.whisper import Whisper  # heavy, and not needed to only read checkpoints
 
-    ckpt = load_checkpoint(spec, storage_options, cache_dir)
+    ckpt = load_checkpoint(spec, cache_dir, fetch)
     tokenizer = load_tokenizer(ckpt)  # fail on a vocabulary mismatch before building the network
     model = Whisper(ckpt.dims)
     model.load_state_dict(ckpt.state_dict, strict=True)

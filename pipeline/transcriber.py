@@ -92,11 +92,13 @@ class Transcriber:
     def __init__(self, cfg: RunConfig):
         from model.checkpoint import load_model
 
+        from .model_store import fetcher
+
         self.cfg = cfg
         device, dtype = pick_device(cfg.model)
         t0 = time.perf_counter()
         self.model, self.tokenizer, ckpt = load_model(
-            cfg.model.name, device=device, dtype=dtype, storage_options=cfg.storage.storage_options
+            cfg.model.name, device=device, dtype=dtype, fetch=fetcher(cfg.storage.storage_options)
         )
         if cfg.model.quantize == "int8" and device == "cpu":
             from model.quantize import quantize_int8

@@ -20,7 +20,6 @@ from model.checkpoint import (
     Checkpoint,
     default_model_path,
     describe_model,
-    fetch_to_cache,
     load_checkpoint,
     load_model,
     load_tokenizer,
@@ -28,6 +27,8 @@ from model.checkpoint import (
     resolve_model,
 )
 from model.dims import ModelDimensions
+from model.model_cache import publish_dir
+from pipeline.model_store import fetch_to_cache, fetcher
 
 whisper = pytest.importorskip("whisper", reason="openai-whisper (test-only reference) missing")
 
@@ -356,7 +357,9 @@ def test_fetch_to_cache_single_file_and_load_checkpoint_from_uri(tmp_path, ref_s
     buffer = tmp_path / "small.pt"
     torch.save({"dims": SMALL.to_dict(), "model_state_dict": ref_sd}, buffer)
     fsspec.filesystem("memory").pipe("/ckpts/small.pt", buffer.read_bytes())
-    ckpt = load_checkpoint("memory://ckpts/small.pt")
+    with pytest.raises(ValueError, match="not a local path"):  # model/ reads local files only
+        load_checkpoint("memory://ckpts/small.pt")
+    ckpt = load_checkpoint("memory://ckpts/small.pt", fetch=fetcher(None))
     assert ckpt.dims == SMALL and ckpt.source == "memory://ckpts/small.pt"
     cached = fetch_to_cache("memory://ckpts/small.pt")
     assert cached.startswith(str(tmp_path / "cache")) and cached.endswith("small.pt")
@@ -376,7 +379,7 @@ def test_publish_tolerates_losing_the_race(tmp_path):
     final.mkdir(), tmp.mkdir()
     (final / "model.bin").write_bytes(b"winner")
     (tmp / "model.bin").write_bytes(b"loser")
-    assert ckpt_mod._publish(str(tmp), str(final), marker="model.bin") == str(final)
+    assert publish_dir(str(tmp), str(final), marker="model.bin") == str(final)
     assert (final / "model.bin").read_bytes() == b"winner"
 
 
@@ -495,7 +498,7 @@ def test_describe_openai_pt_with_128_mels(tmp_path, ref_sd_128):
                _use_new_zipfile_serialization=False)  # fmt: skip
     assert describe_model(str(legacy)) == (str(legacy), 128)
     fsspec.filesystem("memory").pipe("/ckpts/m128.pt", path.read_bytes())  # remote: fetched into the cache
-    assert describe_model("memory://ckpts/m128.pt") == ("memory://ckpts/m128.pt", 128)
+    assert describe_model("memory://ckpts/m128.pt", fetch=fetcher(None)) == ("memory://ckpts/m128.pt", 128)
 
 
 def test_describe_refuses_unsafe_or_foreign_pt(tmp_path, ref_sd):
