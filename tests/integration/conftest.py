@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -332,13 +331,6 @@ def stop_processes(pids: set[int], timeout: float = 30.0) -> set[int]:
         except ProcessLookupError:
             pass
     return left
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- fixtures (eval_dir: ../shared/data/eval or a skip, from tests/conftest.py) -------------------------------

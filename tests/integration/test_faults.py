@@ -32,7 +32,6 @@ from tests.integration.conftest import (
     completion_records,
     count_ids,
     descendants,
-    free_port,
     output_of,
     read_rows,
     start_whisper_batch,
@@ -45,6 +44,7 @@ from tests.integration.conftest import (
     write_manifest,
 )
 from tests.faults import HANG_TAG
+from tests.servers import free_port, moto_s3
 from tests.integration.tcp_proxy import TcpProxy
 from tests.speech import have_espeak
 
@@ -410,7 +410,6 @@ def test_hung_decode_and_model_call_stall_is_reported_then_time_out_as_error_row
 @dataclass
 class S3:
     port: int
-    server: Any
 
     @property
     def upstream(self) -> tuple[str, int]:
@@ -429,16 +428,10 @@ class S3:
 
 @pytest.fixture(scope="module")
 def s3() -> S3:
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        s = S3(port, server)
+    with moto_s3() as endpoint:
+        s = S3(int(endpoint.rsplit(":", 1)[1]))
         s.fs().mkdir(BUCKET)
         yield s
-    finally:
-        server.stop()
 
 
 def _s3_config(path: Path, options: dict[str, Any]) -> Path:

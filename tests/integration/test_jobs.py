@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import pytest
 from pipeline.layout import RunLayout
 from pipeline.sink import read_committed
 from pipeline.storage import resolve_storage_options
+from tests.servers import free_port, moto_s3
 from tests.speech import have_espeak, make_speech
 
 
@@ -63,12 +63,6 @@ LONG = {
 JOB_SETTINGS = ["--config", "configs/cpu-tiny.yaml", "--set", "manifest.shard_size=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fs(endpoint: str):
     import s3fs
 
@@ -83,12 +77,12 @@ def _clean_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server with the two manifests (relative audio paths) in s3://jobs/; yields its endpoint."""
-    moto_server = pytest.importorskip("moto.server")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    fs, local = _fs(endpoint), tmp_path_factory.mktemp("speech")
+    with moto_s3() as endpoint:
+        yield _put_speech(endpoint, tmp_path_factory.mktemp("speech"))
+
+
+def _put_speech(endpoint: str, local) -> str:
+    fs = _fs(endpoint)
     fs.mkdir("jobs")
     for name, spoken in (("short", SHORT), ("long", LONG)):
         lines = []
@@ -96,8 +90,7 @@ def s3(tmp_path_factory):
             fs.put_file(str(make_speech(text, local / f"{utt}.flac")), f"jobs/{name}/audio/{utt}.flac")
             lines.append(json.dumps({"id": utt, "audio_filepath": f"audio/{utt}.flac", "text": text}))
         fs.pipe_file(f"jobs/{name}/manifest.jsonl", ("\n".join(lines) + "\n").encode())
-    yield endpoint
-    server.stop()
+    return endpoint
 
 
 def _session_pids(sid: int) -> set[int]:
@@ -144,10 +137,10 @@ def head(s3):
         "AWS_ENDPOINT_URL": s3, "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_SHARED_CREDENTIALS_FILE": f"{temp_dir}/no-credentials", "AWS_CONFIG_FILE": f"{temp_dir}/no-config",
     }
-    dashboard = _free_port()
+    dashboard = free_port()
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={_free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+           f"--port={free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
            "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats",
            f"--temp-dir={temp_dir}"]
     log = open(f"{temp_dir}/head.log", "w")

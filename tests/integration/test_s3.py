@@ -9,7 +9,6 @@ primitives on S3 (exclusive create, listings that see other processes' writes).
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pipeline.config import load_config
 from pipeline.layout import RunLayout
 from pipeline.sink import collect_stats, read_committed, write_shard
 from pipeline.storage import StorageError, preflight, resolve_storage_options
+from tests.servers import free_port, moto_s3
 from tests.speech import have_espeak, make_speech, requires_espeak
 
 pytestmark = pytest.mark.integration
@@ -35,20 +35,10 @@ SPOKEN = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_s3() as url:
+        yield url
 
 
 def _fs(endpoint: str, **kw):
@@ -252,7 +242,7 @@ def test_missing_bucket_or_prefix_is_named_before_any_work(aws_env, endpoint, co
 
 
 def test_unreachable_endpoint_fails_fast_and_names_it(aws_env, monkeypatch):
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     t0 = time.monotonic()
     with pytest.raises(StorageError) as e:

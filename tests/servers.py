@@ -1,0 +1,29 @@
+"""Servers the tests start on 127.0.0.1: one place for a free port and the moto S3 server."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def moto_s3() -> Iterator[str]:
+    """A real S3 server (moto's) on 127.0.0.1 for the block; yields its endpoint URL. Skips without moto[server]."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
