@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -122,17 +123,34 @@ def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed,
     try:
         if pending:
             staging = layout.staging_dir(invocation["id"])
-            files, expected = stage_inputs(layout, staging, input_uri, plan, pending, cfg, only_rows, set(state.pending))
-            if files:
+            stager = InputStager(layout, staging, input_uri, plan, pending, cfg, only_rows, set(state.pending))
+            if stager.files:
                 init_ray(cfg)
-                from pipeline.graph import run_graph
+                from pipeline.graph import io_tasks, run_graph
 
-                progress = _progress(display, plan, state, expected)
-                with progress or contextlib.nullcontext():
-                    run_graph(
-                        files, expected, cfg, layout, staging, plan.extra_types, n_mels,
-                        replace_failed=retry_failed, on_commit=on_commit, on_part=progress and progress.on_part,
-                    )
+                def on_commit_staged(rec: dict[str, Any]) -> None:
+                    stager.committed(1)
+                    on_commit(rec)
+
+                stager.start(ahead_blocks=max(8, 4 * io_tasks()))
+                progress = _progress(display, plan, state, stager.expected)
+                try:
+                    with progress or contextlib.nullcontext():
+                        run_graph(
+                            stager.files, stager.expected, cfg, layout, staging, plan.extra_types, n_mels,
+                            replace_failed=retry_failed, on_commit=on_commit_staged,
+                            on_part=progress and progress.on_part,
+                        )
+                except BaseException:
+                    stager.stop()
+                    stager.raise_error()  # the cause, when staging failed and the graph only saw missing blocks
+                    raise
+                stager.stop()
+                stager.raise_error()
+                echo(
+                    f"staged {len(stager.files)} input blocks as the graph ran: {stager.seconds:.1f} s of staging, "
+                    f"the first block after {stager.first_block_seconds or 0.0:.2f} s"
+                )
         remove_staging(layout, invocation["id"])
     except BaseException:
         status = "failed"
@@ -172,37 +190,115 @@ def remove_staging(layout: RunLayout, invocation_id: str) -> None:
         log.warning("could not remove staging under %s/_staging: %s", layout.display_uri, e)
 
 
-def stage_inputs(
-    layout: RunLayout,
-    staging: str,
-    input_uri: str,
-    plan,
-    pending: list[int],
-    cfg: RunConfig,
-    only_rows: list[int] | None,
-    never_committed: set[int],
-) -> tuple[list[str], dict[int, int]]:
-    """Write the pending manifest records as the graph's input blocks; return their paths and rows per shard.
+class InputStager:
+    """Writes the pending manifest records as the graph's input blocks while the graph runs.
+
+    The block paths and each shard's row count are known from the plan before any block is written, so the graph
+    starts at once; a thread streams the manifest (one wave of ``ray.shards_per_block`` shards in memory at a time)
+    and writes block after block, at most ``ahead_blocks`` blocks' shards ahead of the commits, so staging keeps
+    pace with the graph instead of copying a million-row manifest before it starts. The graph's read tasks wait
+    for a block not written yet; a failed staging writes ``ABORT`` (its error) beside the blocks, which ends
+    those waits.
 
     With ``only_rows`` (--retry-failed) a committed shard contributes only those rows; a shard never committed
     contributes all of its rows.
     """
-    import pyarrow as pa
 
-    from pipeline.schema import RECORD_SCHEMA
-    from pipeline.sink import table_to_parquet_bytes
+    def __init__(self, layout, staging, input_uri, plan, pending, cfg, only_rows, never_committed):
+        self.layout, self.input_uri, self.plan, self.cfg = layout, input_uri, plan, cfg
+        self.pending = sorted(pending)
+        self.retry = set(only_rows) if only_rows is not None else None
+        self.never_committed = never_committed
+        spb = cfg.ray.shards_per_block
+        self.folder = f"{staging}/input"
+        self.files = [f"{self.folder}/block-{i:06d}.parquet" for i in range(-(-len(self.pending) // spb))]
+        self.block_of = {s: i // spb for i, s in enumerate(self.pending)}
+        self.expected = {}
+        starts = plan.shard_starts  # shards that follow container files; else shard_size rows each
+        for shard in self.pending:
+            if starts is None:
+                rows = plan.shard_rows(shard)
+            else:
+                rows = range(starts[shard], starts[shard + 1] if shard + 1 < len(starts) else plan.n_rows)
+            if self.retry is not None and shard not in never_committed:
+                n = sum(1 for r in rows if r in self.retry)
+            else:
+                n = len(rows)
+            if n:
+                self.expected[shard] = n
+        self.seconds = 0.0  # staging time, waits for the graph not counted (set when the last block is written)
+        self.first_block_seconds: float | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Condition()
+        self._committed = 0  # shards
+        self._stop = False
+        self._thread: threading.Thread | None = None
 
-    retry = set(only_rows) if only_rows is not None else None
-    files, expected = [], {}
-    so = cfg.storage.storage_options
-    for shard_ids, records in iter_waves(input_uri, plan, pending, cfg.ray.shards_per_block, so):
-        if retry is not None:
-            records = [r for r in records if r["shard_id"] in never_committed or r["row_index"] in retry]
-        if not records:
-            continue
-        path = f"{staging}/input/block-{len(files):06d}.parquet"
-        layout.write_bytes(path, table_to_parquet_bytes(pa.Table.from_pylist(records, schema=RECORD_SCHEMA)))
-        files.append(path)
-        for r in records:
-            expected[r["shard_id"]] = expected.get(r["shard_id"], 0) + 1
-    return files, expected
+    @property
+    def abort_path(self) -> str:
+        return f"{self.folder}/ABORT"
+
+    def start(self, ahead_blocks: int) -> None:
+        self._ahead = ahead_blocks * self.cfg.ray.shards_per_block
+        self._thread = threading.Thread(target=self._run, name="stage-inputs", daemon=True)
+        self._thread.start()
+
+    def committed(self, shards: int) -> None:
+        with self._lock:
+            self._committed += shards
+            self._lock.notify_all()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _wait_room(self, staged_shards: int) -> bool:
+        """Blocks until fewer than the look-ahead's shards are staged but not committed; False once stopped."""
+        t0 = time.monotonic()
+        with self._lock:
+            while not self._stop and staged_shards - self._committed >= self._ahead:
+                self._lock.wait(0.5)
+        self.seconds -= time.monotonic() - t0  # waiting for room is not staging time
+        return not self._stop
+
+    def _run(self) -> None:
+        import pyarrow as pa
+
+        from pipeline.schema import RECORD_SCHEMA
+        from pipeline.sink import table_to_parquet_bytes
+
+        written, staged_shards = set(), 0
+        so = self.cfg.storage.storage_options
+        t_start = time.monotonic()
+        try:
+            waves = iter_waves(self.input_uri, self.plan, self.pending, self.cfg.ray.shards_per_block, so)
+            for shard_ids, records in waves:
+                if not self._wait_room(staged_shards):
+                    return
+                if self.retry is not None:
+                    records = [r for r in records if r["shard_id"] in self.never_committed or r["row_index"] in self.retry]
+                block = self.block_of[shard_ids[0]]
+                table = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+                self.layout.write_bytes(self.files[block], table_to_parquet_bytes(table))
+                written.add(block)
+                staged_shards += len(shard_ids)
+                if block == 0:
+                    self.first_block_seconds = time.monotonic() - t_start
+            for block in sorted(set(range(len(self.files))) - written):  # a wave without rows: an empty block
+                self.layout.write_bytes(self.files[block], table_to_parquet_bytes(RECORD_SCHEMA.empty_table()))
+            self.seconds += time.monotonic() - t_start
+        except BaseException as e:  # noqa: BLE001 - surfaced by raise_error in the driver's thread
+            self._error = e
+            log.error("staging the input blocks failed: %s", e)
+            try:
+                self.layout.write_bytes(self.abort_path, f"staging the input blocks failed: {e}".encode())
+            except Exception:  # noqa: BLE001
+                pass
+

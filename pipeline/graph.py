@@ -73,14 +73,37 @@ class ArrowTranscriber:
         return transcripts_table(rows)
 
 
-def read_inputs(batch: pa.Table, layout: RunLayout) -> pa.Table:
-    """Input block paths → the manifest records they hold."""
+def read_inputs(batch: pa.Table, layout: RunLayout, wait_seconds: float = 0.0) -> pa.Table:
+    """Input block paths → the manifest records they hold.
+
+    The driver stages blocks while the graph runs (a few ahead of the commits): a block not written yet is waited
+    for, up to ``wait_seconds``.
+    """
     import io
 
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(io.BytesIO(layout.read_bytes(p))) for p in batch.column("path").to_pylist()]
+    tables = []
+    for path in batch.column("path").to_pylist():
+        deadline = time.monotonic() + wait_seconds
+        while not layout.exists(path) and time.monotonic() < deadline:
+            abort = f"{path.rsplit('/', 1)[0]}/ABORT"  # the driver's staging failed: its error
+            if layout.exists(abort):
+                raise RuntimeError(layout.read_bytes(abort).decode())
+            time.sleep(0.2)
+        tables.append(pq.read_table(io.BytesIO(layout.read_bytes(path))))
     return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
+
+
+def io_tasks() -> int:
+    """How many tasks each zero-CPU stage (input reads, the split, part writes, commits) may run at once: half the
+    cluster's cores, at least 1.
+
+    These tasks take no CPU slot (the actors hold them all), so nothing else bounds them: unbounded, Ray started a
+    worker process for every block waiting to be read or written (125 processes on a 2-core node for a manifest
+    of 200k rows). Bounded, the worker processes on a node stay within its cores and the actors placed there.
+    """
+    return max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
 
 
 def write_parts(batch: pa.Table, layout: RunLayout, staging: str, extra_types: dict[str, str]) -> pa.Table:
@@ -201,8 +224,12 @@ def build_dataset(
     plan = model_resources(cfg)
     # input blocks are read by zero-CPU tasks: CPU slots all belong to the actors, and a read waiting for one
     # behind them would deadlock the stream
+    io_pool = ray.data.TaskPoolStrategy(size=io_tasks())
     ds = ray.data.from_items([{"path": f} for f in input_files], override_num_blocks=len(input_files))
-    ds = ds.map_batches(read_inputs, fn_args=(layout,), batch_size=1, batch_format="pyarrow", num_cpus=0)
+    ds = ds.map_batches(
+        read_inputs, fn_args=(layout, cfg.ray.stall_timeout_seconds), batch_size=1, batch_format="pyarrow",
+        num_cpus=0, compute=io_pool,
+    )
     ds = ds.map_batches(
         ArrowFeaturizer,
         fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels, "rows_per_call": plan.rows_per_call},
@@ -212,7 +239,7 @@ def build_dataset(
         num_cpus=1,
     )
     # a block per model call (streaming, no shuffle): a shard's rows spread over every model actor
-    ds = split_blocks(ds, plan.rows_per_call)
+    ds = split_blocks(ds, plan.rows_per_call, io_pool)
     ds = ds.map_batches(
         ArrowTranscriber,
         fn_constructor_kwargs={"cfg": cfg, "torch_threads": plan.threads},
@@ -228,11 +255,15 @@ def build_dataset(
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=0,  # small I/O: must never wait behind the actors that hold every core
+        compute=io_pool,
     )
 
 
-def split_blocks(ds: "ray.data.Dataset", rows: int) -> "ray.data.Dataset":
-    """Ray Data's streaming repartition into blocks of ``rows`` rows, its tasks taking no CPU slot.
+def split_blocks(
+    ds: "ray.data.Dataset", rows: int, compute: "ray.data.TaskPoolStrategy | None" = None
+) -> "ray.data.Dataset":
+    """Ray Data's streaming repartition into blocks of ``rows`` rows, its tasks taking no CPU slot (at most
+    ``compute.size`` of them at once).
 
     Its tasks ask for one CPU by default. On a CPU-only cluster the actors hold every CPU slot, so the split waited
     until the feature actors exited: the model stage started only once every shard had its features, which piled
@@ -241,9 +272,12 @@ def split_blocks(ds: "ray.data.Dataset", rows: int) -> "ray.data.Dataset":
     the split keeps its default and a warning says so.
     """
     ds = ds.repartition(target_num_rows_per_block=rows)
-    args = getattr(getattr(getattr(ds, "_logical_plan", None), "dag", None), "ray_remote_args", None)
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    args = getattr(op, "ray_remote_args", None)
     if isinstance(args, dict):
         args["num_cpus"] = 0
+        if compute is not None and hasattr(op, "compute"):
+            object.__setattr__(op, "compute", compute)  # zero-CPU tasks are otherwise unbounded
     else:
         log.warning("this Ray's repartition takes a CPU slot: on a CPU-only cluster the model stage starts only once "
                     "every shard has its features")
@@ -269,6 +303,7 @@ def run_graph(
     holds the row indices of shards in flight, so its memory does not grow with the corpus.
     """
     commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
+    max_commits = io_tasks()
     written: dict[int, set[int]] = {}
     parts: dict[int, list[str]] = {}
     stats: dict[int, dict[str, float]] = {}
@@ -312,6 +347,9 @@ def run_graph(
         for key, name in (("decode_s", "decode_seconds"), ("windows", "windows"), ("window_fallbacks", "window_fallbacks")):
             acc[name] = acc.get(name, 0) + part[key]
         if len(written[shard]) >= expected[shard]:
+            if len(pending) >= max_commits:  # commits take no CPU slot: bounded like the graph's I/O tasks
+                ray.wait(pending, num_returns=len(pending) - max_commits + 1)
+                collect(block=False)
             pending.append(commit.remote(layout, shard, parts.pop(shard), extra_types, stats.pop(shard), replace_failed))
             committed.add(shard)
             del written[shard]
