@@ -59,6 +59,10 @@ class AudioConfig:
     pack_gap_seconds: float = 2.0
     # long files are decoded in chunks of this many seconds to bound worker memory
     streaming_chunk_seconds: float = 600.0
+    # files a feature actor fetches ahead of its decoder (object stores answer each GET after tens of ms); 0: none
+    prefetch: int = 8
+    # a prefetched file larger than this many MB is not kept but streamed (so prefetch holds at most prefetch x this)
+    prefetch_max_mb: float = 16.0
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,8 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.audio.cut_search_seconds >= 0, "audio.cut_search_seconds must be >= 0"),
         (cfg.audio.decode_timeout_seconds > 0, "audio.decode_timeout_seconds must be > 0"),
         (cfg.audio.streaming_chunk_seconds > 0, "audio.streaming_chunk_seconds must be > 0"),
+        (cfg.audio.prefetch >= 0, "audio.prefetch must be >= 0 (0: no prefetch)"),
+        (cfg.audio.prefetch_max_mb > 0, "audio.prefetch_max_mb must be > 0"),
         (cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}; got {cfg.model.dtype!r}"),
         (cfg.model.quantize in QUANTIZE, f"model.quantize must be one of {', '.join(QUANTIZE)}"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.model.device) is not None,

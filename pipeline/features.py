@@ -124,11 +124,36 @@ class Featurizer:
     def __init__(self, cfg: RunConfig, n_mels: int = 80):
         self.cfg, self.n_mels = cfg, n_mels
         self.pool = decode_pool()
+        n = cfg.audio.prefetch
+        self.fetch_pool = ThreadPoolExecutor(n, thread_name_prefix="fetch") if n > 0 else None
+
+    def iter_audio(self, rows: list[dict[str, Any]]) -> Iterable[tuple[dict[str, Any], bytes | Exception | None]]:
+        """``(row, data)`` in row order (see :func:`load_features`): samples inside tar shards / Parquet files come
+        with their bytes, each container read once; loose files are fetched ``audio.prefetch`` ahead of the
+        decoder (:mod:`pipeline.prefetch`), each kept only when at most ``audio.prefetch_max_mb`` (else streamed)."""
+        from .prefetch import fetch_small, prefetch
+
+        a, so = self.cfg.audio, self.cfg.storage.storage_options
+        pairs = iter_sample_audio(rows, so)
+        if self.fetch_pool is None:
+            yield from pairs
+            return
+        limit = int(a.prefetch_max_mb * 2**20)
+
+        def fetch(pair: tuple[dict[str, Any], bytes | Exception | None]) -> bytes | Exception | None:
+            row, data = pair
+            return data if data is not None else fetch_small(row["uri"], so, limit)
+
+        for (row, _), got in prefetch(pairs, fetch, a.prefetch, self.fetch_pool, a.decode_timeout_seconds):
+            if isinstance(got, BaseException) and not isinstance(got, AudioError):
+                # a fetch that failed otherwise (or hung) gets the decoder's own try: streamed, under its timeout
+                logger.warning("prefetching %s failed (%s: %s); streaming it", row.get("uri"), type(got).__name__, got)
+                got = None
+            yield row, got
 
     def featurize_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         items, short = [], []
-        # samples inside tar shards / Parquet files come with their bytes, each container read once
-        for row, data in iter_sample_audio(rows, self.cfg.storage.storage_options):
+        for row, data in self.iter_audio(rows):
             out, audio = self.featurize_row(row, data)
             if audio is None:
                 items.append(out)
