@@ -62,28 +62,119 @@ def _status(value: Any) -> str:
 
 
 def connect(address: str, timeout_s: float = 10.0):
-    """A ``JobSubmissionClient`` for ``address`` (``http://HEAD:8265``), after checking that it answers.
+    """A ``JobSubmissionClient`` for ``address`` (``http://HEAD:8265``), after checking that a Ray job server answers
+    there and, when it uses token authentication, that this machine has its token.
+
+    The token is found as Ray's own CLI finds it: ``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH`` names,
+    else ``~/.ray/auth_token`` (where ``ray start`` and ``ray get-auth-token --generate`` keep it). Ray's client sends
+    it only when ``RAY_AUTH_MODE=token``; here it is sent whenever the server asks for one and a token is found
+    (Ray's ``maybe_enable_token_auth_if_token_available``, what ``ray.init`` does for a local cluster).
 
     Raises:
-        JobError: nothing answers there (the message names the URL tried), or the server refuses the client.
+        JobError: nothing answers there, what answers is not a Ray job server, the server wants a token this
+            machine lacks, or it refuses the token (each message says what to do).
     """
-    import requests
     from ray.job_submission import JobSubmissionClient
 
     url = (address if "://" in address else f"http://{address}").rstrip("/")
-    try:
-        # the SDK's own check has no timeout: a firewalled address would hang for minutes
-        requests.get(f"{url}/api/version", timeout=timeout_s)
-    except requests.exceptions.RequestException as e:
-        raise JobError(
-            f"cannot reach the Ray job server at {url} (tried GET {url}/api/version, {timeout_s:.0f} s timeout: "
-            f"{type(e).__name__}). Is the head running with its dashboard (`ray start --head --dashboard-host=0.0.0.0`, "
-            f"ray[default] installed) and is its port (8265 by default) reachable from here?"
-        ) from None
+    if server_auth_mode(url, timeout_s) == "token":
+        use_token(url)
     try:
         return JobSubmissionClient(url)
     except Exception as e:  # noqa: BLE001 - version, authentication, ... : the SDK's message says which
+        if "Authentication failed" in str(e) or "Forbidden" in str(e):
+            raise JobError(
+                f"the Ray job server at {url} refused this machine's token (from {token_source()}): it is not the "
+                f"head's token. {TOKEN_HELP}"
+            ) from None
         raise JobError(f"the Ray job server at {url} refused the client: {e}") from None
+
+
+TOKEN_HELP = (
+    "Print the head's token with `ray get-auth-token` on the head, then here either set RAY_AUTH_TOKEN=<token>, "
+    "or save it as ~/.ray/auth_token (or in any file that RAY_AUTH_TOKEN_PATH names)."
+)
+
+
+def server_auth_mode(url: str, timeout_s: float) -> str:
+    """``token``, ``disabled`` or ``unknown`` (a Ray without the endpoint): what the job server at ``url`` says.
+
+    Raises:
+        JobError: nothing answers at ``url``, or what answers is not a Ray job server.
+    """
+    import requests
+
+    probe = f"{url}/api/authentication_mode"  # public: answers without a token
+    try:
+        # the SDK's own check has no timeout: a firewalled address would hang for minutes
+        r = requests.get(probe, timeout=timeout_s)
+    except requests.exceptions.RequestException as e:
+        refused = isinstance(e, requests.exceptions.ConnectTimeout) or "NewConnectionError" in repr(e)
+        if refused or isinstance(e, requests.exceptions.Timeout):
+            raise JobError(
+                f"cannot reach the Ray job server at {url} (tried GET {probe}, {timeout_s:.0f} s timeout: "
+                f"{type(e).__name__}). Is the head running with its dashboard (`ray start --head "
+                f"--dashboard-host=0.0.0.0`, ray[default] installed) and is its port (8265 by default) reachable "
+                f"from here?"
+            ) from None
+        raise JobError(f"{url} answers but not as an HTTP server ({type(e).__name__}): {NOT_A_JOB_SERVER}") from None
+    if r.status_code == 200:
+        try:
+            return str(r.json()["authentication_mode"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    try:  # a Ray without /api/authentication_mode still answers /api/version (without authentication)
+        v = requests.get(f"{url}/api/version", timeout=timeout_s)
+        if v.status_code == 200 and "ray_version" in v.json():
+            return "unknown"
+    except (requests.exceptions.RequestException, ValueError):
+        pass
+    raise JobError(f"{url} answers (GET {probe}: HTTP {r.status_code}) but it is not a Ray job server: "
+                   f"{NOT_A_JOB_SERVER}")
+
+
+NOT_A_JOB_SERVER = (
+    "--address must be the head's dashboard (the job server), http://HEAD:8265 by default, not the cluster's GCS "
+    "port (6379) or its Ray client port (10001); the head must run it (`ray start --head --dashboard-host=0.0.0.0` "
+    "with ray[default] installed)."
+)
+
+
+def token_source() -> str:
+    """Where Ray takes this machine's token from (for messages)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    return str(_get_default_token_path())
+
+
+def use_token(url: str) -> None:
+    """Makes Ray's client send this machine's token (the server at ``url`` wants one).
+
+    Raises:
+        JobError: ``RAY_AUTH_MODE=disabled`` here, or no token is found.
+    """
+    from ray._private.authentication import authentication_token_setup as setup
+    from ray._raylet import AuthenticationTokenLoader
+
+    mode = os.environ.get(setup.AUTH_MODE_ENV_VAR, "")
+    if mode.lower() == "disabled":
+        raise JobError(f"the Ray job server at {url} requires a token, but RAY_AUTH_MODE=disabled here: unset it "
+                       f"(or set RAY_AUTH_MODE=token). {TOKEN_HELP}")
+    quiet = logging.getLogger(setup.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning speaks to a cluster's owner ("set RAY_AUTH_MODE=disabled to opt out")
+    try:
+        setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
+    if os.environ.get(setup.AUTH_MODE_ENV_VAR, "").lower() != "token" or not AuthenticationTokenLoader.instance(
+    ).has_token(ignore_auth_mode=True):
+        raise JobError(f"the Ray job server at {url} requires a token and this machine has none (RAY_AUTH_TOKEN "
+                       f"unset, no {token_source()}). {TOKEN_HELP}")
 
 
 def job_config(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
