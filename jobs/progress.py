@@ -136,12 +136,18 @@ def _quiet_ray_consoles() -> list[tuple[logging.Handler, int]]:
 
 
 class _ScreenErrors(logging.StreamHandler):
-    """ERROR records to the screen (a StreamHandler, so `mute_console_logs` can still silence it)."""
+    """ERROR records to the screen, scrubbed of credentials, as one line each: their tracebacks stay in the log file.
+    (A StreamHandler, so `mute_console_logs` can still silence it.)"""
 
     def __init__(self, stream: TextIO):
+        from jobs.logs import ScrubFilter
+
         super().__init__(stream)
         self.setLevel(logging.ERROR)
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.addFilter(ScrubFilter())
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname} {record.name}: {record.getMessage()}"
 
 
 # --- the display ---

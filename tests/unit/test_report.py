@@ -190,6 +190,10 @@ with quiet_screen() as screen:
     warnings.warn("a warning that means nothing to the user")
     logging.getLogger("ray.data").warning("operator chatter")
     logging.getLogger("jobs.run").error("the upload failed")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        logging.getLogger("ray.data").exception("a task failed")
     print("bar", file=screen.stream)
     print(screen.log_path)
 print("after", file=sys.stderr)
@@ -198,7 +202,9 @@ print("after", file=sys.stderr)
                           env={**os.environ, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert "the upload failed" in proc.stderr and "bar" in proc.stderr and "after" in proc.stderr
+    assert "ERROR ray.data: a task failed" in proc.stderr and "Traceback" not in proc.stderr  # it is in the log
     for noise in ("noise from C++", "means nothing", "operator chatter"):
         assert noise not in proc.stderr
     log_text = Path(proc.stdout.strip()).read_text()
-    assert all(s in log_text for s in ("noise from C++", "means nothing", "operator chatter", "the upload failed"))
+    assert all(s in log_text for s in ("noise from C++", "means nothing", "operator chatter", "the upload failed",
+                                       "ZeroDivisionError"))
