@@ -21,6 +21,7 @@ from model.constants import SAMPLE_RATE, TASKS
 
 from .secrets import redact_options, redact_uri
 
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZE = ("none", "int8")
 
@@ -140,6 +141,14 @@ class RayConfig:
     model_batch_size: int = 0
     # a run whose graph yields nothing for this many seconds stops with an error instead of hanging
     stall_timeout_seconds: float = 1800.0
+    # the most model actors the pool grows to as nodes join a running job (Ray Data autoscaling pool; it starts with
+    # model_actors' count and keeps at least 1). 0: no limit, as many as the cluster's GPUs (or CPU shares) hold
+    max_model_actors: int = 0
+    # the most feature actors the pool grows to as nodes join; 0: cpu_actors (a fixed pool)
+    max_cpu_actors: int = 0
+    # after a node is lost, a run whose graph yields nothing for this many seconds stops with a message saying what
+    # was lost (the same command resumes) instead of waiting for stall_timeout_seconds
+    lost_node_timeout_seconds: float = 180.0
     # shards per input block of the streaming graph (a block is read, decoded and transcribed as a unit of work)
     shards_per_block: int = 1
     # "module.function" that Ray calls in every worker process as it starts (Ray's worker_process_setup_hook), e.g.
@@ -316,6 +325,9 @@ def _validate(cfg: RunConfig) -> None:
          "ray.gpus_per_model_actor must be None or >= 0"),
         (cfg.ray.model_batch_size >= 0, "ray.model_batch_size must be >= 1, or 0 for 64 on GPUs and 4 on CPUs"),
         (cfg.ray.shards_per_block >= 1, "ray.shards_per_block must be >= 1"),
+        (cfg.ray.max_model_actors >= 0, "ray.max_model_actors must be >= 1, or 0 for no limit"),
+        (cfg.ray.max_cpu_actors >= 0, "ray.max_cpu_actors must be >= 1, or 0 for ray.cpu_actors"),
+        (cfg.ray.lost_node_timeout_seconds > 0, "ray.lost_node_timeout_seconds must be > 0"),
     ]
     for ok, message in checks:
         if not ok:
