@@ -156,14 +156,14 @@ def report(output, target, by, config, overrides) -> None:
     filters would drop, WER, fallbacks, throughput (plots inline; the page loads nothing from the network)."""
     from jobs.report import ReportError, write_report
 
-    layout = _layout(output, config, overrides)
     target = target or f"{output.rstrip('/')}/report.html"
     try:
+        layout = _layout(output, config, overrides)
         data = write_report(layout, target, by, layout.storage_options)
     except ReportError as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        raise click.ClickException(f"cannot write {target}: {scrub(str(e))}") from None
+        raise click.ClickException(scrub(str(e))) from None
+    except (OSError, ValueError) as e:  # storage refused or unreachable, a damaged run record
+        raise click.ClickException(f"cannot read the run in {output}: {type(e).__name__}: {scrub(str(e))}") from None
     agg = data["agg"]
     state = "complete" if data["complete"] else f"in progress: {data['shards_done']}/{data['shards_total']} shards committed"
     click.echo(f"wrote {target}: {agg.rows} rows, {agg.failed} failed ({state})")

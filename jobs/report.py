@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.layout import RunLayout
+from pipeline.secrets import redact_uri
 from pipeline.schema import error_cause, extra_column_name
 
 log = logging.getLogger(__name__)
@@ -329,6 +330,9 @@ def write_report(layout: RunLayout, target: str, by: list[str] | tuple[str, ...]
 
     data = build_report(layout, by)
     page = render_page(data)
-    with fsspec.open(target, "w", encoding="utf-8", **(storage_options or {})) as f:
-        f.write(page)
+    try:
+        with fsspec.open(target, "w", encoding="utf-8", **(storage_options or {})) as f:
+            f.write(page)
+    except OSError as e:
+        raise ReportError(f"cannot write {redact_uri(target)}: {e} (-o names another place)") from e
     return data

@@ -105,6 +105,15 @@ def test_report_bad_input_is_a_message(tmp_path):
     assert result.exit_code == 0, out
     assert "Unreadable shard files (left out): shard 1" in (tmp_path / "r.html").read_text()
 
+    (tmp_path / "file").write_text("x")  # a target inside a file cannot be written
+    result, out = _report(tmp_path, tmp_path / "run", "-o", tmp_path / "file" / "r.html")
+    assert result.exit_code == 1 and "cannot write" in out and "-o names another place" in out, out
+
+    (tmp_path / "run" / "plan.json").write_text("{not json")
+    result, out = _report(tmp_path, tmp_path / "run", "-o", tmp_path / "r.html")
+    assert result.exit_code == 1 and "cannot read the run in" in out and "JSONDecodeError" in out, out
+    assert "Traceback" not in out
+
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
