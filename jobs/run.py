@@ -248,6 +248,11 @@ class InputStager:
             self._committed += shards
             self._lock.notify_all()
 
+    def wait(self) -> None:
+        """Blocks until every block is written (or staging failed)."""
+        if self._thread is not None:
+            self._thread.join()
+
     def stop(self) -> None:
         with self._lock:
             self._stop = True
