@@ -6,7 +6,7 @@ rate: total substitutions + deletions + insertions over total reference words.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import jiwer
@@ -22,17 +22,32 @@ _COUNTS = ("hits", "substitutions", "deletions", "insertions")
 
 def word_errors(references: list[str], hypotheses: list[str]) -> dict[str, Any]:
     """Corpus-level WER over already-normalised, non-empty references."""
+    return _rates(_counts(references, hypotheses))
+
+
+def _counts(references: list[str], hypotheses: list[str]) -> Counter:
+    """Hits, substitutions, deletions, insertions and rows: they add up over parts of a corpus (each row is aligned
+    on its own), so a corpus is scored shard by shard in bounded memory."""
     if not references:
-        return {"wer": None, "rows_scored": 0, "reference_words": 0, **{k: 0 for k in _COUNTS}}
+        return Counter()
     out = jiwer.process_words(references, hypotheses)
-    counts = {k: int(getattr(out, k)) for k in _COUNTS}
+    return Counter({**{k: int(getattr(out, k)) for k in _COUNTS}, "rows_scored": len(references)})
+
+
+def _rates(c: Counter) -> dict[str, Any]:
+    counts = {k: c[k] for k in _COUNTS}
     words = counts["hits"] + counts["substitutions"] + counts["deletions"]
+    if not c["rows_scored"] or not words:
+        return {"wer": None, "rows_scored": c["rows_scored"], "reference_words": words, **counts}
     wer = (counts["substitutions"] + counts["deletions"] + counts["insertions"]) / words
-    return {"wer": wer, "rows_scored": len(references), "reference_words": words, **counts}
+    return {"wer": wer, "rows_scored": c["rows_scored"], "reference_words": words, **counts}
 
 
 def evaluate(layout: RunLayout, group_field: str = "dataset") -> dict[str, Any]:
     """WER over committed rows that have a reference and no error, overall and per `group_field` if present.
+
+    The committed shards are read one at a time and scored as they come (the counts add up), so memory does not
+    grow with the run.
 
     Returns:
         {"wer", "rows_scored", "reference_words", hits/substitutions/deletions/insertions, "rows_total",
@@ -40,11 +55,12 @@ def evaluate(layout: RunLayout, group_field: str = "dataset") -> dict[str, Any]:
     """
     normalize = EnglishTextNormalizer()
     group_column = extra_column_name(group_field)
-    pairs: dict[str | None, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+    scored: dict[str | None, Counter] = defaultdict(Counter)
     counts = {"rows_total": 0, "rows_with_reference": 0, "rows_failed_with_reference": 0, "rows_empty_reference": 0}
     extra_types = layout.read_json(layout.plan_json).get("extra_types", {}) if layout.exists(layout.plan_json) else {}
     columns = ["reference", "text", "error"] + ([group_column] if group_field in extra_types else [])
     for _, table in iter_committed(layout, columns):
+        pairs: dict[str | None, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
         groups = table.column(group_column).to_pylist() if group_column in table.column_names else None
         values = [table.column(c).to_pylist() for c in ("reference", "text", "error")]
         for i, (reference, text, error) in enumerate(zip(*values)):
@@ -62,11 +78,11 @@ def evaluate(layout: RunLayout, group_field: str = "dataset") -> dict[str, Any]:
             refs, hyps = pairs[groups[i] if groups else None]
             refs.append(ref)
             hyps.append(normalize(text or ""))
-    all_refs = [r for refs, _ in pairs.values() for r in refs]
-    all_hyps = [h for _, hyps in pairs.values() for h in hyps]
-    result = {**word_errors(all_refs, all_hyps), **counts}
-    if any(key is not None for key in pairs):
-        result[f"by_{group_field}"] = {str(key): word_errors(*pairs[key]) for key in sorted(pairs, key=str)}
+        for key, (refs, hyps) in pairs.items():
+            scored[key] += _counts(refs, hyps)
+    result = {**_rates(sum(scored.values(), Counter())), **counts}
+    if any(key is not None for key in scored):
+        result[f"by_{group_field}"] = {str(key): _rates(scored[key]) for key in sorted(scored, key=str)}
     return result
 
 

@@ -187,30 +187,42 @@ def wall_seconds(invocations: list[dict[str, Any]], commit_times: list[datetime]
     return total
 
 
-def collect_stats(layout: RunLayout) -> dict[str, Any]:
-    """Run statistics from plan.json, the completion records and the invocation records (no credentials)."""
+def collect_stats(layout: RunLayout, chunk: int = 512) -> dict[str, Any]:
+    """Run statistics from plan.json, the completion records and the invocation records (no credentials).
+
+    The records are read ``chunk`` at a time and folded into counters, so memory stays flat however many shards
+    the run has (only each record's commit time is kept, for the wall time)."""
     plan = layout.read_json(layout.plan_json) if layout.exists(layout.plan_json) else {}
     done = sorted(layout.list_done_shards())
-    records = layout.read_json_many([layout.record_file(s) for s in done])
     invocations = layout.read_json_many(
         [p for p in _list(layout, layout.invocations_dir) if p.endswith(".json")]
     )
     causes: Counter[str] = Counter()
     fallbacks: Counter[str] = Counter()
     timings: Counter[str] = Counter()
-    for rec in records:
-        causes.update(rec.get("errors_by_cause", {}))
-        fallbacks.update(rec.get("fallbacks", {}))
-        timings.update({k: v for k, v in rec.items() if k.endswith("_seconds") and _is_number(v)})
+    rows_done = rows_failed = 0
+    models: set[str] = set()
+    commit_times = []
+    for start in range(0, len(done), chunk):
+        for rec in layout.read_json_many([layout.record_file(s) for s in done[start : start + chunk]]):
+            causes.update(rec.get("errors_by_cause", {}))
+            fallbacks.update(rec.get("fallbacks", {}))
+            timings.update({k: v for k, v in rec.items() if k.endswith("_seconds") and _is_number(v)})
+            rows_done += rec.get("rows", 0)
+            rows_failed += rec.get("errors", 0)
+            if rec.get("model"):
+                models.add(rec["model"])
+            if t := _parse_time(rec.get("finished_at")):
+                commit_times.append(t)
     audio = float(timings.pop("audio_seconds", 0.0))
-    wall = wall_seconds(invocations, [t for r in records if (t := _parse_time(r.get("finished_at")))])
+    wall = wall_seconds(invocations, commit_times)
     return {
         "input_uri": plan.get("input_uri"),
         "n_shards": plan.get("n_shards"),
         "n_rows": plan.get("n_rows"),
         "shards_done": len(done),
-        "rows_done": sum(r.get("rows", 0) for r in records),
-        "rows_failed": sum(r.get("errors", 0) for r in records),
+        "rows_done": rows_done,
+        "rows_failed": rows_failed,
         "failures_by_cause": dict(causes.most_common()),
         "fallbacks": dict(sorted(fallbacks.items(), key=lambda kv: float(kv[0]))),
         "audio_seconds": audio,
@@ -218,7 +230,7 @@ def collect_stats(layout: RunLayout) -> dict[str, Any]:
         "rtfx": audio / wall if wall > 0 else None,
         "timings": dict(sorted(timings.items())),
         "invocations": len(invocations),
-        "models": sorted({r["model"] for r in records if r.get("model")}),
+        "models": sorted(models),
     }
 
 

@@ -140,3 +140,9 @@ def test_export_jsonl(run_dir, tmp_path):
     assert rows[2]["error"].startswith("timeout") and rows[0]["dataset"] == "clean"
     with pytest.raises(ValueError, match="unknown export format"):
         export(run_dir, "docx", str(tmp_path / "j"))
+
+
+def test_stats_read_record_by_record_match_one_read(run_dir):
+    from pipeline.sink import collect_stats
+
+    assert collect_stats(run_dir, chunk=1) == collect_stats(run_dir)  # status streams the records in chunks
