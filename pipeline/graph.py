@@ -352,7 +352,8 @@ def run_graph(
 ) -> list[dict[str, Any]]:
     """Run the graph over ``input_files``; commit each shard once its ``expected`` number of rows is written.
 
-    Returns the completion records; ``on_commit(record)`` is called as each shard commits, and
+    Returns the completion records, or with ``on_commit`` nothing (a list that grows with the run): it is called
+    with each record as its shard commits; and
     ``on_part(part, new_rows)`` as each part record arrives (``new_rows``: its rows not seen before). The driver only
     holds the row indices of shards in flight, so its memory does not grow with the corpus.
     """
@@ -364,14 +365,18 @@ def run_graph(
     committed: set[int] = set()
     pending: list = []
     records: list[dict[str, Any]] = []
+    n_records = 0
 
     def collect(block: bool) -> None:
+        nonlocal n_records
         ready, rest = ray.wait(pending, num_returns=len(pending), timeout=None if block else 0)
         pending[:] = rest
         for rec in ray.get(ready):
-            records.append(rec)
+            n_records += 1
             if on_commit:
                 on_commit(rec)
+            else:
+                records.append(rec)
 
     last_progress = time.monotonic()
     gpus = cfg.ray.gpus_per_model_actor
@@ -382,9 +387,9 @@ def run_graph(
         nodes.poll()
         if part is None:  # no output yet: commits may still finish, and a stall must not go unnoticed
             if pending:
-                n = len(records)
+                n = n_records
                 collect(block=False)
-                last_progress = time.monotonic() if len(records) > n else last_progress
+                last_progress = time.monotonic() if n_records > n else last_progress
             nodes.check(last_progress)  # raises NodeLost when a lost node's work is not redone in time
             idle = time.monotonic() - last_progress
             if idle > cfg.ray.stall_timeout_seconds:
