@@ -273,6 +273,20 @@ class InputStager:
         self.seconds -= time.monotonic() - t0  # waiting for room is not staging time
         return not self._stop
 
+    def _check_rows(self, block: int, records: list[dict[str, Any]]) -> None:
+        """Raises ValueError when a block's shards do not have the rows the plan counted (the manifest changed)."""
+        spb = self.cfg.ray.shards_per_block
+        got: dict[int, int] = {}
+        for r in records:
+            got[r["shard_id"]] = got.get(r["shard_id"], 0) + 1
+        for shard in self.pending[block * spb : (block + 1) * spb]:
+            if got.get(shard, 0) != self.expected.get(shard, 0):
+                raise ValueError(
+                    f"the manifest changed while the run was reading it: shard {shard} has {got.get(shard, 0)} "
+                    f"rows now, the plan counted {self.expected.get(shard, 0)}. Committed shards are kept; rerun "
+                    f"the same command (it refuses a changed manifest, naming the change)"
+                )
+
     def _run(self) -> None:
         import pyarrow as pa
 
@@ -290,6 +304,7 @@ class InputStager:
                 if self.retry is not None:
                     records = [r for r in records if r["shard_id"] in self.never_committed or r["row_index"] in self.retry]
                 block = self.block_of[shard_ids[0]]
+                self._check_rows(block, records)
                 table = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
                 self.layout.write_bytes(self.files[block], table_to_parquet_bytes(table))
                 written.add(block)
@@ -297,6 +312,7 @@ class InputStager:
                 if block == 0:
                     self.first_block_seconds = time.monotonic() - t_start
             for block in sorted(set(range(len(self.files))) - written):  # a wave without rows: an empty block
+                self._check_rows(block, [])
                 self.layout.write_bytes(self.files[block], table_to_parquet_bytes(RECORD_SCHEMA.empty_table()))
             self.seconds += time.monotonic() - t_start
         except BaseException as e:  # noqa: BLE001 - surfaced by raise_error in the driver's thread

@@ -1,0 +1,90 @@
+"""The driver stages input blocks as the graph consumes them: a few blocks ahead of the commits, every row once, and a
+failed staging ends the graph's waits (ABORT) and surfaces its error."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.run import InputStager
+from pipeline.config import load_config
+from pipeline.graph import read_inputs
+from pipeline.layout import RunLayout
+from pipeline.plan import build_plan
+
+
+def _setup(tmp_path: Path, rows: int = 50, shard_size: int = 4):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"r{i}", "audio_filepath": f"/a/{i}.wav"}) + "\n" for i in range(rows)))
+    cfg = load_config(None, [f"manifest.shard_size={shard_size}"])
+    plan = build_plan(str(manifest), cfg)
+    layout = RunLayout(str(tmp_path / "out"))
+    return manifest, cfg, plan, layout
+
+
+def _staged(layout: RunLayout, stager: InputStager) -> list[str]:  # noqa: ARG001
+    return [p for p in stager.files if Path(p).exists()]
+
+
+def _wait(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_stages_ahead_of_commits_only_and_every_row_once(tmp_path: Path):
+    manifest, cfg, plan, layout = _setup(tmp_path)
+    pending = list(range(plan.n_shards))  # 13 shards, one per block
+    stager = InputStager(layout, layout.staging_dir("x"), str(manifest), plan, pending, cfg, None, set(pending))
+    assert len(stager.files) == 13 and sum(stager.expected.values()) == 50 and stager.expected[12] == 2
+    assert not _staged(layout, stager)  # nothing written before the graph starts
+    stager.start(ahead_blocks=3)
+    try:
+        assert _wait(lambda: len(_staged(layout, stager)) == 3)
+        time.sleep(0.3)
+        assert len(_staged(layout, stager)) == 3  # no commit yet: it waits
+        stager.committed(2)
+        assert _wait(lambda: len(_staged(layout, stager)) == 5)
+        stager.committed(100)
+        stager.wait()
+    finally:
+        stager.stop()
+    stager.raise_error()
+    rows = [r for p in stager.files for r in pq.read_table(p).to_pylist()]
+    assert [r["row_index"] for r in rows] == list(range(50))
+    assert [r["shard_id"] for r in rows] == [i // 4 for i in range(50)]
+
+
+def test_retry_failed_stages_only_those_rows(tmp_path: Path):
+    manifest, cfg, plan, layout = _setup(tmp_path)
+    # shard 1 committed with rows 5 and 6 failed; shard 3 never committed
+    stager = InputStager(layout, layout.staging_dir("x"), str(manifest), plan, [1, 3], cfg, [5, 6], {3})
+    assert stager.expected == {1: 2, 3: 4}
+    stager.start(ahead_blocks=8)
+    stager.wait()
+    stager.raise_error()
+    rows = [r["row_index"] for p in stager.files for r in pq.read_table(p).to_pylist()]
+    assert rows == [5, 6, 12, 13, 14, 15]
+
+
+def test_a_failed_staging_aborts_the_waiting_reads(tmp_path: Path):
+    manifest, cfg, plan, layout = _setup(tmp_path)
+    pending = list(range(plan.n_shards))
+    stager = InputStager(layout, layout.staging_dir("x"), str(manifest), plan, pending, cfg, None, set(pending))
+    manifest.write_text("")  # the manifest emptied between planning and staging
+    stager.start(ahead_blocks=3)
+    stager.wait()
+    with pytest.raises(ValueError, match="the manifest changed while the run was reading it: shard 0 has 0 rows"):
+        stager.raise_error()
+    import pyarrow as pa
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="staging the input blocks failed"):
+        read_inputs(pa.table({"path": [stager.files[0]]}), layout, wait_seconds=30)
+    assert time.monotonic() - t0 < 5  # the read gave up at once instead of waiting 30 s
+    assert not Path(stager.files[0]).exists()  # no empty block passed for the shards' rows
