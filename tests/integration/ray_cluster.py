@@ -121,6 +121,16 @@ class Node:
             self.proc.kill()
         self.proc.wait(timeout=10)
 
+    def wait_started(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Waits until ``ray start`` says the node runs; raises :class:`ClusterError` with its log's tail if it
+        ends or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise ClusterError(f"node {self.name} did not start ({' '.join(self.proc.args)}):\n"
+                                   f"{self.log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+
     def live_actors(self, name: str) -> int:
         """How many live worker processes of this node run an actor whose title contains ``name`` (Ray titles an
         actor's process ``ray::CLASS...``; a Ray Data pool's ``ray::MapWorker(MapBatches(CLASS))...``)."""
@@ -194,7 +204,7 @@ class RayCluster:
         }
 
     def _start(self, name: str, args: list[str], ports: dict[str, int], num_cpus: int, num_gpus: int,
-               ready: str, timeout: float) -> Node:
+               timeout: float) -> Node:
         temp_dir = self.root / name
         temp_dir.mkdir()
         log = self.root / f"{name}.log"
@@ -208,12 +218,8 @@ class RayCluster:
                                     start_new_session=True)
         node = Node(name, proc, temp_dir, log, num_cpus, num_gpus, ports)
         self.nodes.append(node)
-        deadline = time.monotonic() + timeout
-        while ready not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise ClusterError(f"node {name} did not start ({' '.join(cmd)}):\n"
-                                   f"{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.3)
+        if timeout:
+            node.wait_started(timeout)
         return node
 
     def start_head(self, num_cpus: int = 1, num_gpus: int = 0, dashboard: bool = False,
@@ -229,18 +235,19 @@ class RayCluster:
             args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         else:
             args += ["--include-dashboard=false"]
-        node = self._start("head", [*args, *extra], ports, num_cpus, num_gpus, "Ray runtime started", timeout)
+        node = self._start("head", [*args, *extra], ports, num_cpus, num_gpus, timeout)
         if dashboard:
             self._wait_http(f"{self.dashboard_url}/api/authentication_mode", node, timeout)  # public: no token
         return node
 
     def add_node(self, num_cpus: int = 1, num_gpus: int = 0, timeout: float = START_TIMEOUT_S,
                  extra: tuple[str, ...] = ()) -> Node:
-        """Starts a worker node that joins the head."""
+        """Starts a worker node that joins the head; waits until it runs unless ``timeout`` is 0 (then call
+        :meth:`Node.wait_started`)."""
         assert self.nodes, "start the head first"
         name = f"worker{len(self.nodes)}"
         return self._start(name, [f"--address={self.address}", *extra], self._node_ports(), num_cpus, num_gpus,
-                           "Ray runtime started", timeout)
+                           timeout)
 
     def _wait_http(self, url: str, node: Node, timeout: float) -> None:
         import requests
