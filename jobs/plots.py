@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from jobs.report import OTHER, SIGNALS, Aggregate, GroupCounts, wer_of
 
@@ -257,9 +258,13 @@ def render_page(data: dict[str, Any]) -> str:
     """The whole page, from :func:`jobs.report.build_report`'s data."""
     agg: Aggregate = data["agg"]
     ident = data["identity"]
-    kpis = [("rows committed", f"{agg.rows:,} of {ident['n_rows'] or 0:,}"), ("failed rows", f"{agg.failed:,} "
-            f"({pct(agg.failed, agg.rows)})"), ("audio", hours(agg.audio_seconds)), ("segments", f"{agg.segments:,}"),
-            ("shards", f"{data['shards_done']:,} of {data['shards_total']:,}")]
+    kpis = [
+        ("rows committed", f"{agg.rows:,} of {ident['n_rows'] or 0:,}"),
+        ("failed rows", f"{agg.failed:,} ({pct(agg.failed, agg.rows)})"),
+        ("audio", hours(agg.audio_seconds)),
+        ("segments", f"{agg.segments:,}"),
+        ("shards", f"{data['shards_done']:,} of {data['shards_total']:,}"),
+    ]
     sections = [
         ("Rows and audio by language", _group_section("language", agg.groups["language"], "language")),
         *[(f"Rows and audio by {name}", _group_section(name, agg.groups[name], f"by-{name}")) for name in data["by"]],

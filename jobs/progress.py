@@ -25,7 +25,8 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, TextIO
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class _ScreenErrors(logging.StreamHandler):
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(round(max(0.0, seconds)))
+    seconds = round(max(0.0, seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.layout import RunLayout
-from pipeline.secrets import redact_uri
 from pipeline.schema import error_cause, extra_column_name
+from pipeline.secrets import redact_uri
 
 log = logging.getLogger(__name__)
 
