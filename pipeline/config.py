@@ -60,6 +60,14 @@ class AudioConfig:
     pack_gap_seconds: float = 2.0
     # long files are decoded in chunks of this many seconds to bound worker memory
     streaming_chunk_seconds: float = 600.0
+    # cut audio at the speech Silero VAD finds (the silero-vad package): non-speech is never sent to the model
+    vad: bool = False
+    # speech probability above which a 32 ms frame is speech
+    vad_threshold: float = 0.5
+    # speech segments at most this many seconds apart share a window (a longer pause starts a new one)
+    vad_merge_gap_seconds: float = 2.0
+    # seconds of audio kept before and after each speech segment
+    vad_pad_seconds: float = 0.4
     # files a feature actor fetches ahead of its decoder (object stores answer each GET after tens of ms); 0: none
     prefetch: int = 8
     # a prefetched file larger than this many MB is not kept but streamed (so prefetch holds at most prefetch x this)
@@ -182,6 +190,10 @@ _RESULT_KEYS = (
     "audio.cut_search_seconds",
     "audio.pack_max_seconds",
     "audio.pack_gap_seconds",
+    "audio.vad",
+    "audio.vad_threshold",
+    "audio.vad_merge_gap_seconds",
+    "audio.vad_pad_seconds",
 )
 _NO_RESULT_KEYS = ("model.device", "model.batch_size", "model.timeout_seconds")
 
@@ -306,6 +318,9 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.audio.cut_search_seconds >= 0, "audio.cut_search_seconds must be >= 0"),
         (cfg.audio.decode_timeout_seconds > 0, "audio.decode_timeout_seconds must be > 0"),
         (cfg.audio.streaming_chunk_seconds > 0, "audio.streaming_chunk_seconds must be > 0"),
+        (0 < cfg.audio.vad_threshold < 1, "audio.vad_threshold must be in (0, 1)"),
+        (cfg.audio.vad_merge_gap_seconds >= 0 and cfg.audio.vad_pad_seconds >= 0,
+         "audio.vad_merge_gap_seconds and audio.vad_pad_seconds must be >= 0"),
         (cfg.audio.prefetch >= 0, "audio.prefetch must be >= 0 (0: no prefetch)"),
         (cfg.audio.prefetch_max_mb > 0, "audio.prefetch_max_mb must be > 0"),
         (cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}; got {cfg.model.dtype!r}"),

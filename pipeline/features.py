@@ -100,11 +100,30 @@ def load_features(
         chunks = iter_audio_chunks(
             f, a.streaming_chunk_seconds, offset=float(row.get("offset") or 0.0), duration=duration, name=name
         )
+        if a.vad:  # windows around speech only (pipeline.vad); not packed: a window's start is not the row's
+            windows = speech_windows(chunks, a)
+            w = featurize_windows(windows, n_mels)
+            w.duration = windows.samples / SAMPLE_RATE
+            return w
         windows = iter_windows(chunks, a.max_window_seconds, a.max_window_seconds - a.cut_search_seconds)
         head = list(itertools.islice(windows, 2))
         if len(head) == 1 and len(head[0][1]) <= a.pack_max_seconds * SAMPLE_RATE:
             return head[0][1]
         return featurize_windows(itertools.chain(head, windows), n_mels)
+
+
+def speech_windows(chunks: Iterable[np.ndarray], a: AudioConfig):
+    """``audio.vad``: windows of ≤ ``max_window_seconds`` around the speech Silero VAD finds (:mod:`pipeline.vad`)."""
+    from .vad import VadOptions, VadWindows
+
+    opts = VadOptions(
+        threshold=a.vad_threshold,
+        pad_seconds=a.vad_pad_seconds,
+        merge_gap_seconds=a.vad_merge_gap_seconds,
+        max_window_seconds=a.max_window_seconds,
+        cut_search_seconds=a.cut_search_seconds,
+    )
+    return VadWindows(chunks, opts)
 
 
 def decode_pool() -> ThreadPoolExecutor:

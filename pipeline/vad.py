@@ -1,0 +1,174 @@
+"""Voice activity detection (optional, ``audio.vad``): long audio cut into windows of speech only.
+
+Long real recordings hold music, noise and silence where Whisper invents text. With ``audio.vad`` the CPU actors
+run Silero VAD (the ``silero-vad`` package ships its model: nothing is downloaded) over each decoded chunk and cut
+windows around the speech it finds:
+
+- speech segments (padded by ``audio.vad_pad_seconds``) closer than ``audio.vad_merge_gap_seconds`` share a window
+  while the window stays within ``audio.max_window_seconds``; a longer stretch of non-speech starts a new window, so
+  it is never sent to the model;
+- one segment longer than a window is cut at its quiet points, as without VAD (``pipeline.windows``);
+- every window is a contiguous span of the original audio with its absolute start, the ``(start_sample, audio)``
+  shape ``featurize_windows`` consumes, so segment times stay absolute.
+
+Audio arrives in chunks (``iter_audio_chunks``); detection runs per chunk and a segment that runs across a chunk
+boundary is joined, so memory stays at about one chunk plus the window being built.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .windows import plan_windows
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+
+_MODEL = None
+_MODEL_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class VadOptions:
+    # speech probability above which a 32 ms frame is speech (Silero's default)
+    threshold: float = 0.5
+    # seconds added before and after each speech segment (clipped at the audio's ends)
+    pad_seconds: float = 0.4
+    # speech segments this close share a window (the pause goes to the model with them)
+    merge_gap_seconds: float = 2.0
+    # shorter speech is dropped (clicks, coughs)
+    min_speech_seconds: float = 0.25
+    # a pause must last this long to end a segment
+    min_silence_seconds: float = 0.16
+    # hard limit on a window (Whisper's 30 s)
+    max_window_seconds: float = 30.0
+    # a segment longer than a window is cut at the quietest point in this many seconds before the limit
+    cut_search_seconds: float = 5.0
+
+
+def silero_model():
+    """Silero VAD's packaged model (TorchScript), loaded once per process."""
+    global _MODEL
+    with _MODEL_LOCK:
+        if _MODEL is None:
+            try:
+                from silero_vad import load_silero_vad
+            except ImportError as e:  # pragma: no cover - depends on the install
+                raise RuntimeError(
+                    "audio.vad needs the silero-vad package: pip install 'whisper-batch[vad]' "
+                    "(or pip install silero-vad --no-deps, which keeps the installed torch)"
+                ) from e
+            _MODEL = load_silero_vad()
+        return _MODEL
+
+
+def silero_detector(opts: VadOptions) -> Callable[[np.ndarray], list[tuple[int, int]]]:
+    """audio (T,) float32 at 16 kHz → speech segments [(start, end), ...] in samples (Silero VAD)."""
+    import torch
+    from silero_vad import get_speech_timestamps
+
+    model = silero_model()
+
+    def detect(audio: np.ndarray) -> list[tuple[int, int]]:
+        if len(audio) < 512:
+            return []
+        with torch.no_grad():
+            stamps = get_speech_timestamps(
+                torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)),
+                model,
+                threshold=opts.threshold,
+                sampling_rate=SAMPLE_RATE,
+                min_speech_duration_ms=int(opts.min_speech_seconds * 1000),
+                min_silence_duration_ms=int(opts.min_silence_seconds * 1000),
+                speech_pad_ms=0,  # padded here, after joining across chunks
+            )
+        model.reset_states()
+        return [(int(s["start"]), int(s["end"])) for s in stamps]
+
+    return detect
+
+
+def group_segments(segments: list[tuple[int, int]], max_len: int, gap: int) -> list[tuple[int, int]]:
+    """Greedy: consecutive segments share a span while the pause is at most ``gap`` and the span ``max_len``."""
+    spans: list[tuple[int, int]] = []
+    for s, e in segments:
+        if spans and s - spans[-1][1] <= gap and e - spans[-1][0] <= max_len:
+            spans[-1] = (spans[-1][0], max(e, spans[-1][1]))
+        else:
+            spans.append((s, e))
+    return spans
+
+
+class VadWindows:
+    """Streaming speech windows: iterate for ``(start_sample, audio)``; ``samples`` is the audio's length after."""
+
+    def __init__(
+        self,
+        chunks: Iterable[np.ndarray],
+        opts: VadOptions = VadOptions(),
+        detect: Callable[[np.ndarray], list[tuple[int, int]]] | None = None,
+        sr: int = SAMPLE_RATE,
+    ):
+        self.chunks, self.opts, self.sr = chunks, opts, sr
+        self.detect = detect or silero_detector(opts)
+        self.samples = 0  # audio decoded so far
+        self.speech_samples = 0  # audio sent to the model
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        o, sr = self.opts, self.sr
+        max_len, gap, pad = int(o.max_window_seconds * sr), int(o.merge_gap_seconds * sr), int(o.pad_seconds * sr)
+        buf, buf_start = np.zeros(0, np.float32), 0  # audio of [buf_start, buf_start + len(buf))
+        segs: list[tuple[int, int]] = []  # unpadded speech segments not yet in a window, absolute
+        for chunk in self.chunks:
+            chunk = np.asarray(chunk, dtype=np.float32)
+            start = buf_start + len(buf)
+            found = [(start + s, start + e) for s, e in self.detect(chunk)]
+            if found and segs and segs[-1][1] >= start - sr // 100 and found[0][0] <= start + sr // 100:
+                segs[-1] = (segs[-1][0], found.pop(0)[1])  # one segment across the chunk boundary
+            segs += found
+            buf = np.concatenate([buf, chunk]) if len(buf) else chunk
+            self.samples = start + len(chunk)
+            # segments that can no longer grow or join: the stream is far enough past them
+            ready = [sg for sg in segs if sg[1] + gap + 2 * pad < self.samples]
+            if ready and len(ready) < len(segs):
+                # keep the last ready segment's span open if the next one may still join it
+                ready = ready[: _closed_prefix(ready, segs[len(ready)], max_len, gap, pad)]
+            if ready:
+                yield from self._windows(ready, buf, buf_start, max_len, gap, pad)
+                segs = segs[len(ready):]
+            keep_from = min([segs[0][0] - pad] if segs else [self.samples]) - pad
+            keep_from = max(buf_start, min(keep_from, self.samples))
+            buf, buf_start = buf[keep_from - buf_start:], keep_from
+        if segs:
+            yield from self._windows(segs, buf, buf_start, max_len, gap, pad)
+
+    def _windows(self, segs, buf, buf_start, max_len, gap, pad) -> Iterator[tuple[int, np.ndarray]]:
+        padded = [(max(0, s - pad), min(self.samples, e + pad)) for s, e in segs]
+        for s, e in group_segments(padded, max_len, gap):
+            s = max(s, buf_start)
+            audio = buf[s - buf_start : e - buf_start]
+            if len(audio) <= max_len:
+                self.speech_samples += len(audio)
+                yield s, audio
+                continue
+            o = self.opts
+            for b, c in plan_windows(audio, o.max_window_seconds, o.max_window_seconds - o.cut_search_seconds, self.sr):
+                self.speech_samples += c - b
+                yield s + b, audio[b:c]
+
+
+def _closed_prefix(ready, nxt, max_len, gap, pad) -> int:
+    """How many of ``ready`` segments may be windowed now: all, unless the next (unready) segment could still join
+    the span the last ready ones form, in which case that span waits."""
+    padded = [(s - pad, e + pad) for s, e in ready]
+    spans = group_segments(padded, max_len, gap)
+    last_start = spans[-1][0]
+    if nxt[0] - pad - spans[-1][1] <= gap and nxt[1] + pad - last_start <= max_len:
+        return sum(1 for s, _ in padded if s < last_start)
+    return len(ready)

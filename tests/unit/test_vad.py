@@ -1,0 +1,77 @@
+"""VAD windows: speech only, ≤ 30 s, absolute starts, the same whatever the chunking; Silero on real speech."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.audio import decode_audio
+from pipeline.vad import VadOptions, VadWindows, group_segments
+
+SR = 16000
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def fake_detector(truth: list[tuple[int, int]]):
+    """Detects the parts of ``truth`` (absolute sample ranges) inside each chunk, given where chunks start."""
+    state = {"pos": 0}
+
+    def detect(chunk):
+        lo, hi = state["pos"], state["pos"] + len(chunk)
+        state["pos"] = hi
+        return [(max(s, lo) - lo, min(e, hi) - lo) for s, e in truth if s < hi and e > lo]
+
+    return detect
+
+
+def run(audio, truth, chunk_s, **kw):
+    opts = VadOptions(pad_seconds=0.0, **kw)
+    chunks = [audio[i : i + int(chunk_s * SR)] for i in range(0, len(audio), int(chunk_s * SR))]
+    w = VadWindows(chunks, opts, detect=fake_detector(truth))
+    out = [(s, len(a)) for s, a in w]
+    assert w.samples == len(audio)
+    return out
+
+
+def test_group_segments():
+    assert group_segments([(0, 10), (15, 20), (40, 50)], max_len=30, gap=5) == [(0, 20), (40, 50)]
+    assert group_segments([(0, 10), (12, 35)], max_len=30, gap=5) == [(0, 10), (12, 35)]
+
+
+def test_windows_cover_speech_only_and_do_not_depend_on_chunking():
+    rng = np.random.default_rng(0)
+    audio = rng.standard_normal(200 * SR).astype(np.float32) * 0.1
+    s = lambda a, b: (int(a * SR), int(b * SR))  # noqa: E731
+    truth = [s(5, 12), s(13, 20), s(40, 45), s(59.5, 61), s(80, 150), s(190, 200)]
+    expected = run(audio, truth, chunk_s=1000)
+    for chunk_s in (7, 30, 60.25):
+        assert run(audio, truth, chunk_s) == expected
+    starts = [b / SR for b, _ in expected]
+    assert starts[:3] == [5.0, 40.0, 59.5]  # 5-20 s in one window (1 s pause), 40-45 and 59.5-61 apart (14.5 s gap)
+    assert all(n <= 30 * SR for _, n in expected)
+    speech = sum(e - b for b, e in truth)
+    assert sum(n for _, n in expected) == speech + SR  # the merged 1 s pause is the only non-speech sent
+    # the 70 s segment is cut into windows at quiet points, contiguous
+    long = [(b, n) for b, n in expected if s(80, 150)[0] <= b < s(150, 150)[0]]
+    assert len(long) == 3 and long[0][0] == 80 * SR and sum(n for _, n in long) == 70 * SR
+
+
+def test_no_speech_gives_no_window():
+    audio = np.zeros(50 * SR, np.float32)
+    assert run(audio, [], chunk_s=20) == []
+
+
+def test_silero_finds_the_speech_between_silence_and_noise():
+    pytest.importorskip("silero_vad")
+    speech = decode_audio((EXAMPLES / "fox.flac").read_bytes())
+    rng = np.random.default_rng(1)
+    noise = (rng.standard_normal(20 * SR) * 0.003).astype(np.float32)
+    audio = np.concatenate([np.zeros(10 * SR, np.float32), speech, noise, speech, np.zeros(5 * SR, np.float32)])
+    chunks = [audio[i : i + 15 * SR] for i in range(0, len(audio), 15 * SR)]
+    w = VadWindows(chunks, VadOptions())
+    windows = [(s / SR, len(a) / SR) for s, a in w]
+    assert len(windows) == 2, windows
+    second = 10 + len(speech) / SR + 20
+    for (start, length), at in zip(windows, (10.0, second)):
+        assert at - 0.5 <= start <= at + 0.2 and length <= len(speech) / SR + 1.0
+    assert w.samples == len(audio) and w.speech_samples < 0.3 * len(audio)
