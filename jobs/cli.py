@@ -187,17 +187,39 @@ def export(output, fmt, out_dir, config, overrides, words) -> None:
 
 
 @main.command()
-@click.argument("manifest")
+@click.argument("manifest", required=False)
 @click.option("--engines", default=",".join(("whisper-batch", "whisper-batch-int8", "openai", "faster-int8",
               "faster-batched-int8")), show_default=True, help="Comma-separated engines to run, alternating.")
 @click.option("--model", "model_spec", default=None, help="Checkpoint for every engine (default: packaged tiny.en).")
 @click.option("--repeat", default=1, show_default=True, help="Rounds; the engine order alternates between rounds.")
 @click.option("--threads", default=os.cpu_count(), show_default=True, help="CPU threads for the peers.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
-def bench(manifest, engines, model_spec, repeat, threads, json_out) -> None:
+@click.option("--yardstick", is_flag=True, help="Accuracy instead: WER per yardstick set for --configs, each paired "
+              "with fp32 (rows better/worse, bootstrap 95% interval); no MANIFEST (see jobs/make_yardstick.py).")
+@click.option("--configs", default="fp32,default,int8", show_default=True, metavar="NAME[:KEY=VALUE+...],...",
+              help="--yardstick: configurations by name (fp32, default, int8) or NAME:KEY=VALUE+KEY=VALUE.")
+@click.option("--sets", default=None, help="--yardstick: comma-separated sets (default: all).")
+def bench(manifest, engines, model_spec, repeat, threads, json_out, yardstick, configs, sets) -> None:
     """Side-by-side throughput/WER/memory of whisper-batch and its peers on MANIFEST, in one run."""
     import platform
 
+    if yardstick:
+        from jobs.yardstick import format_report, parse_configs, yardstick as run_yardstick
+
+        try:
+            chosen_configs = parse_configs(configs)
+            scored, results = run_yardstick(chosen_configs, model_spec, set_names=sets and sets.split(","),
+                                            echo=lambda m: click.echo(m, err=True))
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}")
+        click.echo(format_report(scored, results))
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump(scored, f, indent=2)
+        return
+    if not manifest:
+        raise click.UsageError("MANIFEST is required (or --yardstick)")
     from jobs.bench import ENGINES, bench as run_bench, format_table
 
     chosen = [e.strip() for e in engines.split(",") if e.strip()]

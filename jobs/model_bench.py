@@ -128,10 +128,15 @@ def reference_engine(ckpt, beam_size: int | None) -> Callable[[torch.Tensor], ob
 def run_bench(args: argparse.Namespace) -> tuple[list[Timing], dict[str, float], str]:
     start = time.perf_counter()
     model, tokenizer, ckpt = load_model(args.model, dtype=getattr(torch, args.dtype))
-    model.pack_cpu_weights()  # as the pipeline's CPU model actors do (a no-op off the CPU)
+    if args.quantize != "none":  # as the pipeline's Transcriber does for model.quantize=int8
+        from model.quantize import quantize_int8
+
+        model = quantize_int8(model, projection="float" if args.quantize == "int8-float-projection" else "int8")
+    else:
+        model.pack_cpu_weights()  # as the pipeline's CPU model actors do (a no-op off the CPU)
     loads = {"ours: load_model": time.perf_counter() - start}
     start = time.perf_counter()
-    reference = reference_engine(ckpt, args.beam_size)
+    reference = None if args.no_reference else reference_engine(ckpt, args.beam_size)
     if reference is not None:
         loads["openai-whisper: build + load_state_dict"] = time.perf_counter() - start
 
@@ -211,6 +216,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default=str(EVAL_DIR), help="eval data directory with manifest.jsonl")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="our model's dtype (the reference runs in fp32 on the CPU)")
+    parser.add_argument("--quantize", default="none", choices=("none", "int8", "int8-float-projection"),
+                        help="int8 layers (model/quantize.py; needs --dtype float32); int8-float-projection keeps the "
+                             "vocabulary projection in fp32")
+    parser.add_argument("--no-reference", action="store_true", help="leave openai-whisper out (ours only)")
     parser.add_argument("--words", action="store_true",
                         help="also time transcribe_windows with word timestamps (their cost per window)")
     args = parser.parse_args(argv)

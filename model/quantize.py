@@ -1,38 +1,115 @@
-"""Dynamic int8 quantisation of the Linear layers, for CPU inference.
+"""int8 inference on the CPU as CTranslate2 does it.
 
-The attention and MLP projections, and the output projection onto the vocabulary (tied to the token embedding in
-the checkpoint — the largest matmul of every decoding step), run as int8 GEMMs with per-row weight scales;
-activations are quantised on the fly. Convolutions, layer norms and attention itself stay in fp32.
+Every linear layer keeps its weight as int8 with one scale per output channel (row), and quantises its input per
+token (one scale per row of activations, the row's absolute maximum over 127) on every call; the int8 x int8 product
+accumulates in int32 (``torch._int_mm``, oneDNN/fbgemm underneath) and is scaled back to fp32 with the two scales,
+where the bias is added. Everything else stays fp32: the residual stream, layer norms, attention (q k^T and the
+softmax), the convolutions and the embeddings.
+
+Per-token activation scales are what ``torch.ao`` dynamic quantisation does not do (it scales the whole activation
+tensor with one number, so one loud token coarsens every other row of the batch; that cost WER on the dev set).
+
+The projection onto the vocabulary (the tied token embedding, the largest matmul of every decoding step) is int8 as
+well by default (``projection="int8"``); ``projection="float"`` keeps it in fp32 through oneDNN's packed weight.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .whisper import Linear, Whisper
+from .whisper import Linear, Whisper, pack_weight, packed_linear
 
+logger = logging.getLogger(__name__)
 
-def _plain_linear(layer: Linear) -> nn.Linear:
-    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    plain.load_state_dict(layer.state_dict())
-    return plain
+QMAX = 127.0
 
 
-def quantize_int8(model: Whisper) -> Whisper:
-    """Quantise ``model`` (fp32, CPU) in place and return it."""
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row: x (M, K) float -> (int8 (M, K), scale (M,) fp32) with x ~= q * scale[:, None]."""
+    scale = x.abs().amax(dim=-1).float().clamp_min(1e-12) / QMAX
+    q = torch.round(x.float() / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def _int_mm_works() -> bool:
+    """Whether ``torch._int_mm`` runs on this machine's CPU (it exists since torch 2.2)."""
+    try:
+        a, b = torch.ones(4, 32, dtype=torch.int8), torch.ones(32, 8, dtype=torch.int8)
+        return bool(torch._int_mm(a, b).sum().item() == 4 * 8 * 32)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class Int8Linear(nn.Module):
+    """``y = x W^T + b`` with W int8 per output channel, x int8 per row, int32 accumulation, fp32 out.
+
+    ``weight_t`` is W^T (in, out), contiguous: the layout ``torch._int_mm`` reads fastest."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, use_int_mm: bool = True):
+        super().__init__()
+        w = weight.detach().float()
+        q, scale = quantize_rows(w)
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.register_buffer("weight_t", q.t().contiguous())
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.use_int_mm = use_int_mm
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        q, scale = quantize_rows(x2)
+        if self.use_int_mm:
+            acc = torch._int_mm(q, self.weight_t).float()
+        else:  # exact while a row's sum stays below 2^24 (K * 127^2): K <= 1040; above, off by float rounding
+            acc = q.float() @ self.weight_t.float()
+        y = acc.mul_(scale[:, None]).mul_(self.weight_scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel x per token"
+
+
+class FloatProjection(nn.Module):
+    """The vocabulary projection kept in fp32 (packed for oneDNN where it can be)."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().float().clone())
+        self.packed = pack_weight(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            return packed_linear(x.float(), self.packed)
+        return x.float() @ self.weight.T
+
+
+def quantize_int8(model: Whisper, projection: str = "int8") -> Whisper:
+    """Quantise ``model`` (fp32, CPU) in place and return it.
+
+    Args:
+        projection: ``"int8"`` (the vocabulary projection quantised like the other layers) or ``"float"`` (fp32).
+    """
     if model.dtype != torch.float32 or model.device.type != "cpu":
-        raise ValueError("int8 quantisation is for fp32 models on the CPU")
-    # torch's dynamic quantizer maps nn.Linear exactly; ours only adds a dtype cast, which fp32 does not need
+        raise ValueError(f"int8 quantisation is for fp32 models on the CPU, not {model.dtype} on {model.device}")
+    if projection not in ("int8", "float"):
+        raise ValueError(f"projection must be 'int8' or 'float', not {projection!r}")
+    use_int_mm = _int_mm_works()
+    if not use_int_mm:
+        logger.warning("torch._int_mm does not run here: int8 layers multiply their int8 values in fp32 (same "
+                       "numbers up to rounding, not faster)")
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is Linear:
-                setattr(module, name, _plain_linear(child))
-    d = model.dims
-    proj = nn.Linear(d.n_text_state, d.n_vocab, bias=False)
-    proj.weight = nn.Parameter(model.decoder.token_embedding.weight.detach().clone())
-    model.decoder.out_proj = proj
-    # one scale per output row (per-channel): a per-tensor scale is set by the largest weight of the whole matrix
-    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-    torch.ao.quantization.quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
+            if isinstance(child, Linear):
+                setattr(module, name, Int8Linear(child.weight, child.bias, use_int_mm))
+    emb = model.decoder.token_embedding.weight
+    model.decoder.out_proj = (
+        Int8Linear(emb, None, use_int_mm) if projection == "int8" else FloatProjection(emb)
+    )
+    model.decoder.packed_projection = None
     return model

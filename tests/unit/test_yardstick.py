@@ -1,0 +1,64 @@
+"""The yardstick's paired statistics on small fixed examples whose numbers can be checked by hand, and the set
+builder's noise at its stated SNR."""
+
+import numpy as np
+import pytest
+
+from jobs.make_yardstick import add_noise
+from jobs.yardstick import paired_compare, row_errors
+
+
+def test_paired_counts_and_wers_by_hand():
+    # 4 rows of 10 words: reference 0+2+1+0 = 3 errors (7.5 %), candidate 1+0+1+0 = 2 (5 %)
+    p = paired_compare([0, 2, 1, 0], [1, 0, 1, 0], [10, 10, 10, 10], samples=500, seed=1)
+    assert p["rows"] == 4 and p["words"] == 40
+    assert p["ref_wer"] == pytest.approx(0.075) and p["cand_wer"] == pytest.approx(0.05)
+    assert p["diff"] == pytest.approx(-0.025)
+    assert (p["better"], p["worse"], p["same"]) == (1, 1, 2)
+    lo, hi = p["ci"]
+    # a resample's difference is (cand - ref errors) / words, each row adding +1, -2, 0 or 0 over 10 words:
+    # it lies in [-2/10, +1/10]; both directions occur, so the interval straddles zero and accuracy is kept
+    assert -0.2 <= lo < 0 < hi <= 0.1
+    assert p["keeps"]
+
+
+def test_a_constant_shift_gives_a_point_interval():
+    # every row has exactly one more error in the candidate, 10 words each: every resample differs by 1/10
+    p = paired_compare([0, 1, 2, 3, 0], [1, 2, 3, 4, 1], [10] * 5)
+    assert p["ci"] == pytest.approx((0.1, 0.1))
+    assert (p["better"], p["worse"]) == (0, 5)
+    assert not p["keeps"]  # the interval lies above zero: the candidate is worse
+    same = paired_compare([3, 1, 0], [3, 1, 0], [7, 9, 4])
+    assert same["ci"] == (0.0, 0.0) and same["keeps"] and same["same"] == 3
+
+
+def test_the_interval_is_reproducible_and_weights_rows_by_words():
+    ref, cand, words = [0, 5, 1, 2, 0, 3], [1, 3, 1, 2, 2, 3], [5, 40, 8, 12, 6, 20]
+    a, b = paired_compare(ref, cand, words, seed=7), paired_compare(ref, cand, words, seed=7)
+    assert a["ci"] == b["ci"]
+    # corpus WER is total errors over total words, not a mean of row rates: (1+3+1+2+2+3) / 91
+    assert a["cand_wer"] == pytest.approx(12 / 91) and a["ref_wer"] == pytest.approx(11 / 91)
+    assert a["ci"][0] <= a["diff"] <= a["ci"][1]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError):
+        paired_compare([1, 2], [1], [3, 3])
+    with pytest.raises(ValueError):
+        paired_compare([], [], [])
+
+
+def test_row_errors_counts_substitutions_deletions_insertions():
+    errors, words = row_errors(["a b c d", "x y"], ["a c d e f", "x y"])  # -b, +e +f: 3 errors over 4 words
+    assert errors.tolist() == [3, 0] and words.tolist() == [4, 2]
+
+
+def test_noise_is_added_at_the_stated_snr_and_is_seeded():
+    t = np.arange(16000) / 16000
+    speech = (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    noisy = add_noise(speech, 10.0, seed=3)
+    noise = noisy - speech
+    snr = 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / np.mean(noise.astype(np.float64) ** 2))
+    assert snr == pytest.approx(10.0, abs=0.05)
+    assert np.array_equal(noisy, add_noise(speech, 10.0, seed=3))
+    assert not np.array_equal(noisy, add_noise(speech, 10.0, seed=4))
