@@ -8,12 +8,16 @@ against the manifest's own folder, on the manifest's filesystem), and every othe
 
 from __future__ import annotations
 
+import atexit
 import csv
 import hashlib
 import json
 import logging
 import os
+import pickle
 import posixpath
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -152,7 +156,7 @@ def read_manifest(
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     fmt = manifest_format(uri, fs, path, cfg.audio_extensions, cfg.audio_field)
     if fmt in CONTAINER_FORMATS:
-        yield from _container_rows(uri, fs, path, fmt, cfg)
+        yield from _spooled_rows(uri, fs, path, fmt, cfg, storage_options)
         return
     if fmt.startswith("audio-"):
         yield from _audio_rows(uri, fs, path, fmt, cfg)
@@ -284,6 +288,54 @@ def _parquet_audio_column(fs: fsspec.AbstractFileSystem, path: str, uri: str, au
     with fs.open(path, "rb") as f:
         schema = pq.ParquetFile(f).schema_arrow
     return audio_column(schema, audio_field, uri)
+
+
+# (input, storage options, config) -> a local file of the rows a complete pass over the containers read (this process)
+_SPOOLS: dict[tuple, str] = {}
+_SPOOLS_LOCK = threading.Lock()
+
+
+def _spooled_rows(uri, fs, path, fmt, cfg: ManifestConfig, storage_options) -> Iterator[ManifestRow]:
+    """The containers' rows. A complete pass also writes them (metadata, never audio) to a local spool that the next
+    pass over the same input replays once and deletes: the plan pass streams each tar and the staging pass that
+    follows it reads the spool, so the driver reads each tar once per run; the pass after that reads the tars again.
+    A pass stopped early leaves no spool."""
+    key = (uri, fmt, json.dumps(storage_options or {}, sort_keys=True, default=str), cfg)
+    with _SPOOLS_LOCK:
+        spool = _SPOOLS.pop(key, None)
+    if spool is not None:
+        try:
+            with open(spool, "rb") as f:
+                while True:
+                    try:
+                        row = pickle.load(f)
+                    except EOFError:
+                        return
+                    yield row
+        finally:
+            _remove(spool)
+    fd, tmp = tempfile.mkstemp(prefix="whisper-batch-rows-", suffix=".pickle")
+    complete = False
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for row in _container_rows(uri, fs, path, fmt, cfg):
+                pickle.dump(row, out, protocol=pickle.HIGHEST_PROTOCOL)
+                yield row
+        complete = True
+    finally:
+        if complete:
+            with _SPOOLS_LOCK:
+                _SPOOLS[key] = tmp
+            atexit.register(_remove, tmp)
+        else:
+            _remove(tmp)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _container_rows(

@@ -175,3 +175,17 @@ def test_a_tar_changed_since_the_plan_gives_error_rows(tmp_path):
     path.write_bytes(path.read_bytes()[:1024])  # truncated after the plan
     got = {r["id"]: d for r, d in iter_sample_audio(recs)}
     assert str(got["0000"]).startswith("decode failed: tar") and str(got["0001"]).startswith("not found:")
+
+
+def test_the_driver_reads_each_tar_once_per_run(tmp_path, monkeypatch):
+    import pipeline.manifest as manifest
+
+    write_tar(tmp_path / "a.tar", [sample(1), sample(2)])
+    write_tar(tmp_path / "b.tar", [sample(3)])
+    opened = []
+    real = manifest.open_container
+    monkeypatch.setattr(manifest, "open_container", lambda fs, p: opened.append(Path(p).name) or real(fs, p))
+    uri = str(tmp_path / "*.tar")
+    first = records(uri, RunConfig())  # the plan pass streams the tars; staging replays what it read
+    assert opened == ["a.tar", "b.tar"]
+    assert records(uri, RunConfig()) == first and opened == ["a.tar", "b.tar"] * 2  # a new run reads them anew
