@@ -75,3 +75,21 @@ def test_silero_finds_the_speech_between_silence_and_noise():
     for (start, length), at in zip(windows, (10.0, second)):
         assert at - 0.5 <= start <= at + 0.2 and length <= len(speech) / SR + 1.0
     assert w.samples == len(audio) and w.speech_samples < 0.3 * len(audio)
+
+
+def test_the_feature_stage_with_vad_sends_speech_windows_at_absolute_times(tmp_path):
+    pytest.importorskip("silero_vad")
+    from pipeline.config import load_config
+    from pipeline.features import load_features
+    from tests.integration.conftest import write_wav
+
+    speech = decode_audio((EXAMPLES / "fox.flac").read_bytes())
+    audio = np.concatenate([np.zeros(40 * SR, np.float32), speech, np.zeros(10 * SR, np.float32)])
+    path = write_wav(tmp_path / "long.wav", audio)
+    row = {"uri": str(path), "offset": 0.0, "duration": None}
+    w = load_features(row, 80, load_config(None, ["audio.vad=true"]))
+    assert len(w.starts) == 1 and 39.5 <= w.starts[0] <= 40.0 and w.frames[0] < 5 * 100
+    assert abs(w.duration - len(audio) / SR) < 0.01  # the whole file, not only the speech
+    silent = write_wav(tmp_path / "silent.wav", np.zeros(20 * SR, np.float32))
+    w = load_features({"uri": str(silent)}, 80, load_config(None, ["audio.vad=true"]))
+    assert w.starts == [] and w.frames == [] and abs(w.duration - 20.0) < 0.01
