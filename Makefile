@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 OUT ?= out/demo
 
-.PHONY: install install-test demo test test-fast bench clean
+.PHONY: install install-test demo test test-fast bench gpu-check clean
 
 # torch first, pinned: its CPU wheel is what this machine has; a plain requirement would pull CUDA packages.
 install:
@@ -37,6 +37,11 @@ test-fast: install-test
 
 bench: install-test
 	$(PYTHON) -m jobs.model_bench
+
+# Everything a GPU must show, one table (CUDA tests, dev-set WER vs CPU fp32, large-v3 shapes fp16/bf16, CUDA graphs,
+# HF generate); without CUDA it says so and runs the same script's CPU self-test (also run by `make test`).
+gpu-check: install-test
+	$(PYTHON) -m jobs.gpu_check
 
 clean:
 	rm -rf out .pytest_cache
