@@ -53,11 +53,38 @@ def init_ray(cfg: RunConfig) -> None:
     hook = cfg.ray.worker_setup_hook
     runtime_env = {"worker_process_setup_hook": hook} if hook else None
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=False, runtime_env=runtime_env)
+        join_cluster(cfg.ray.address, runtime_env)
     else:
         # a local Ray: this machine's cores; the dashboard is not needed for a batch job
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     # Ray Data's operator bars: on (Ray's default) unless jobs.progress.quiet_screen turned them off
+
+
+def join_cluster(address: str, runtime_env: dict[str, Any] | None) -> None:
+    """Joins the Ray cluster at ``address``, with this machine's token when it has one.
+
+    ``ray.init`` sends a token to a cluster it finds itself (``auto``) but not to an address it is given, unless
+    ``RAY_AUTH_MODE=token``; here, as for ``whisper-batch submit``, the token Ray's CLI would use (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) is sent whenever one is found and the mode is not set.
+
+    Raises:
+        ValueError: the cluster cannot be joined (the message has Ray's reason, e.g. a missing token).
+    """
+    import ray
+    from ray._private.authentication import authentication_token_setup as setup
+
+    quiet = logging.getLogger(setup.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning speaks to a cluster's owner ("set RAY_AUTH_MODE=disabled to opt out")
+    try:
+        setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
+    try:
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+    except ConnectionError as e:
+        cause = f": {e.__cause__}" if e.__cause__ else ""
+        raise ValueError(f"cannot join the Ray cluster at {address} (ray.address){cause}"[:1500]) from None
 
 
 def run(

@@ -48,15 +48,19 @@ EXAMPLES = REPO / "examples"
 COPIES = 4
 MODEL = "ArrowTranscriber"
 FEATURES = "ArrowFeaturizer"
-# after a node is lost, a run without progress for this long stops (the product's default is minutes)
+# after a node is lost, a run without progress for this long stops (the product's default is minutes); where no
+# node is left for the model stage, a shorter wait suffices
 LOST_NODE_TIMEOUT_S = 30
+SHRUNK_TIMEOUT_S = 15
 # the drivers and the nodes: no token authentication (tests/integration/test_token_auth.py covers it)
 ENV = {"RAY_AUTH_MODE": "disabled"}
+# the GCS declares a killed node dead after ~8 s instead of ~15 s (health checks every 2 s, 4 missed)
+HEALTH_CHECKS = {"RAY_health_check_period_ms": "2000", "RAY_health_check_failure_threshold": "4"}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with RayCluster(env={**os.environ, **ENV}) as c:
+    with RayCluster(env={**os.environ, **ENV, **HEALTH_CHECKS}) as c:
         c.start_head(num_cpus=1)
         c.add_node(num_cpus=2, num_gpus=1)
         c.add_node(num_cpus=2, num_gpus=1)
@@ -70,10 +74,9 @@ def manifest(tmp_path_factory) -> tuple[Path, set[str]]:
     return path, {r["id"] for r in rows}
 
 
-def _args(cluster: RayCluster, manifest: Path, out: Path) -> list[Any]:
+def _args(cluster: RayCluster, manifest: Path, out: Path, lost_node_s: float = LOST_NODE_TIMEOUT_S) -> list[Any]:
     sets = [f"ray.address={cluster.address}", "model.device=cpu", "decode.language=en", "manifest.shard_size=2",
-            "ray.model_batch_size=1", "ray.gpus_per_model_actor=1",
-            f"ray.lost_node_timeout_seconds={LOST_NODE_TIMEOUT_S}"]
+            "ray.model_batch_size=1", "ray.gpus_per_model_actor=1", f"ray.lost_node_timeout_seconds={lost_node_s}"]
     return ["run", manifest, "-o", out, *(a for s in sets for a in ("--set", s))]
 
 
@@ -179,8 +182,8 @@ def test_cluster_shrunk_to_nothing_stops_then_resumes(cluster, manifest, referen
             killed.append(node)
         killed.append(time.monotonic())
 
-    run = _watched_run(cluster, _args(cluster, path, out), tmp_path / "run.log", at_first_commit=shrink,
-                       timeout=RUN_TIMEOUT_S + LOST_NODE_TIMEOUT_S)
+    args = _args(cluster, path, out, SHRUNK_TIMEOUT_S)
+    run = _watched_run(cluster, args, tmp_path / "run.log", at_first_commit=shrink, timeout=RUN_TIMEOUT_S + 60)
     print(f"shrunk to nothing: exit {run.proc.returncode}, {time.monotonic() - killed[-1]:.0f} s after the kill")
     assert run.proc.returncode != 0, run.log[-4000:]
     assert f"lost {len(killed) - 1} node(s)" in run.log and "shrunk to nothing" in run.log, run.log[-4000:]
@@ -189,13 +192,13 @@ def test_cluster_shrunk_to_nothing_stops_then_resumes(cluster, manifest, referen
     assert committed and len(committed) < len(ids) // 2, committed
 
     # the same command on a cluster without GPUs: a clear error before any work
-    refused = whisper_batch(*_args(cluster, path, out), env=ENV, timeout=120)
+    refused = whisper_batch(*args, env=ENV, timeout=120)
     assert refused.returncode != 0
     message = output_of(refused)
     assert "GPU" in message and "ray.gpus_per_model_actor" in message, message[-3000:]
     assert completion_records(out) == committed
 
     cluster.add_node(num_cpus=2, num_gpus=1)
-    done = whisper_batch(*_args(cluster, path, out), env=ENV)
+    done = whisper_batch(*args, env=ENV)
     assert done.returncode == 0, output_of(done)[-4000:]
     _check_rows(out, ids, reference)

@@ -110,6 +110,19 @@ def test_submit_jobs_and_resume_find_the_token_as_ray_does(head, tmp_path):
     assert count_ids(read_rows(out2)) == {i: 1 for i in ids}
 
 
+def test_a_driver_joining_by_address_sends_the_token(head, tmp_path):
+    """`run --set ray.address=HEAD:PORT`: Ray itself sends no token to an address it is given; the driver does."""
+    cluster, home = head
+    manifest, out = EXAMPLES / "manifest.jsonl", tmp_path / "out"
+    _ok(_cli(["run", manifest, "-o", out, *SETTINGS, "--set", f"ray.address={cluster.address}"], _env(home)))
+    assert count_ids(read_rows(out)) == {r["id"]: 1 for r in read_jsonl(manifest)}
+    empty = tmp_path / "empty-home"
+    empty.mkdir()
+    refused = _refused(_cli(["run", manifest, "-o", tmp_path / "never", *SETTINGS, "--set",
+                             f"ray.address={cluster.address}"], _env(empty), timeout=120))
+    assert f"cannot join the Ray cluster at {cluster.address}" in refused and "RAY_AUTH_TOKEN" in refused, refused
+
+
 def test_a_token_that_is_not_the_heads_is_refused_with_what_to_set(head, tmp_path):
     cluster, home = head
     wrong = _refused(_cli(["jobs", "status", "nope", "--address", cluster.dashboard_url],
