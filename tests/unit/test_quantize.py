@@ -22,9 +22,10 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def test_rows_round_trip_within_half_a_step():
     x = torch.randn(5, 64) * torch.tensor([0.01, 1.0, 10.0, 100.0, 0.0])[:, None]  # very different rows, one zero
-    q, scale = quantize_rows(x)
-    assert q.dtype == torch.int8 and scale.shape == (5,)
+    q, absmax = quantize_rows(x)
+    assert q.dtype == torch.int8 and absmax.shape == (5,)
     assert (q.abs().amax(dim=1)[:4] == 127).all()  # each row uses its full range: a scale per token
+    scale = absmax / 127
     err = (q.float() * scale[:, None] - x).abs()
     assert (err <= scale[:, None] / 2 + 1e-6).all()
     assert (q[4] == 0).all()
@@ -88,3 +89,5 @@ def test_int8_logits_and_greedy_text_match_fp32_on_real_windows(fp32_and_int8):
     # the decoder really runs int8 layers (and the tied projection is an int8 copy)
     assert isinstance(q8.decoder.out_proj, Int8Linear)
     assert isinstance(q8.decoder.blocks[0].mlp[0], Int8Linear) and isinstance(q8.encoder.blocks[0].attn.query, Int8Linear)
+    attn = q8.decoder.blocks[0].attn  # query, key and value quantise their common input once
+    assert attn.query.shared is attn.key.shared is attn.value.shared is not None and q8.decoder.blocks[0].mlp[0].shared is None
