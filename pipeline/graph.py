@@ -195,7 +195,8 @@ def model_resources(cfg: RunConfig) -> ModelPlan:
     if len(alive_nodes()) > 1:
         # several nodes: whole cores, so the actors pack onto nodes whatever their sizes (shares of the cluster's
         # total would not: a node that holds a feature actor has no room left for a 0.67-core share)
-        actors = cfg.ray.model_actors or max(1, cores - cfg.ray.cpu_actors)
+        fit = int(cluster.get("memory", 0) / 2 // actor_memory(cfg))  # as many as half the memory holds
+        actors = cfg.ray.model_actors or max(1, min(cores - cfg.ray.cpu_actors, fit))
         return ModelPlan(actors, 0.0, 1.0, 1, cfg.ray.model_batch_size or 4)
     actors = cfg.ray.model_actors or max(1, min(cores, int(cluster.get("memory", 0) / 2 // actor_memory(cfg))))
     # CPU inference: the actors share the cores the feature actors leave (logical shares: the feature actors only
