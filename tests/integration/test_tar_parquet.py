@@ -33,7 +33,7 @@ from tests.integration.conftest import (
     wait_until,
     whisper_batch,
 )
-from tests.integration.test_s3 import KEY_ID, SECRET, _fs, endpoint  # noqa: F401 - the moto server fixture
+from tests.servers import moto_s3
 
 pytestmark = pytest.mark.integration
 
@@ -80,8 +80,23 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+KEY_ID, SECRET = "AKIAWBTEST0000000013", "wb-test-secret-13"
+
+
 @pytest.fixture(scope="module")
-def runs(endpoint, tmp_path_factory):  # noqa: F811 - the imported fixture
+def endpoint():
+    with moto_s3() as url:
+        yield url
+
+
+def _fs(endpoint: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY_ID, secret=SECRET, skip_instance_cache=True)
+
+
+@pytest.fixture(scope="module")
+def runs(endpoint, tmp_path_factory):
     """The manifest run and the four container runs, in one in-process Ray session."""
     import ray
 
