@@ -197,7 +197,9 @@ def _check_duplicates(digests: array, input_uri: str, storage_options: dict | No
     )
     raise ManifestError(
         f"manifest {redact_uri(input_uri)!r} has {len(dups)} duplicated id(s): {shown}"
-        f"{' ...' if len(dups) > 5 else ''}; ids must be unique (drop the id field to derive ids from path + offset)"
+        f"{' ...' if len(dups) > 5 else ''}; ids must be unique "
+        + ("(a sample's id is its key: keys must be unique across the input's files)" if files_by_id else
+           "(drop the id field to derive ids from path + offset)")
     )
 
 
