@@ -5,8 +5,8 @@ run Silero VAD (the ``silero-vad`` package ships its model: nothing is downloade
 windows around the speech it finds:
 
 - speech segments (padded by ``audio.vad_pad_seconds``) closer than ``audio.vad_merge_gap_seconds`` share a window
-  while the window stays within ``audio.max_window_seconds``; a longer stretch of non-speech starts a new window, so
-  it is never sent to the model;
+  while the window stays within ``audio.max_window_seconds``, the pauses between them muted (zeros); a longer stretch
+  of non-speech starts a new window; either way non-speech audio never reaches the model;
 - one segment longer than a window is cut at its quiet points, as without VAD (``pipeline.windows``);
 - every window is a contiguous span of the original audio with its absolute start, the ``(start_sample, audio)``
   shape ``featurize_windows`` consumes, so segment times stay absolute.
@@ -96,13 +96,17 @@ def silero_detector(opts: VadOptions) -> Callable[[np.ndarray], list[tuple[int, 
 
 def group_segments(segments: list[tuple[int, int]], max_len: int, gap: int) -> list[tuple[int, int]]:
     """Greedy: consecutive segments share a span while the pause is at most ``gap`` and the span ``max_len``."""
-    spans: list[tuple[int, int]] = []
+    return [(g[0][0], max(e for _, e in g)) for g in _groups(segments, max_len, gap)]
+
+
+def _groups(segments: list[tuple[int, int]], max_len: int, gap: int) -> list[list[tuple[int, int]]]:
+    groups: list[list[tuple[int, int]]] = []
     for s, e in segments:
-        if spans and s - spans[-1][1] <= gap and e - spans[-1][0] <= max_len:
-            spans[-1] = (spans[-1][0], max(e, spans[-1][1]))
+        if groups and s - max(x for _, x in groups[-1]) <= gap and e - groups[-1][0][0] <= max_len:
+            groups[-1].append((s, e))
         else:
-            spans.append((s, e))
-    return spans
+            groups.append([(s, e)])
+    return groups
 
 
 class VadWindows:
@@ -150,9 +154,14 @@ class VadWindows:
 
     def _windows(self, segs, buf, buf_start, max_len, gap, pad) -> Iterator[tuple[int, np.ndarray]]:
         padded = [(max(0, s - pad), min(self.samples, e + pad)) for s, e in segs]
-        for s, e in group_segments(padded, max_len, gap):
-            s = max(s, buf_start)
+        for group in _groups(padded, max_len, gap):
+            s, e = max(group[0][0], buf_start), max(x for _, x in group)
             audio = buf[s - buf_start : e - buf_start]
+            if len(group) > 1:  # the pauses between a window's segments are muted: non-speech never reaches the model
+                audio = audio.copy()
+                for (_, prev_end), (nxt, _) in zip(group, group[1:]):
+                    if nxt > prev_end:
+                        audio[prev_end - s : nxt - s] = 0.0
             if len(audio) <= max_len:
                 self.speech_samples += len(audio)
                 yield s, audio

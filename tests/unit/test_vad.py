@@ -93,3 +93,13 @@ def test_the_feature_stage_with_vad_sends_speech_windows_at_absolute_times(tmp_p
     silent = write_wav(tmp_path / "silent.wav", np.zeros(20 * SR, np.float32))
     w = load_features({"uri": str(silent)}, 80, load_config(None, ["audio.vad=true"]))
     assert w.starts == [] and w.frames == [] and abs(w.duration - 20.0) < 0.01
+
+
+def test_pauses_inside_a_window_are_muted():
+    rng = np.random.default_rng(2)
+    audio = rng.standard_normal(40 * SR).astype(np.float32) * 0.1
+    truth = [(5 * SR, 12 * SR), (13 * SR, 20 * SR)]
+    [(start, window)] = list(VadWindows([audio], VadOptions(pad_seconds=0.0), detect=fake_detector(truth)))
+    assert start == 5 * SR and len(window) == 15 * SR
+    assert not window[7 * SR : 8 * SR].any()  # the 1 s pause between the two segments: zeros
+    assert np.array_equal(window[: 7 * SR], audio[5 * SR : 12 * SR]) and np.array_equal(window[8 * SR :], audio[13 * SR : 20 * SR])
