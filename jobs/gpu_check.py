@@ -161,17 +161,27 @@ def decode_eager(model, features: torch.Tensor, n_tokens: int, first: int) -> to
     return torch.cat(out, dim=1)
 
 
-def decode_static(model, features: torch.Tensor, n_tokens: int, first: int, graph: bool) -> torch.Tensor:
+def static_decoder(model, features: torch.Tensor, n_tokens: int, first: int, graph: bool) -> Callable[[], torch.Tensor]:
+    """A function decoding ``n_tokens`` greedy steps with :class:`StaticStep` (captured as a CUDA graph first when
+    ``graph``: the capture happens here, outside what the caller times); it returns the tokens."""
     step = StaticStep(model, features, max_len=n_tokens + 1)
     run = cuda_graphed(step) if graph else step
-    step.tokens.fill_(first)
-    out = []
-    for t in range(n_tokens):
-        step.pos.fill_(t)
-        nxt = run().argmax(-1, keepdim=True)
-        step.tokens.copy_(nxt)
-        out.append(nxt.clone())
-    return torch.cat(out, dim=1)
+
+    def loop() -> torch.Tensor:
+        step.tokens.fill_(first)
+        out = []
+        for t in range(n_tokens):
+            step.pos.fill_(t)
+            nxt = run().argmax(-1, keepdim=True)
+            step.tokens.copy_(nxt)
+            out.append(nxt.clone())
+        return torch.cat(out, dim=1)
+
+    return loop
+
+
+def decode_static(model, features: torch.Tensor, n_tokens: int, first: int, graph: bool) -> torch.Tensor:
+    return static_decoder(model, features, n_tokens, first, graph)()
 
 
 def check_static_step(device: str) -> str:
@@ -214,14 +224,18 @@ def bench_shapes(report: Report, dims: ModelDimensions, device: str, dtype: torc
                 feats = model.embed_audio(mel)
                 sync(device)
                 t_enc = time.perf_counter() - t0
-                modes = [("eager decode_step", lambda: decode_eager(model, feats, n_tokens, 0)),
+                # one after the other, each mode's cache freed before the next allocates its own
+                modes = [("eager decode_step", lambda: lambda: decode_eager(model, feats, n_tokens, 0)),
                          ("static cache" + (" + CUDA graph" if graph else ", no graph"),
-                          lambda: decode_static(model, feats, n_tokens, 0, graph))]
-                for name, fn in modes:
+                          lambda: static_decoder(model, feats, n_tokens, 0, graph))]
+                for name, make in modes:
+                    fn = make()  # the CUDA graph is captured here, outside the timing
+                    sync(device)
                     t0 = time.perf_counter()
                     fn()
                     sync(device)
                     t_dec = time.perf_counter() - t0
+                    del fn
                     rtfx = b * WINDOW_S / (t_enc + t_dec)
                     report.add("shapes", f"{label} batch {b}, {n_tokens} tokens/window, {name}",
                                f"RTFx {rtfx:.0f} (encoder {t_enc:.2f} s, decoder {t_dec:.2f} s)", t_enc + t_dec)
