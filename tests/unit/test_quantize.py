@@ -22,10 +22,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def test_rows_round_trip_within_half_a_step():
     x = torch.randn(5, 64) * torch.tensor([0.01, 1.0, 10.0, 100.0, 0.0])[:, None]  # very different rows, one zero
-    q, absmax = quantize_rows(x)
-    assert q.dtype == torch.int8 and absmax.shape == (5,)
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and scale.shape == (5,)
     assert (q.abs().amax(dim=1)[:4] == 127).all()  # each row uses its full range: a scale per token
-    scale = absmax / 127
     err = (q.float() * scale[:, None] - x).abs()
     assert (err <= scale[:, None] / 2 + 1e-6).all()
     assert (q[4] == 0).all()
@@ -44,6 +43,20 @@ def test_int8_linear_is_close_to_fp32(int_mm):
     assert y.shape == (3, 7, 96) and y.dtype == torch.float32
     rel = (y - ref).norm(dim=-1) / ref.norm(dim=-1)
     assert rel.max() < 0.02, rel.max()
+
+
+def test_shared_input_is_quantised_once_with_the_same_result():
+    torch.manual_seed(1)
+    memo = [None, None, None]
+    w = [torch.randn(32, 48) for _ in range(3)]
+    shared = [Int8Linear(wi, None, shared=memo) for wi in w]
+    alone = [Int8Linear(wi, None) for wi in w]
+    x = torch.randn(2, 5, 48)
+    for a, b in zip(shared, alone):
+        assert torch.equal(a(x), b(x))
+    assert memo[0] is x
+    y = torch.randn(2, 5, 48)  # a new input is quantised anew
+    assert torch.equal(shared[1](y), alone[1](y)) and memo[0] is y
 
 
 def test_quantize_needs_fp32_on_the_cpu(make_random_whisper, tiny_dims, tiny_en_tokenizer):
