@@ -6,8 +6,8 @@ On a CUDA device (aimed at <= 8 minutes on one H100/H200):
 2. tiny.en and base on the dev set (``manifest.jsonl`` + ``manifest-other.jsonl``), CUDA fp16 against CPU fp32 with
    the yardstick's paired comparison (rows better/worse, bootstrap 95 % interval);
 3. large-v3 shapes (128 mel bins, 1280 wide, 32 + 32 layers, 20 heads, 51,866 tokens, 448 text positions; random
-   weights) in fp16 and bf16 at growing batch sizes until memory or the time budget runs out: encoder plus a fixed
-   number of greedy decoding steps per window, RTFx = 30 s x windows / wall;
+   weights) in fp16 and bf16 at growing batch sizes until memory or the time budget (``--budget-s``) runs out:
+   encoder plus a fixed number of greedy decoding steps per window, RTFx = 30 s x windows / wall;
 4. the decoder step with a static cache (position as a tensor, fixed shapes) replayed as a CUDA graph, against the
    eager ``model.decode_step``;
 5. HF transformers' Whisper ``generate`` on the same shapes, when ``transformers`` imports.
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -293,7 +293,8 @@ def dev_compare(model: str, device_overrides: list[str], sets: dict[str, Path]) 
 
     with tempfile.TemporaryDirectory() as tmp:
         results = [
-            run_config("fp32", ["model.device=cpu", "model.dtype=float32"], model, sets, Path(tmp), echo=lambda m: None),
+            run_config("fp32", ["model.device=cpu", "model.dtype=float32"], model, sets, Path(tmp),
+                       echo=lambda m: None),
             run_config("device", device_overrides, model, sets, Path(tmp), echo=lambda m: None),
         ]
     scored = score(sets, results)
@@ -319,11 +320,12 @@ def run_gpu_tests(collect_only: bool) -> str:
 # ---- the two modes ----
 
 
-def check(self_test: bool, budget_s: float = 420.0, echo: Callable[[str], None] = print) -> Report:
+def check(self_test: bool, budget_s: float = 200.0, echo: Callable[[str], None] = print) -> Report:
+    """Every check in order of importance: the tests, the shapes (each dtype stops growing its batch after
+    ``budget_s / 2``), HF generate, then the dev set (real weights; its CPU fp32 reference takes the longest)."""
     cuda = torch.cuda.is_available() and not self_test
     device = "cuda" if cuda else "cpu"
     report = Report(echo)
-    deadline = time.perf_counter() + budget_s
     echo(versions(device))
     report.run("CUDA tests", "pytest -m gpu" + ("" if cuda else " --collect-only (no CUDA)"),
                lambda: run_gpu_tests(collect_only=not cuda))
@@ -331,34 +333,38 @@ def check(self_test: bool, budget_s: float = 420.0, echo: Callable[[str], None] 
     if cuda:
         from jobs.make_yardstick import DEV_MANIFESTS, EVAL_DIR
 
-        sets = {name: EVAL_DIR / f for name, f in DEV_MANIFESTS.items()}
-        for model in ("tiny.en", "base"):
-            report.run("dev set", f"{model}: cuda fp16 vs cpu fp32",
-                       lambda m=model: dev_compare(m, ["model.device=cuda"], sets))
         dims, batches, n_tokens = LARGE_V3, [1, 8, 32, 64, 128, 256, 512], 100
         dtypes = (torch.float16, torch.bfloat16)
+        sets = {name: EVAL_DIR / f for name, f in DEV_MANIFESTS.items()}
+        dev_runs = [("tiny.en", "tiny.en: cuda fp16 vs cpu fp32"), ("base", "base: cuda fp16 vs cpu fp32")]
+        dev_overrides = ["model.device=cuda"]
     else:
-        sets = {"examples": REPO / "examples" / "manifest.jsonl"}
-        report.run("dev set", "tiny.en: cpu bf16/auto vs cpu fp32 (examples)",
-                   lambda: dev_compare(None, ["model.device=cpu"], sets))
         dims, batches, n_tokens = SELF_TEST, [1, 2], 4
         dtypes = (torch.float32, torch.bfloat16)
+        sets = {"examples": REPO / "examples" / "manifest.jsonl"}
+        dev_runs = [(None, "tiny.en: cpu bf16/auto vs cpu fp32 (examples)")]
+        dev_overrides = ["model.device=cpu"]
     for dtype in dtypes:
         t0 = time.perf_counter()
         try:
-            bench_shapes(report, dims, device, dtype, batches, n_tokens, deadline, graph=cuda)
+            bench_shapes(report, dims, device, dtype, batches, n_tokens, t0 + budget_s / 2, graph=cuda)
         except Exception as e:  # noqa: BLE001
             report.add("shapes", str(dtype), f"FAILED {type(e).__name__}: {e}", time.perf_counter() - t0)
     hf_batch = 32 if cuda else 1
     report.run("HF transformers generate", f"{dtypes[0]} batch {hf_batch}, {n_tokens} tokens/window",
                lambda: bench_hf(dims, device, dtypes[0], hf_batch, n_tokens))
+    if cuda:
+        torch.cuda.empty_cache()
+    for model, setting in dev_runs:
+        report.run("dev set", setting, lambda m=model: dev_compare(m, dev_overrides, sets))
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--self-test", action="store_true", help="the CPU self-test even where CUDA is available")
-    p.add_argument("--budget-s", type=float, default=420.0, help="time for the shape benchmark to stop growing batches")
+    p.add_argument("--budget-s", type=float, default=200.0,
+                   help="seconds after which the shape benchmark stops growing batches (half per dtype)")
     args = p.parse_args(argv)
     if not args.self_test and not torch.cuda.is_available():
         print("no CUDA device here: running the CPU self-test (tiny shapes, the same code paths)")

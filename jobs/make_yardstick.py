@@ -171,7 +171,8 @@ def yardstick_sets(data: Path = EVAL_DIR, out: Path = CACHE_DIR, seed: int = 0,
         raise FileNotFoundError(f"no eval data at {data} (expected manifest.jsonl and manifest-other.jsonl)")
     missing = [t for t in ("sox", "espeak-ng") if shutil.which(t) is None]
     if missing and not all((out / s / "manifest.jsonl").exists() for s in sets):
-        raise RuntimeError(f"{' and '.join(missing)} needed to build the yardstick's sets (apt-get install sox espeak-ng)")
+        raise RuntimeError(f"{' and '.join(missing)} needed to build the yardstick's sets "
+                           "(apt-get install sox espeak-ng)")
     manifests = {name: data / file for name, file in DEV_MANIFESTS.items()}
     rows = librispeech_rows(data)
     for name in sets:
@@ -190,7 +191,8 @@ def count_words(manifests: dict[str, Path]) -> dict[str, tuple[int, int]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=EVAL_DIR, help="eval data folder (manifest.jsonl, manifest-other.jsonl)")
+    p.add_argument("--data", type=Path, default=EVAL_DIR,
+                   help="eval data folder (manifest.jsonl, manifest-other.jsonl)")
     p.add_argument("--out", type=Path, default=CACHE_DIR, help="where the derived sets are written")
     p.add_argument("--seed", type=int, default=0, help="noise seed (added to each row id's crc32)")
     args = p.parse_args(argv)

@@ -28,4 +28,5 @@ def test_static_decoding_gives_the_tokens_of_decode_step():
     eager, static = decode_eager(model, feats, 5, 7), decode_static(model, feats, 5, 7, graph=False)
     assert eager.shape == (2, 5) and torch.equal(eager, static)
     step = StaticStep(model, feats, max_len=6)
-    assert step.k.shape == (SELF_TEST.n_text_layer, 2, SELF_TEST.n_text_head, 6, SELF_TEST.n_text_state // SELF_TEST.n_text_head)
+    d = SELF_TEST
+    assert step.k.shape == (d.n_text_layer, 2, d.n_text_head, 6, d.n_text_state // d.n_text_head)

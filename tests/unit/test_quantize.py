@@ -101,6 +101,7 @@ def test_int8_logits_and_greedy_text_match_fp32_on_real_windows(fp32_and_int8):
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
     # the decoder really runs int8 layers (and the tied projection is an int8 copy)
     assert isinstance(q8.decoder.out_proj, Int8Linear)
-    assert isinstance(q8.decoder.blocks[0].mlp[0], Int8Linear) and isinstance(q8.encoder.blocks[0].attn.query, Int8Linear)
-    attn = q8.decoder.blocks[0].attn  # query, key and value quantise their common input once
-    assert attn.query.shared is attn.key.shared is attn.value.shared is not None and q8.decoder.blocks[0].mlp[0].shared is None
+    block = q8.decoder.blocks[0]
+    assert isinstance(block.mlp[0], Int8Linear) and isinstance(q8.encoder.blocks[0].attn.query, Int8Linear)
+    attn = block.attn  # query, key and value quantise their common input once
+    assert attn.query.shared is attn.key.shared is attn.value.shared is not None and block.mlp[0].shared is None
