@@ -8,24 +8,22 @@ rows of a shard are written. That task merges the shard's parts into ``transcrip
 write) and its completion record. Rows and features never pass through the driver; actors live for the whole run.
 """
 
-import json
 import logging
-import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import ray
 
+from .cluster import NodeWatch, Stalled, actor_pool, check_cluster, io_tasks, model_resources
 from .config import RunConfig
 from .layout import RunLayout
 from .schema import RECORD_SCHEMA, features_table, transcripts_table
 from .sink import commit_shard_table
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 class ArrowFeaturizer:
     """Ray Data callable around :class:`~pipeline.features.Featurizer` with a fixed output schema."""
@@ -95,17 +93,6 @@ def read_inputs(batch: pa.Table, layout: RunLayout, wait_seconds: float = 0.0) -
     return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
 
 
-def io_tasks() -> int:
-    """How many tasks each zero-CPU stage (input reads, the split, part writes, commits) may run at once: half the
-    cluster's cores, at least 1.
-
-    These tasks take no CPU slot (the actors hold them all), so nothing else bounds them: unbounded, Ray started a
-    worker process for every block waiting to be read or written (125 processes on a 2-core node for a manifest
-    of 200k rows). Bounded, the worker processes on a node stay within its cores and the actors placed there.
-    """
-    return max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
-
-
 def write_parts(batch: pa.Table, layout: RunLayout, staging: str, extra_types: dict[str, str]) -> pa.Table:
     """Write the batch's rows as one part file per shard; return one small record per part."""
     import uuid
@@ -164,90 +151,6 @@ def commit_shard(
     return record
 
 
-@dataclass(frozen=True)
-class ModelPlan:
-    """How the model stage runs on this cluster."""
-
-    actors: int
-    gpus: float  # per actor
-    cpus: float  # per actor (Ray's logical share)
-    threads: int | None  # torch threads per actor (None: torch's default, on GPUs)
-    rows_per_call: int  # manifest rows per actor call
-
-
-def model_resources(cfg: RunConfig) -> ModelPlan:
-    """The model stage's plan, from the config and the cluster.
-
-    ``ray.model_actors: 0`` means one actor per GPU, or on a CPU cluster one per core: single-threaded replicas
-    side by side do more work per core than one replica spread over all cores, whose small decoding steps leave
-    threads waiting. The CPU count is capped so that the replicas fit in half of the cluster's memory.
-    ``ray.model_batch_size: 0`` means 64 rows per call on GPUs, where a batch should fill the device, and 4 on
-    CPUs, where a batch gains little and small calls spread a shard's long files over the actors.
-    """
-    cluster = ray.cluster_resources()
-    cores = max(1, int(cluster.get("CPU", os.cpu_count() or 1)))
-    gpus = cfg.ray.gpus_per_model_actor
-    if gpus is None:
-        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
-    if gpus > 0:
-        actors = cfg.ray.model_actors or max(1, int(cluster.get("GPU", 0) // gpus))
-        return ModelPlan(actors, gpus, 1.0, None, cfg.ray.model_batch_size or 64)
-    if len(alive_nodes()) > 1:
-        # several nodes: whole cores, so the actors pack onto nodes whatever their sizes (shares of the cluster's
-        # total would not: a node that holds a feature actor has no room left for a 0.67-core share)
-        fit = int(cluster.get("memory", 0) / 2 // actor_memory(cfg))  # as many as half the memory holds
-        actors = cfg.ray.model_actors or max(1, min(cores - cfg.ray.cpu_actors, fit))
-        return ModelPlan(actors, 0.0, 1.0, 1, cfg.ray.model_batch_size or 4)
-    actors = cfg.ray.model_actors or max(1, min(cores, int(cluster.get("memory", 0) / 2 // actor_memory(cfg))))
-    # CPU inference: the actors share the cores the feature actors leave (logical shares: the feature actors only
-    # decode and compute log-mels, a small fraction of the model's work), each runs torch on its share of the cores
-    cpus = max(0.01, min(1.0, (cores - cfg.ray.cpu_actors) / actors))
-    return ModelPlan(actors, 0.0, cpus, max(1, cores // actors), cfg.ray.model_batch_size or 4)
-
-
-def alive_nodes() -> list[dict[str, Any]]:
-    """The cluster's live nodes (``ray.nodes()`` entries); none while this process is not connected to Ray."""
-    return [n for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
-
-
-class ClusterResourceError(ValueError):
-    """The cluster lacks a resource the config asks for (raised before any work)."""
-
-
-def check_cluster(cfg: RunConfig, plan: ModelPlan) -> None:
-    """Raises :class:`ClusterResourceError` when no node can host a feature actor or a model actor as planned."""
-    nodes = alive_nodes()
-    have = [n.get("Resources", {}) for n in nodes]
-    total = {k: sum(r.get(k, 0) for r in have) for k in ("CPU", "GPU")}
-    where = f"the cluster ({len(nodes)} node(s): {total['CPU']:g} CPUs, {total['GPU']:g} GPUs)"
-    if plan.gpus > 0 and not any(r.get("GPU", 0) >= plan.gpus for r in have):
-        raise ClusterResourceError(
-            f"a model actor needs {plan.gpus:g} GPU(s) (ray.gpus_per_model_actor={cfg.ray.gpus_per_model_actor}) "
-            f"but no node of {where} has that many. Add GPU nodes, or run on CPUs with "
-            f"--set ray.gpus_per_model_actor=0 --set model.device=cpu"
-        )
-    if cfg.model.device.startswith("cuda") and total["GPU"] == 0:
-        raise ClusterResourceError(f"model.device={cfg.model.device} but {where} has no GPU: add GPU nodes, or set "
-                                   f"model.device=cpu")
-    for name, cpus in (("feature actor", 1.0), ("model actor", plan.cpus)):
-        if not any(r.get("CPU", 0) >= cpus for r in have):
-            raise ClusterResourceError(f"a {name} needs {cpus:g} CPU(s) but no node of {where} has that many: "
-                                       f"add nodes with CPUs (`ray start --num-cpus=N`)")
-
-
-def actor_memory(cfg: RunConfig) -> int:
-    """Bytes one CPU model actor takes, roughly: four times the checkpoint's files (fp16 on disk become fp32 on a CPU
-    without bf16, and the weights packed for oneDNN take as much again; activations fit in the rest) and a Python
-    with torch."""
-    from model.checkpoint import local_path
-
-    from .model_store import fetcher
-
-    path = local_path(cfg.model.name, fetch=fetcher(cfg.storage.storage_options))
-    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
-    return 4 * sum(os.path.getsize(f) for f in files) + 700 * 2**20
-
-
 def build_dataset(
     input_files: list[str],
     cfg: RunConfig,
@@ -296,24 +199,6 @@ def build_dataset(
     )
 
 
-def actor_pool(initial: int, most: int | None) -> "ray.data.ActorPoolStrategy":
-    """An autoscaling actor pool that starts with ``initial`` actors and grows to ``most`` (None: no limit) as nodes
-    join and work queues up.
-
-    On a cluster of several nodes it may shrink to one actor: when a node is lost, Ray restarts its actors
-    elsewhere, and a restart needs cores that the surviving actors hold; idle actors released make room for it
-    (with a fixed pool the restart, and every task waiting on it, waited forever). A cluster of one node at the
-    start keeps a fixed pool unless ``most`` is given: no model reloads when the model stage idles a moment, and no
-    actors beyond the memory the plan allowed for.
-    """
-    if len(alive_nodes()) > 1:
-        floor = 1
-    else:
-        floor, most = initial, most or initial
-    most = None if most is None else max(most, initial)
-    return ray.data.ActorPoolStrategy(min_size=floor, max_size=most, initial_size=initial)
-
-
 def split_blocks(
     ds: "ray.data.Dataset", rows: int, compute: "ray.data.TaskPoolStrategy | None" = None
 ) -> "ray.data.Dataset":
@@ -334,7 +219,7 @@ def split_blocks(
         if compute is not None and hasattr(op, "compute"):
             object.__setattr__(op, "compute", compute)  # zero-CPU tasks are otherwise unbounded
     else:
-        log.warning("this Ray's repartition takes a CPU slot: on a CPU-only cluster the model stage starts only once "
+        logger.warning("this Ray's repartition takes a CPU slot: on a CPU-only cluster the model stage starts only once "
                     "every shard has its features")
     return ds
 
@@ -430,87 +315,6 @@ def run_graph(
             f"kept; rerun the same command to do the rest."
         )
     return records
-
-
-class Stalled(RuntimeError):
-    """The graph made no progress for longer than ``ray.stall_timeout_seconds``."""
-
-
-class NodeLost(Stalled):
-    """Nodes were lost and the graph made no progress since for ``ray.lost_node_timeout_seconds``, or failed."""
-
-
-class NodeWatch:
-    """Watches the cluster's nodes while the graph runs (``ray.nodes()`` every ``poll_s`` seconds at most).
-
-    A lost node (spot preemption) is logged at once. Ray restarts its actors and resubmits the tasks whose outputs
-    died with it; when that cannot happen (the remaining nodes lack the resources, or no node is left), nothing
-    comes out of the graph any more, and after ``timeout_s`` without progress :meth:`check` raises
-    :class:`NodeLost`, saying which nodes were lost and that the same command resumes. ``progress()`` returns
-    (shards committed, shards given) for that message.
-    """
-
-    def __init__(self, timeout_s: float, progress, model_gpus: float = 0.0, poll_s: float = 5.0):
-        self.timeout_s, self.progress, self.model_gpus, self.poll_s = timeout_s, progress, model_gpus, poll_s
-        self.known = {n["NodeID"]: n for n in alive_nodes()}
-        self.alive = dict(self.known)
-        self.lost: dict[str, dict[str, Any]] = {}
-        self.lost_at: float | None = None
-        self._next = time.monotonic() + poll_s
-
-    def poll(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now < self._next:
-            return
-        self._next = now + self.poll_s
-        alive = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
-        for node_id, node in self.known.items():
-            if node_id not in alive and node_id not in self.lost:
-                self.lost[node_id] = node
-                self.lost_at = now
-                log.warning("lost node %s: Ray redoes the work that was in flight there on the other nodes",
-                            _describe_node(node))
-        self.known.update(alive)  # nodes that joined are watched too
-        self.alive = alive
-
-    def check(self, last_progress: float) -> None:
-        if self.lost_at is None:
-            return
-        idle = time.monotonic() - max(last_progress, self.lost_at)
-        if idle > self.timeout_s:
-            raise NodeLost(self.message(f"nothing came out of the graph for {idle:.0f} s since "
-                                        f"(ray.lost_node_timeout_seconds={self.timeout_s:g})"))
-
-    def message(self, what: str) -> str:
-        done, total = self.progress()
-        lost = ", ".join(_describe_node(n) for n in self.lost.values())
-        have = [n.get("Resources", {}) for n in self.alive.values()]
-        cpus, gpus = (sum(r.get(k, 0) for r in have) for k in ("CPU", "GPU"))
-        left = f"left: {len(have)} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
-        if not any(r.get("CPU", 0) >= 1 and r.get("GPU", 0) >= self.model_gpus for r in have):
-            need = f"{self.model_gpus:g} GPU(s) and a CPU" if self.model_gpus else "a CPU"
-            left += f": the cluster has shrunk to nothing (no node left has {need} for the model stage)"
-        return (f"lost {len(self.lost)} node(s) mid-run ({lost}); {left}; {what}. The rows in flight on the lost "
-                f"nodes were not redone. {done} of {total} shard(s) of this run are committed and kept; rerun the "
-                f"same command to resume (it does only the {total - done} uncommitted shard(s)).")
-
-    def guard(self, stream):
-        """``stream``, with a failure after a node loss explained as :class:`NodeLost`."""
-        try:
-            yield from stream
-        except Stalled:
-            raise
-        except Exception as e:
-            self.poll(force=True)
-            if not self.lost:
-                raise
-            raise NodeLost(self.message(f"the graph failed ({type(e).__name__}: {str(e)[:300]})")) from e
-
-
-def _describe_node(node: dict[str, Any]) -> str:
-    res = node.get("Resources", {})
-    gpus = f", {res['GPU']:g} GPUs" if res.get("GPU") else ""
-    return f"{node.get('NodeManagerAddress', '?')} id {node['NodeID'][:8]} ({res.get('CPU', 0):g} CPUs{gpus})"
 
 
 class Incomplete(RuntimeError):

@@ -458,7 +458,7 @@ def test_a_run_driver_describes_the_model_without_importing_torch():
         "import sys\n"
         "from jobs.run import model_label\n"
         "from pipeline.config import load_config\n"
-        "from pipeline.graph import actor_memory\n"
+        "from pipeline.cluster import actor_memory\n"
         "cfg = load_config(None, [])\n"
         "print(model_label(cfg), actor_memory(cfg) > 0, 'torch' in sys.modules)\n"
     )

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from pipeline import graph
+from pipeline import cluster
 from pipeline.config import load_config
 
 
@@ -21,56 +21,56 @@ def _node(node_id: str, cpus: float, gpus: float = 0, alive: bool = True) -> dic
 def _cluster(monkeypatch, nodes: list[dict]) -> None:
     live = [n for n in nodes if n["Alive"]]
     total = {k: sum(n["Resources"].get(k, 0) for n in live) for k in ("CPU", "GPU", "memory")}
-    monkeypatch.setattr(graph, "alive_nodes", lambda: live)
-    monkeypatch.setattr(graph.ray, "cluster_resources", lambda: total)
-    monkeypatch.setattr(graph.ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: live)
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: total)
+    monkeypatch.setattr(cluster.ray, "nodes", lambda: nodes)
 
 
 def test_cpu_plan_on_several_nodes_takes_whole_cores(monkeypatch):
     _cluster(monkeypatch, [_node("a", 1), _node("b", 1), _node("c", 1)])
     # one core per model actor, one left for the feature actor: they pack whatever the nodes' sizes
-    assert graph.model_resources(load_config(None, [])) == graph.ModelPlan(2, 0.0, 1.0, 1, 4)
+    assert cluster.model_resources(load_config(None, [])) == cluster.ModelPlan(2, 0.0, 1.0, 1, 4)
 
 
 def test_gpu_plan_is_one_actor_per_gpu(monkeypatch):
     _cluster(monkeypatch, [_node("a", 1), _node("b", 2, gpus=1), _node("c", 2, gpus=1)])
-    plan = graph.model_resources(load_config(None, ["model.device=cpu"]))
+    plan = cluster.model_resources(load_config(None, ["model.device=cpu"]))
     assert (plan.actors, plan.gpus, plan.cpus) == (2, 1.0, 1.0)
 
 
 def test_pools_autoscale_on_several_nodes_and_stay_fixed_on_one(monkeypatch):
     _cluster(monkeypatch, [_node("a", 1), _node("b", 1)])
-    pool = graph.actor_pool(3, None)
+    pool = cluster.actor_pool(3, None)
     assert (pool.min_size, pool.initial_size, pool.max_size) == (1, 3, float("inf"))
-    assert graph.actor_pool(2, 5).max_size == 5
+    assert cluster.actor_pool(2, 5).max_size == 5
     _cluster(monkeypatch, [_node("a", 4)])
-    pool = graph.actor_pool(3, None)
+    pool = cluster.actor_pool(3, None)
     assert (pool.min_size, pool.initial_size, pool.max_size) == (3, 3, 3)
-    assert graph.actor_pool(3, 6).max_size == 6
+    assert cluster.actor_pool(3, 6).max_size == 6
 
 
 def test_a_config_asking_for_a_gpu_the_cluster_lacks_is_refused(monkeypatch):
     _cluster(monkeypatch, [_node("a", 2), _node("b", 2)])
     cfg = load_config(None, ["ray.gpus_per_model_actor=1", "model.device=cpu"])
-    with pytest.raises(graph.ClusterResourceError, match=r"needs 1 GPU.*gpus_per_model_actor=1.*0 GPUs"):
-        graph.check_cluster(cfg, graph.model_resources(cfg))
+    with pytest.raises(cluster.ClusterResourceError, match=r"needs 1 GPU.*gpus_per_model_actor=1.*0 GPUs"):
+        cluster.check_cluster(cfg, cluster.model_resources(cfg))
     cfg = load_config(None, ["model.device=cuda"])
-    with pytest.raises(graph.ClusterResourceError, match="model.device=cuda but .* has no GPU"):
-        graph.check_cluster(cfg, graph.model_resources(cfg))
+    with pytest.raises(cluster.ClusterResourceError, match="model.device=cuda but .* has no GPU"):
+        cluster.check_cluster(cfg, cluster.model_resources(cfg))
     _cluster(monkeypatch, [_node("a", 2), _node("b", 2, gpus=1)])
     cfg = load_config(None, ["ray.gpus_per_model_actor=1", "model.device=cpu"])
-    graph.check_cluster(cfg, graph.model_resources(cfg))  # fits: no error
+    cluster.check_cluster(cfg, cluster.model_resources(cfg))  # fits: no error
 
 
 def test_node_watch_stops_a_run_whose_lost_node_is_not_made_up_for(monkeypatch):
     nodes = [_node("a", 1), _node("b", 2, gpus=1), _node("c", 2, gpus=1)]
     _cluster(monkeypatch, nodes)
-    watch = graph.NodeWatch(30.0, lambda: (2, 6), model_gpus=1.0)
+    watch = cluster.NodeWatch(30.0, lambda: (2, 6), model_gpus=1.0)
     nodes[1]["Alive"] = False
     watch.poll(force=True)
     watch.check(last_progress=watch.lost_at - 100)  # the loss is newer than the last progress: no stop yet
     watch.lost_at -= 31
-    with pytest.raises(graph.NodeLost) as e:
+    with pytest.raises(cluster.NodeLost) as e:
         watch.check(last_progress=watch.lost_at)
     message = str(e.value)
     assert "lost 1 node(s) mid-run (10.0.0.1 id bbbbbbbb (2 CPUs, 1 GPUs))" in message
@@ -84,17 +84,17 @@ def test_node_watch_stops_a_run_whose_lost_node_is_not_made_up_for(monkeypatch):
 def test_node_watch_explains_a_graph_failure_after_a_loss(monkeypatch):
     nodes = [_node("a", 1), _node("b", 1)]
     _cluster(monkeypatch, nodes)
-    watch = graph.NodeWatch(30.0, lambda: (0, 3))
+    watch = cluster.NodeWatch(30.0, lambda: (0, 3))
 
     def stream():
         yield None
         nodes[1]["Alive"] = False
         raise RuntimeError("ObjectLostError: gone")
 
-    with pytest.raises(graph.NodeLost, match=r"lost 1 node\(s\).*the graph failed \(RuntimeError: ObjectLostError"):
+    with pytest.raises(cluster.NodeLost, match=r"lost 1 node\(s\).*the graph failed \(RuntimeError: ObjectLostError"):
         list(watch.guard(stream()))
     nodes[1]["Alive"] = True
-    watch = graph.NodeWatch(30.0, lambda: (0, 3))
+    watch = cluster.NodeWatch(30.0, lambda: (0, 3))
 
     def failing():
         yield None

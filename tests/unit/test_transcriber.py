@@ -214,24 +214,24 @@ def test_each_model_call_holds_one_of_the_longest_rows():
 
 
 def test_model_stage_plan_from_the_cluster(monkeypatch):
-    import pipeline.graph as graph
+    import pipeline.cluster as cluster
 
-    def plan(cluster, *sets):
-        monkeypatch.setattr(graph.ray, "cluster_resources", lambda: cluster)
-        return graph.model_resources(load_config(None, list(sets)))
+    def plan(resources, *sets):
+        monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: resources)
+        return cluster.model_resources(load_config(None, list(sets)))
 
     # CPUs: one single-threaded actor per core, sharing the cores the feature actor leaves; small calls
-    assert plan({"CPU": 2.0, "memory": 16e9}) == graph.ModelPlan(2, 0.0, 0.5, 1, 4)
-    assert plan({"CPU": 16.0, "memory": 64e9}) == graph.ModelPlan(16, 0.0, 15 / 16, 1, 4)
+    assert plan({"CPU": 2.0, "memory": 16e9}) == cluster.ModelPlan(2, 0.0, 0.5, 1, 4)
+    assert plan({"CPU": 16.0, "memory": 64e9}) == cluster.ModelPlan(16, 0.0, 15 / 16, 1, 4)
     # one core, held by the feature actor: the model actor still gets a (small) logical share, so it is scheduled
-    assert plan({"CPU": 1.0, "memory": 16e9}) == graph.ModelPlan(1, 0.0, 0.01, 1, 4)
+    assert plan({"CPU": 1.0, "memory": 16e9}) == cluster.ModelPlan(1, 0.0, 0.01, 1, 4)
     # ... as many as half the memory holds
     small = plan({"CPU": 16.0, "memory": 4 * 2**30})
-    assert 1 <= small.actors < 16 and small.actors * graph.actor_memory(load_config(None, [])) <= 2 * 2**30
+    assert 1 <= small.actors < 16 and small.actors * cluster.actor_memory(load_config(None, [])) <= 2 * 2**30
     # the config wins
-    assert plan({"CPU": 2.0, "memory": 16e9}, "ray.model_actors=1", "ray.model_batch_size=16") == graph.ModelPlan(
+    assert plan({"CPU": 2.0, "memory": 16e9}, "ray.model_actors=1", "ray.model_batch_size=16") == cluster.ModelPlan(
         1, 0.0, 1.0, 2, 16
     )
     # GPUs: one actor per GPU, calls that fill it
-    assert plan({"CPU": 16.0, "GPU": 4.0, "memory": 64e9}) == graph.ModelPlan(4, 1.0, 1.0, None, 64)
+    assert plan({"CPU": 16.0, "GPU": 4.0, "memory": 64e9}) == cluster.ModelPlan(4, 1.0, 1.0, None, 64)
     assert plan({"CPU": 16.0, "GPU": 4.0}, "ray.gpus_per_model_actor=0.5").actors == 8
