@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 15.0  # seconds between two progress lines when the screen is not a terminal
 
@@ -311,4 +311,4 @@ class Progress:
     def on_commit(self, record: dict[str, Any]) -> None:
         with self._lock:
             self.counts.shards += 1
-        log.info("committed shard %d (%d rows, %d failed)", record["shard_id"], record["rows"], record["errors"])
+        logger.info("committed shard %d (%d rows, %d failed)", record["shard_id"], record["rows"], record["errors"])

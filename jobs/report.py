@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +28,6 @@ from pipeline.layout import RunLayout
 from pipeline.schema import error_cause, extra_column_name
 from pipeline.secrets import redact_uri
 
-log = logging.getLogger(__name__)
 
 # (signal, histogram range, threshold, "below"|"above" drops): what Whisper's fallback and pseudo-labelling
 # pipelines filter on (Whisper's logprob_threshold, no_speech_threshold and compression_ratio_threshold)

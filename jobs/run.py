@@ -23,7 +23,7 @@ from pipeline.storage import preflight
 from .lock import RunLock
 from .progress import DEFAULT_INTERVAL, Counts, Progress, Screen
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,15 +71,10 @@ def join_cluster(address: str, runtime_env: dict[str, Any] | None) -> None:
         ValueError: the cluster cannot be joined (the message has Ray's reason, e.g. a missing token).
     """
     import ray
-    from ray._private.authentication import authentication_token_setup as setup
 
-    quiet = logging.getLogger(setup.__name__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its warning speaks to a cluster's owner ("set RAY_AUTH_MODE=disabled to opt out")
-    try:
-        setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        quiet.setLevel(level)
+    from .ray_token import enable_local_token
+
+    enable_local_token()
     try:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     except ConnectionError as e:
@@ -153,7 +148,8 @@ def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed,
             stager = InputStager(layout, staging, input_uri, plan, pending, cfg, only_rows, set(state.pending))
             if stager.files:
                 init_ray(cfg)
-                from pipeline.graph import io_tasks, run_graph
+                from pipeline.cluster import io_tasks
+                from pipeline.graph import run_graph
 
                 def on_commit_staged(rec: dict[str, Any]) -> None:
                     stager.committed(1)
@@ -214,7 +210,7 @@ def remove_staging(layout: RunLayout, invocation_id: str) -> None:
             if name <= invocation_id:
                 layout.remove_tree(layout.staging_dir(name))
     except Exception as e:  # noqa: BLE001 - every shard is committed; leftovers go at the next run's end
-        log.warning("could not remove staging under %s/_staging: %s", layout.display_uri, e)
+        logger.warning("could not remove staging under %s/_staging: %s", layout.display_uri, e)
 
 
 class InputStager:
@@ -344,7 +340,7 @@ class InputStager:
             self.seconds += time.monotonic() - t_start
         except BaseException as e:  # noqa: BLE001 - surfaced by raise_error in the driver's thread
             self._error = e
-            log.error("staging the input blocks failed: %s", e)
+            logger.error("staging the input blocks failed: %s", e)
             try:
                 self.layout.write_bytes(self.abort_path, f"staging the input blocks failed: {e}".encode())
             except Exception:  # noqa: BLE001

@@ -31,7 +31,9 @@ from pipeline.config import RunConfig, config_to_dict, load_config
 from pipeline.secrets import redact_uri, secret_option_names, without_secrets
 from pipeline.storage import is_remote, resolve_storage_options
 
-log = logging.getLogger(__name__)
+from .ray_token import enable_local_token, token_source
+
+logger = logging.getLogger(__name__)
 
 ENTRYPOINT = ("python", "-m", "jobs.cli", "run")
 # where the resolved config lies inside the job's working_dir
@@ -140,17 +142,6 @@ NOT_A_JOB_SERVER = (
 )
 
 
-def token_source() -> str:
-    """Where Ray takes this machine's token from (for messages)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return "RAY_AUTH_TOKEN"
-    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
-    from ray._private.authentication.authentication_token_setup import _get_default_token_path
-
-    return str(_get_default_token_path())
-
-
 def use_token(url: str) -> None:
     """Makes Ray's client send this machine's token (the server at ``url`` wants one).
 
@@ -164,13 +155,7 @@ def use_token(url: str) -> None:
     if mode.lower() == "disabled":
         raise JobError(f"the Ray job server at {url} requires a token, but RAY_AUTH_MODE=disabled here: unset it "
                        f"(or set RAY_AUTH_MODE=token). {TOKEN_HELP}")
-    quiet = logging.getLogger(setup.__name__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its warning speaks to a cluster's owner ("set RAY_AUTH_MODE=disabled to opt out")
-    try:
-        setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        quiet.setLevel(level)
+    enable_local_token()
     if os.environ.get(setup.AUTH_MODE_ENV_VAR, "").lower() != "token" or not AuthenticationTokenLoader.instance(
     ).has_token(ignore_auth_mode=True):
         raise JobError(f"the Ray job server at {url} requires a token and this machine has none (RAY_AUTH_TOKEN "
@@ -293,7 +278,7 @@ def follow(client, submission_id: str, echo: Echo = click.echo) -> str:
     try:
         asyncio.run(tail())
     except Exception as e:  # noqa: BLE001 - the log stream broke: the job's status still tells how it ended
-        log.warning("log stream of %s ended early (%s); waiting for the job to end", submission_id, e)
+        logger.warning("log stream of %s ended early (%s); waiting for the job to end", submission_id, e)
     return wait_for_end(client, submission_id)
 
 

@@ -12,7 +12,6 @@ import atexit
 import csv
 import hashlib
 import json
-import logging
 import os
 import pickle
 import posixpath
@@ -38,7 +37,6 @@ from pipeline.sources import (
     open_container,
 )
 
-logger = logging.getLogger(__name__)
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")

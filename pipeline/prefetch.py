@@ -8,7 +8,6 @@ most ``max_bytes`` (a larger file is not kept: it is streamed by the decoder as 
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -18,7 +17,6 @@ import fsspec
 
 from .audio import AudioError
 
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -35,7 +35,7 @@ from urllib.parse import quote, unquote
 
 import fsspec
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -239,7 +239,7 @@ def iter_tar_samples(fileobj: BinaryIO, container: str, audio_extensions: Iterab
                     current.text = f.read().decode("utf-8", errors="replace").strip()
     except _TRUNCATED as e:
         where = f"in sample {current.key!r}" if current is not None else "at its start"
-        log.warning("tar %s is truncated or corrupt %s: %s", container, where, e)
+        logger.warning("tar %s is truncated or corrupt %s: %s", container, where, e)
         if current is None:
             raise SourceError(f"cannot read tar {container}: {type(e).__name__}: {e}") from e
         current.error = f"decode failed: tar {container} is truncated or corrupt in sample {current.key!r}: {e}"
@@ -440,7 +440,7 @@ def iter_sample_audio(
         except FileNotFoundError as e:
             failure: Exception = AudioError("not found", f"{container} ({e})")
         except Exception as e:  # noqa: BLE001 - a broken container is error rows, never a failed task
-            log.exception("reading %s failed", container)
+            logger.exception("reading %s failed", container)
             failure = AudioError("decode failed", f"reading {container}: {type(e).__name__}: {e}")
         else:
             continue

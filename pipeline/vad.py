@@ -17,7 +17,6 @@ boundary is joined, so memory stays at about one chunk plus the window being bui
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ import numpy as np
 
 from .windows import plan_windows
 
-logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 
