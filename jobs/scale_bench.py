@@ -35,13 +35,15 @@ import tempfile
 import threading
 import time
 import wave
-from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from model.constants import SAMPLE_RATE
+
+from .procs import descendants, ray_workers
+
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_RATE = 16000
 
 
 def write_silence(path: Path, seconds: float) -> Path:
@@ -62,40 +64,6 @@ def write_manifest(path: Path, rows: int, clip: Path) -> Path:
 
 
 # --- processes, from /proc --------------------------------------------------------------------------------------
-
-
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children[int(f.read().rsplit(")", 1)[1].split()[1])].append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return children
-
-
-def descendants(pid: int) -> set[int]:
-    children, found, todo = _children(), set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def ray_workers(pids: set[int]) -> int:
-    n = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        n += (cmd.startswith("ray::") or "default_worker.py" in cmd) and "Agent" not in cmd
-    return n
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -167,7 +135,7 @@ def scale_run(rows: int, shard_size: int, clip: Path, work: Path, max_seconds: f
             break
         below = descendants(proc.pid)
         seen |= below
-        most = max(most, ray_workers(below))
+        most = max(most, len(ray_workers(below)))
         peak = max(peak, peak_rss_mb(proc.pid) or 0.0)
         if first_block is None:
             staging = out / "_staging"

@@ -217,25 +217,31 @@ def _parquet_rows(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> Iterato
                 row += 1
 
 
-def _make_row(index: int, raw: dict[str, Any], base: str, cfg: ManifestConfig, where: str) -> ManifestRow:
-    raw = dict(raw)
-    audio = raw.pop(cfg.audio_field, None)
-    if not isinstance(audio, str) or not audio.strip():
-        raise ManifestError(f"{where}: missing or empty {cfg.audio_field!r} (got {audio!r})")
+def _pop_span_and_language(raw: dict[str, Any], where: str) -> tuple[float | None, float | None, Any]:
+    """Takes `offset`, `duration` and the language out of ``raw`` (checked: offset >= 0, duration > 0)."""
     offset = _number(raw.pop("offset", None), "offset", where)
     if offset is not None and offset < 0:
         raise ManifestError(f"{where}: 'offset' must be >= 0, got {offset}")
     duration = _number(raw.pop("duration", None), "duration", where)
     if duration is not None and duration <= 0:
         raise ManifestError(f"{where}: 'duration' must be > 0, got {duration}")
+    language = None
+    for name in _LANGUAGE_FIELDS:
+        language = language or raw.pop(name, None)
+    return offset, duration, language
+
+
+def _make_row(index: int, raw: dict[str, Any], base: str, cfg: ManifestConfig, where: str) -> ManifestRow:
+    raw = dict(raw)
+    audio = raw.pop(cfg.audio_field, None)
+    if not isinstance(audio, str) or not audio.strip():
+        raise ManifestError(f"{where}: missing or empty {cfg.audio_field!r} (got {audio!r})")
+    offset, duration, language = _pop_span_and_language(raw, where)
     row_id = raw.pop(cfg.id_field, None)
     if row_id is not None and str(row_id).strip() == "":
         raise ManifestError(f"{where}: empty {cfg.id_field!r}")
     offset = offset or 0.0
     reference = raw.pop(cfg.text_field, None)
-    language = None
-    for name in _LANGUAGE_FIELDS:
-        language = language or raw.pop(name, None)
     return ManifestRow(
         index=index,
         id=str(row_id) if row_id is not None else default_id(audio, offset),
@@ -371,17 +377,9 @@ def _fields_row(index: int, row_id: str, raw: dict[str, Any], ref: SampleRef, di
                 cfg: ManifestConfig, where: str) -> ManifestRow:
     """A container sample's row: offset/duration/language honoured, the reference from `text`, the rest carried."""
     raw = dict(raw)
-    offset = _number(raw.pop("offset", None), "offset", where)
-    if offset is not None and offset < 0:
-        raise ManifestError(f"{where}: 'offset' must be >= 0, got {offset}")
-    duration = _number(raw.pop("duration", None), "duration", where)
-    if duration is not None and duration <= 0:
-        raise ManifestError(f"{where}: 'duration' must be > 0, got {duration}")
+    offset, duration, language = _pop_span_and_language(raw, where)
     text = raw.pop(cfg.text_field, None)
     reference = text if text is not None else reference
-    language = None
-    for name in _LANGUAGE_FIELDS:
-        language = language or raw.pop(name, None)
     return ManifestRow(
         index=index,
         id=row_id,

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.constants import SAMPLE_RATE
+
+from .config import AudioConfig
 from .windows import plan_windows
 
-
-SAMPLE_RATE = 16000
 
 _MODEL = None
 _MODEL_LOCK = threading.Lock()
@@ -34,20 +35,22 @@ _MODEL_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class VadOptions:
+    """How speech is found and windowed; the defaults are the `audio.vad_*` config defaults."""
+
     # speech probability above which a 32 ms frame is speech (Silero's default)
-    threshold: float = 0.5
+    threshold: float = AudioConfig.vad_threshold
     # seconds added before and after each speech segment (clipped at the audio's ends)
-    pad_seconds: float = 0.4
+    pad_seconds: float = AudioConfig.vad_pad_seconds
     # speech segments this close share a window (the pause goes to the model with them)
-    merge_gap_seconds: float = 2.0
+    merge_gap_seconds: float = AudioConfig.vad_merge_gap_seconds
     # shorter speech is dropped (clicks, coughs)
     min_speech_seconds: float = 0.25
     # a pause must last this long to end a segment
     min_silence_seconds: float = 0.16
     # hard limit on a window (Whisper's 30 s)
-    max_window_seconds: float = 30.0
+    max_window_seconds: float = AudioConfig.max_window_seconds
     # a segment longer than a window is cut at the quietest point in this many seconds before the limit
-    cut_search_seconds: float = 5.0
+    cut_search_seconds: float = AudioConfig.cut_search_seconds
 
 
 def silero_model():

@@ -26,15 +26,26 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pytest
 
+from jobs.procs import descendants  # noqa: F401 - the tests stop what they started by its process tree
+from model.constants import SAMPLE_RATE
+
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE_RATE = 16000
 # a full local run (Ray start, model load, transcription) on a loaded 2-core machine stays well below this
 RUN_TIMEOUT_S = 420
 
 
 # --- the CLI ---------------------------------------------------------------------------------------------------
+
+
+def job_server_missing() -> bool:
+    """Whether this Ray lacks what `ray start` needs for the dashboard and its job server (ray[default])."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError:
+        return True
+    return False
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -255,28 +266,6 @@ def check_segments_cover(row: dict[str, Any], audio: np.ndarray | None = None, t
 
 
 # --- processes -------------------------------------------------------------------------------------------------
-
-
-def descendants(pid: int) -> set[int]:
-    """Pids of every process below ``pid`` (from /proc; empty where /proc is unavailable)."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children[ppid].append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
 
 def alive(pids: Iterable[int]) -> set[int]:
     """The pids that still run (zombies count as gone)."""

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,16 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.servers import free_port
+
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 _RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def session_pids(sid: int) -> set[int]:
@@ -110,7 +104,7 @@ class Node:
             except subprocess.TimeoutExpired:
                 pass
         deadline = time.monotonic() + 5
-        while (left := started & self.pids) and time.monotonic() < deadline:
+        while started & self.pids and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in started & self.pids:
             try:

@@ -26,23 +26,16 @@ import pytest
 from pipeline.layout import RunLayout
 from pipeline.sink import read_committed
 from pipeline.storage import resolve_storage_options
+from tests.integration.conftest import job_server_missing
 from tests.servers import free_port, moto_s3
 from tests.speech import have_espeak, make_speech
-
-
-def _job_server_missing() -> bool:
-    try:
-        import ray.dashboard.optional_deps  # noqa: F401 - what `ray start` needs for the dashboard and job server
-    except ImportError:
-        return True
-    return False
 
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(not have_espeak(), reason="espeak-ng and ffmpeg are needed to make speech"),
-    pytest.mark.skipif(_job_server_missing(), reason="the Ray job server needs ray[default]: pip install 'ray[default]'"),
+    pytest.mark.skipif(job_server_missing(), reason="the Ray job server needs ray[default]: pip install 'ray[default]'"),
 ]
 
 REPO = Path(__file__).resolve().parents[2]

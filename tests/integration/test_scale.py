@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jobs.procs import ray_workers
 from tests.integration.conftest import (
     RUN_TIMEOUT_S,
     completion_records,
@@ -39,21 +40,6 @@ ACTORS = 1 + CORES
 # in each of the four zero-CPU stages (reads, split, part writes, commits), and as many idle or starting workers as
 # Ray's worker pool keeps or is starting (two per core)
 BOUND = ACTORS + 3 + 4 * max(1, CORES // 2) + 2 * CORES
-
-
-def ray_workers(pids: set[int]) -> list[str]:
-    """The process titles of the Ray worker processes among ``pids`` (task and actor workers, idle ones included),
-    from /proc."""
-    found = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if (cmd.startswith("ray::") or "default_worker.py" in cmd) and "Agent" not in cmd:  # not the node agents
-            found.append(cmd[:60])
-    return found
 
 
 def test_thousands_of_rows_keep_worker_processes_bounded(tmp_path: Path):

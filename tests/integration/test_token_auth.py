@@ -23,22 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import read_rows, count_ids, read_jsonl
+from tests.integration.conftest import count_ids, job_server_missing, read_jsonl, read_rows
 from tests.integration.ray_cluster import RayCluster
-
-
-def _job_server_missing() -> bool:
-    try:
-        import ray.dashboard.optional_deps  # noqa: F401 - what `ray start` needs for the dashboard and job server
-    except ImportError:
-        return True
-    return False
 
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.skipif(_job_server_missing(), reason="the Ray job server needs ray[default]: pip install 'ray[default]'"),
+    pytest.mark.skipif(job_server_missing(), reason="the Ray job server needs ray[default]: pip install 'ray[default]'"),
 ]
 
 REPO = Path(__file__).resolve().parents[2]

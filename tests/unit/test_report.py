@@ -4,7 +4,6 @@ display's counters and lines."""
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from jobs.plots import PLOT_IDS
 from jobs.progress import Counts, Progress, Screen
 from jobs.report import build_report
 from tests.report_data import make_run
+from tests.servers import moto_s3
 
 
 def _report(tmp_path, *args):
@@ -117,14 +117,8 @@ def test_report_bad_input_is_a_message(tmp_path):
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 def test_report_on_s3(s3_endpoint, tmp_path):
