@@ -62,3 +62,23 @@ def test_noise_is_added_at_the_stated_snr_and_is_seeded():
     assert snr == pytest.approx(10.0, abs=0.05)
     assert np.array_equal(noisy, add_noise(speech, 10.0, seed=3))
     assert not np.array_equal(noisy, add_noise(speech, 10.0, seed=4))
+
+
+def test_configurations_by_name_or_overrides_always_with_the_fp32_reference():
+    from jobs.yardstick import parse_configs
+
+    assert parse_configs("int8") == {"fp32": ["model.dtype=float32"], "int8": ["model.quantize=int8"]}
+    custom = parse_configs("default,pad10:decode.padding_seconds=10+decode.beam_size=5")
+    assert list(custom) == ["fp32", "default", "pad10"]
+    assert custom["pad10"] == ["decode.padding_seconds=10", "decode.beam_size=5"] and custom["default"] == []
+    with pytest.raises(ValueError, match="unknown configuration"):
+        parse_configs("fp16")
+
+
+def test_bench_needs_a_manifest_unless_yardstick():
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    result = CliRunner().invoke(main, ["bench"])
+    assert result.exit_code == 2 and "MANIFEST is required (or --yardstick)" in result.output
