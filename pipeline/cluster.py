@@ -105,13 +105,14 @@ def actor_memory(cfg: RunConfig) -> int:
 
 def io_tasks() -> int:
     """How many tasks each zero-CPU stage (input reads, the split, part writes, commits) may run at once: half the
-    cluster's cores, at least 1.
+    cluster's cores, at least 2 (these tasks mostly wait on storage: with one at a time, a shard's commit waited for
+    the previous one's round trips, and on a small cluster the commits of a run came in one burst at its end).
 
     These tasks take no CPU slot (the actors hold them all), so nothing else bounds them: unbounded, Ray started a
     worker process for every block waiting to be read or written (125 processes on a 2-core node for a manifest
     of 200k rows). Bounded, the worker processes on a node stay within its cores and the actors placed there.
     """
-    return max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    return max(2, int(ray.cluster_resources().get("CPU", 2)) // 2)
 
 
 def actor_pool(initial: int, most: int | None) -> "ray.data.ActorPoolStrategy":

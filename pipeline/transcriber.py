@@ -106,6 +106,11 @@ class Transcriber:
             self.model = quantize_int8(self.model)
         elif device == "cpu":
             self.model.pack_cpu_weights()
+        elif cfg.model.quantize == "int8":  # int8 kernels are the CPU's: say what runs instead
+            logger.warning("model.quantize=int8 is for CPUs: on %s the model runs unquantised in %s", device,
+                           str(dtype).replace("torch.", ""))
+        logger.info("model %s on %s in %s%s", ckpt.name, device, str(dtype).replace("torch.", ""),
+                    ", int8 linear layers" if cfg.model.quantize == "int8" and device == "cpu" else "")
         self.model_name = ckpt.name
         self.load_s = time.perf_counter() - t0
         self.opts = transcribe_options(cfg.decode)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import urllib.request
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -18,12 +19,16 @@ def free_port() -> int:
 
 @contextmanager
 def moto_s3() -> Iterator[str]:
-    """A real S3 server (moto's) on 127.0.0.1 for the block; yields its endpoint URL. Skips without moto[server]."""
+    """A real S3 server (moto's) on 127.0.0.1 for the block, with no buckets; yields its endpoint URL. Skips without
+    moto[server]."""
     moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
     port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its buckets per process, not per server: start every server empty, as a fresh S3 would be
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield endpoint
     finally:
         server.stop()

@@ -40,8 +40,10 @@ pytestmark = pytest.mark.integration
 KILL_ROWS = 16
 KILL_SHARD_SIZE = 2
 # small batches spread the commits over the run, so a kill after the first one interrupts real work
-KILL_SETTINGS = ("manifest.shard_size=2", "ray.model_batch_size=2")
-MAX_EXTRA_DELAY_S = 3.0
+# one model actor decoding with beams: the run's commits spread over several seconds after the first, long enough for
+# a kill to land among them (with the default layout the pipeline now commits the 8 shards within ~1.5 s)
+KILL_SETTINGS = ("manifest.shard_size=2", "ray.model_batch_size=2", "ray.model_actors=1", "decode.beam_size=5")
+MAX_EXTRA_DELAY_S = 2.0
 
 
 def _kill_manifest(librispeech_rows: list[dict[str, Any]], eval_dir: Path, path: Path) -> Path:

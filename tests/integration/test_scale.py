@@ -39,7 +39,7 @@ ACTORS = 1 + CORES
 # Ray Data's own actors (stats, autoscaling coordinator, actor location tracker), one task at a time per core pair
 # in each of the four zero-CPU stages (reads, split, part writes, commits), and as many idle or starting workers as
 # Ray's worker pool keeps or is starting (two per core)
-BOUND = ACTORS + 3 + 4 * max(1, CORES // 2) + 2 * CORES
+BOUND = ACTORS + 3 + 4 * max(2, CORES // 2) + 2 * CORES
 
 
 def test_thousands_of_rows_keep_worker_processes_bounded(tmp_path: Path):
