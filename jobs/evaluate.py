@@ -22,10 +22,10 @@ _COUNTS = ("hits", "substitutions", "deletions", "insertions")
 
 def word_errors(references: list[str], hypotheses: list[str]) -> dict[str, Any]:
     """Corpus-level WER over already-normalised, non-empty references."""
-    return _rates(_counts(references, hypotheses))
+    return _rates(error_counts(references, hypotheses))
 
 
-def _counts(references: list[str], hypotheses: list[str]) -> Counter:
+def error_counts(references: list[str], hypotheses: list[str]) -> Counter:
     """Hits, substitutions, deletions, insertions and rows: they add up over parts of a corpus (each row is aligned
     on its own), so a corpus is scored shard by shard in bounded memory."""
     if not references:
@@ -79,7 +79,7 @@ def evaluate(layout: RunLayout, group_field: str = "dataset") -> dict[str, Any]:
             refs.append(ref)
             hyps.append(normalize(text or ""))
         for key, (refs, hyps) in pairs.items():
-            scored[key] += _counts(refs, hyps)
+            scored[key] += error_counts(refs, hyps)
     result = {**_rates(sum(scored.values(), Counter())), **counts}
     if any(key is not None for key in scored):
         result[f"by_{group_field}"] = {str(key): _rates(scored[key]) for key in sorted(scored, key=str)}

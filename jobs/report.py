@@ -226,11 +226,10 @@ def wer_of(counts: Counter) -> float | None:
 
 def invocation_throughput(layout: RunLayout, done: list[int]) -> list[dict[str, Any]]:
     """Per invocation: start, status, wall seconds, and the rows/audio of the shards it committed (by commit time)."""
-    from pipeline.sink import wall_seconds
+    from pipeline.sink import read_invocations, wall_seconds
 
-    invocations = layout.read_json_many(sorted(p for p in _ls(layout, layout.invocations_dir) if p.endswith(".json")))
+    invocations = read_invocations(layout)
     records = layout.read_json_many([layout.record_file(s) for s in done])
-    invocations.sort(key=lambda inv: inv.get("started_at") or "")
     starts = [_time(inv.get("started_at")) for inv in invocations]
     out = [{"id": inv.get("id"), "started_at": inv.get("started_at"), "finished_at": inv.get("finished_at"),
             "status": inv.get("status"), "host": inv.get("host"), "rows": 0, "audio_seconds": 0.0, "shards": 0,
@@ -257,14 +256,6 @@ def _time(value: str | None) -> datetime | None:
         return datetime.fromisoformat(value) if value else None
     except ValueError:
         return None
-
-
-def _ls(layout: RunLayout, folder: str) -> list[str]:
-    try:
-        layout.fs.invalidate_cache(folder)
-        return layout.fs.ls(folder, detail=False)
-    except FileNotFoundError:
-        return []
 
 
 def identity(layout: RunLayout, plan: dict[str, Any]) -> dict[str, Any]:

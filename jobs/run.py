@@ -237,12 +237,8 @@ class InputStager:
         self.files = [f"{self.folder}/block-{i:06d}.parquet" for i in range(-(-len(self.pending) // spb))]
         self.block_of = {s: i // spb for i, s in enumerate(self.pending)}
         self.expected = {}
-        starts = plan.shard_starts  # shards that follow container files; else shard_size rows each
         for shard in self.pending:
-            if starts is None:
-                rows = plan.shard_rows(shard)
-            else:
-                rows = range(starts[shard], starts[shard + 1] if shard + 1 < len(starts) else plan.n_rows)
+            rows = plan.shard_rows(shard)
             if self.retry is not None and shard not in never_committed:
                 n = sum(1 for r in rows if r in self.retry)
             else:
@@ -311,9 +307,7 @@ class InputStager:
                 )
 
     def _run(self) -> None:
-        import pyarrow as pa
-
-        from pipeline.schema import RECORD_SCHEMA
+        from pipeline.schema import records_table
         from pipeline.sink import table_to_parquet_bytes
 
         written, staged_shards = set(), 0
@@ -328,7 +322,7 @@ class InputStager:
                     records = [r for r in records if r["shard_id"] in self.never_committed or r["row_index"] in self.retry]
                 block = self.block_of[shard_ids[0]]
                 self._check_rows(block, records)
-                table = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+                table = records_table(records)
                 self.layout.write_bytes(self.files[block], table_to_parquet_bytes(table))
                 written.add(block)
                 staged_shards += len(shard_ids)
@@ -336,7 +330,7 @@ class InputStager:
                     self.first_block_seconds = time.monotonic() - t_start
             for block in sorted(set(range(len(self.files))) - written):  # a wave without rows: an empty block
                 self._check_rows(block, [])
-                self.layout.write_bytes(self.files[block], table_to_parquet_bytes(RECORD_SCHEMA.empty_table()))
+                self.layout.write_bytes(self.files[block], table_to_parquet_bytes(records_table([])))
             self.seconds += time.monotonic() - t_start
         except BaseException as e:  # noqa: BLE001 - surfaced by raise_error in the driver's thread
             self._error = e

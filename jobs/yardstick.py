@@ -36,13 +36,13 @@ BOOTSTRAP_SAMPLES = 2000
 
 def row_errors(references: list[str], hypotheses: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per row: word errors (substitutions + deletions + insertions) and reference words, of normalised texts."""
-    import jiwer
+    from jobs.evaluate import error_counts
 
     errors, words = [], []
     for ref, hyp in zip(references, hypotheses):
-        out = jiwer.process_words(ref, hyp)
-        errors.append(out.substitutions + out.deletions + out.insertions)
-        words.append(out.hits + out.substitutions + out.deletions)
+        c = error_counts([ref], [hyp])
+        errors.append(c["substitutions"] + c["deletions"] + c["insertions"])
+        words.append(c["hits"] + c["substitutions"] + c["deletions"])
     return np.asarray(errors, dtype=np.int64), np.asarray(words, dtype=np.int64)
 
 

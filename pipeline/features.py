@@ -26,7 +26,7 @@ from .audio import AudioError, iter_audio_chunks, open_stream
 from .config import AudioConfig, RunConfig
 from .packing import member_record, pack_audio, plan_packs
 from .sources import audio_source, iter_sample_audio
-from .windows import iter_windows, plan_windows
+from .windows import iter_windows
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +71,6 @@ def featurize_windows(windows: Iterable[tuple[int, np.ndarray]], n_mels: int) ->
         frames.append(n)
         samples = begin + len(audio)
     return Windows(starts, frames, blob, samples / SAMPLE_RATE)
-
-
-def featurize(audio: np.ndarray, n_mels: int, cfg: AudioConfig) -> Windows:
-    """Audio (T,) at 16 kHz → windows at quiet points → log-mel of each."""
-    cuts = plan_windows(audio, cfg.max_window_seconds, cfg.max_window_seconds - cfg.cut_search_seconds)
-    return featurize_windows(((b, audio[b:e]) for b, e in cuts), n_mels)
 
 
 def load_features(

@@ -71,9 +71,9 @@ class Plan:
         return index // self.shard_size
 
     def shard_rows(self, shard_id: int) -> range:
-        if self.shard_starts is not None:
-            ends = self.shard_starts[1:] + [self.n_rows]
-            return range(self.shard_starts[shard_id], ends[shard_id])
+        if self.shard_starts is not None:  # shards that follow container files
+            starts = self.shard_starts
+            return range(starts[shard_id], starts[shard_id + 1] if shard_id + 1 < len(starts) else self.n_rows)
         return range(shard_id * self.shard_size, min((shard_id + 1) * self.shard_size, self.n_rows))
 
     def manifest_config(self) -> ManifestConfig:

@@ -194,9 +194,7 @@ def collect_stats(layout: RunLayout, chunk: int = 512) -> dict[str, Any]:
     the run has (only each record's commit time is kept, for the wall time)."""
     plan = layout.read_json(layout.plan_json) if layout.exists(layout.plan_json) else {}
     done = sorted(layout.list_done_shards())
-    invocations = layout.read_json_many(
-        [p for p in _list(layout, layout.invocations_dir) if p.endswith(".json")]
-    )
+    invocations = read_invocations(layout)
     causes: Counter[str] = Counter()
     fallbacks: Counter[str] = Counter()
     timings: Counter[str] = Counter()
@@ -232,6 +230,12 @@ def collect_stats(layout: RunLayout, chunk: int = 512) -> dict[str, Any]:
         "invocations": len(invocations),
         "models": sorted(models),
     }
+
+
+def read_invocations(layout: RunLayout) -> list[dict[str, Any]]:
+    """The run's invocation records (OUTPUT/invocations/*.json), oldest first."""
+    paths = [p for p in _list(layout, layout.invocations_dir) if p.endswith(".json")]
+    return sorted(layout.read_json_many(paths), key=lambda inv: inv.get("started_at") or "")
 
 
 def _list(layout: RunLayout, folder: str) -> list[str]:
