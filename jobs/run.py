@@ -213,6 +213,14 @@ def remove_staging(layout: RunLayout, invocation_id: str) -> None:
         logger.warning("could not remove staging under %s/_staging: %s", layout.display_uri, e)
 
 
+def longest_first(record: dict[str, Any]) -> tuple[int, float]:
+    """Order of a block's records: shard by shard, and within a shard the longest rows (by the manifest's duration,
+    where it gives one) first, so that a shard's long files do not start last and leave one model actor working
+    through them while the others idle. Rows keep their row_index: the committed order does not change."""
+    duration = record.get("duration")
+    return record["shard_id"], -(duration if duration and duration == duration else 0.0)
+
+
 class InputStager:
     """Writes the pending manifest records as the graph's input blocks while the graph runs.
 
@@ -322,6 +330,7 @@ class InputStager:
                     records = [r for r in records if r["shard_id"] in self.never_committed or r["row_index"] in self.retry]
                 block = self.block_of[shard_ids[0]]
                 self._check_rows(block, records)
+                records.sort(key=longest_first)
                 table = records_table(records)
                 self.layout.write_bytes(self.files[block], table_to_parquet_bytes(table))
                 written.add(block)

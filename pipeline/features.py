@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -165,11 +165,15 @@ class Featurizer:
             yield row, got
 
     def featurize_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        items, short = [], []
+        return list(self.iter_items(rows))
+
+    def iter_items(self, rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The rows' work items, each as soon as its row is read; packs of short rows at the end."""
+        short = []
         for row, data in self.iter_audio(rows):
             out, audio = self.featurize_row(row, data)
             if audio is None:
-                items.append(out)
+                yield out
             else:
                 short.append((out, audio))
         a = self.cfg.audio
@@ -179,8 +183,7 @@ class Featurizer:
         for group in by_shard.values():
             durations = [len(au) / SAMPLE_RATE for _, au in group]
             for pack in plan_packs(durations, a.max_window_seconds, a.pack_gap_seconds):
-                items.append(self.pack_item([group[i] for i in pack]))
-        return items
+                yield self.pack_item([group[i] for i in pack])
 
     def pack_item(self, members: list[tuple[dict[str, Any], np.ndarray]]) -> dict[str, Any]:
         gap = self.cfg.audio.pack_gap_seconds

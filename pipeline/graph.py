@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import ray
@@ -34,9 +34,20 @@ class ArrowFeaturizer:
         self.inner = Featurizer(cfg, n_mels)
         self.rows_per_call = rows_per_call
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        items = self.inner.featurize_rows(batch.to_pylist())
-        return features_table(balance_order(items, self.rows_per_call))
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        """A block's features, yielded a few model calls' worth at a time: the model stage starts on the first rows
+        instead of waiting for the whole block (with packing on, the packs come at the end, once a shard is read)."""
+        chunk, size = [], self.rows_per_call  # the first call's rows alone: the model actors are waiting
+        for item in self.inner.iter_items(batch.to_pylist()):
+            chunk.append(item)
+            if len(chunk) >= size:
+                yield features_table(balance_order(chunk, self.rows_per_call))
+                chunk, size = [], FEATURE_CHUNK_CALLS * self.rows_per_call
+        if chunk:
+            yield features_table(balance_order(chunk, self.rows_per_call))
+
+
+FEATURE_CHUNK_CALLS = 4  # model calls' rows per table a featurizer yields
 
 
 def balance_order(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
@@ -174,7 +185,7 @@ def build_dataset(
         ArrowFeaturizer,
         fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels, "rows_per_call": plan.rows_per_call},
         compute=actor_pool(cfg.ray.cpu_actors, cfg.ray.max_cpu_actors or cfg.ray.cpu_actors),
-        batch_size=None,  # one whole input block (whole shards) per call: short rows are packed within a shard
+        batch_size=None,  # a whole input block (whole shards) per call: containers read once, short rows packed
         batch_format="pyarrow",
         num_cpus=1,
     )
@@ -189,7 +200,7 @@ def build_dataset(
         num_gpus=plan.gpus,
         num_cpus=plan.cpus,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         write_parts,
         fn_args=(layout, staging, extra_types),
         batch_size=None,
@@ -197,6 +208,13 @@ def build_dataset(
         num_cpus=0,  # small I/O: must never wait behind the actors that hold every core
         compute=io_pool,
     )
+    # a map task's outputs are gathered into blocks of up to this size (Ray's default: 128 MiB) before the next
+    # stage sees any of them: the featurizer's chunks would wait for the rest of their block
+    ds.context.target_max_block_size = OUTPUT_BLOCK_BYTES
+    return ds
+
+
+OUTPUT_BLOCK_BYTES = 1 << 20
 
 
 def split_blocks(

@@ -88,3 +88,24 @@ def test_a_failed_staging_aborts_the_waiting_reads(tmp_path: Path):
         read_inputs(pa.table({"path": [stager.files[0]]}), layout, wait_seconds=30)
     assert time.monotonic() - t0 < 5  # the read gave up at once instead of waiting 30 s
     assert not Path(stager.files[0]).exists()  # no empty block passed for the shards' rows
+
+
+def test_rows_of_a_shard_are_staged_longest_first(tmp_path: Path):
+    manifest = tmp_path / "m.jsonl"
+    durations = [3.0, None, 100.0, 7.5, 60.0, 2.0, 89.0, 1.0]  # one row without a duration
+    manifest.write_text(
+        "".join(json.dumps({"id": f"r{i}", "audio_filepath": f"/a/{i}.wav", **({"duration": d} if d else {})}) + "\n"
+                for i, d in enumerate(durations))
+    )
+    cfg = load_config(None, ["manifest.shard_size=4", "ray.shards_per_block=2"])
+    plan = build_plan(str(manifest), cfg)
+    layout = RunLayout(str(tmp_path / "out"))
+    stager = InputStager(layout, layout.staging_dir("x"), str(manifest), plan, [0, 1], cfg, None, {0, 1})
+    stager.start(ahead_blocks=8)
+    stager.wait()
+    stager.raise_error()
+    [block] = stager.files
+    rows = pq.read_table(block).to_pylist()
+    # shard by shard; within a shard the longest first, a row without a duration after those with one
+    assert [r["row_index"] for r in rows] == [2, 3, 0, 1, 6, 4, 5, 7]
+    assert [r["shard_id"] for r in rows] == [0, 0, 0, 0, 1, 1, 1, 1]

@@ -235,3 +235,30 @@ def test_model_stage_plan_from_the_cluster(monkeypatch):
     # GPUs: one actor per GPU, calls that fill it
     assert plan({"CPU": 16.0, "GPU": 4.0, "memory": 64e9}) == cluster.ModelPlan(4, 1.0, 1.0, None, 64)
     assert plan({"CPU": 16.0, "GPU": 4.0}, "ray.gpus_per_model_actor=0.5").actors == 8
+
+
+def test_the_featurizer_yields_a_block_a_few_model_calls_at_a_time(tmp_path):
+    """The model stage starts on a block's first rows: the first table is one model call's rows, then a few calls'
+    at a time, every row once, each table ordered for its calls."""
+    import wave
+
+    import pyarrow as pa
+
+    from pipeline.graph import FEATURE_CHUNK_CALLS, ArrowFeaturizer
+    from pipeline.schema import RECORD_SCHEMA
+
+    rows = []
+    for i in range(11):
+        path = tmp_path / f"{i}.wav"
+        with wave.open(str(path), "wb") as f:
+            f.setnchannels(1), f.setsampwidth(2), f.setframerate(16000)
+            t = np.arange(int(16000 * (0.5 + 0.1 * i))) / 16000
+            f.writeframes((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
+        rows.append({"shard_id": 0, "row_index": i, "id": f"r{i}", "audio_filepath": str(path), "uri": str(path),
+                     "offset": 0.0, "duration": None, "reference": None, "language": None, "extra_json": "{}"})
+    featurizer = ArrowFeaturizer(load_config(None, []), 80, rows_per_call=2)
+    tables = list(featurizer(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)))
+    assert [t.num_rows for t in tables] == [2, 2 * FEATURE_CHUNK_CALLS, 11 - 2 - 2 * FEATURE_CHUNK_CALLS]
+    got = [r for t in tables for r in t.column("row_index").to_pylist()]
+    assert sorted(got) == list(range(11))
+    assert all(len(r) == 1 for t in tables for r in t.column("mel_frames").to_pylist())
