@@ -1,9 +1,13 @@
 """``whisper-batch bench``: the same files through whisper-batch's whole pipeline and through the peers users run
 today, engines alternating in one run, each in its own process (so one's memory or threads can't help another).
 
-Per engine: audio seconds, wall seconds (model load measured separately), RTFx = audio / wall, WER (Whisper's English
+Per engine: audio seconds, wall seconds (model load measured separately), RTFx = audio / wall, the whole process's
+seconds (from its start to its exit: imports, model load, audio decoding, Ray start for ours), WER (Whisper's English
 normalizer) over rows with a reference, and peak memory (RSS summed over the engine's process session, sampled).
-Peers need the optional extra ``bench`` (openai-whisper, faster-whisper); missing ones are reported and skipped.
+Below the table, whisper-batch's speed as a multiple of the fastest peer's, on both clocks. ``--times N`` runs a
+manifest that repeats MANIFEST's rows N times (ids suffixed ``#k``), a corpus large enough for the start-up not to
+dominate. Peers need the optional extra ``bench`` (openai-whisper, faster-whisper); missing ones are reported and
+skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +33,21 @@ ENGINES = {
     "faster-batched-fp32": "faster-whisper BatchedInferencePipeline (batch 8), greedy, float32",
 }
 DEFAULT_ENGINES = ("whisper-batch", "whisper-batch-int8", "openai", "faster-int8", "faster-batched-int8")
+
+
+def repeat_manifest(manifest: str, times: int, folder: str) -> str:
+    """A JSONL manifest in ``folder`` holding ``manifest``'s rows ``times`` times over (ids ``ID#k``, paths resolved)."""
+    from pipeline.manifest import read_manifest
+
+    rows = list(read_manifest(manifest))
+    path = Path(folder) / f"{Path(manifest).stem}-x{times}.jsonl"
+    with path.open("w") as f:
+        for k in range(times):
+            for r in rows:
+                row = {"id": f"{r.id}#{k}", "audio_filepath": r.uri, "offset": r.offset, "duration": r.duration,
+                       "text": r.reference}
+                f.write(json.dumps({key: v for key, v in row.items() if v is not None}) + "\n")
+    return str(path)
 
 
 def read_rows(manifest: str) -> list[dict[str, Any]]:
@@ -157,6 +176,7 @@ def measure(engine: str, manifest: str, model: str | None, threads: int) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "jobs.bench", engine, manifest, str(out), str(threads), model or ""]
+        t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         peak = [0]
 
@@ -168,11 +188,12 @@ def measure(engine: str, manifest: str, model: str | None, threads: int) -> dict
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         _, err = proc.communicate()
+        process_s = time.perf_counter() - t0
         sampler.join()
         if proc.returncode != 0 or not out.exists():
             return {"engine": engine, "error": err.decode(errors="replace").strip().splitlines()[-1:] or ["failed"]}
         result = json.loads(out.read_text())
-    result.update(engine=engine, peak_rss_mb=peak[0] / 2**20)
+    result.update(engine=engine, peak_rss_mb=peak[0] / 2**20, process_s=process_s)
     return result
 
 
@@ -191,6 +212,8 @@ def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         "load_s": result["load_s"],
         "wall_s": result["wall_s"],
         "rtfx": result["audio_s"] / result["wall_s"] if result["wall_s"] else None,
+        "process_s": result["process_s"],
+        "process_rtfx": result["audio_s"] / result["process_s"],
         "wer": wer,
         "peak_rss_mb": result["peak_rss_mb"],
         "note": result.get("note", ""),
@@ -199,22 +222,53 @@ def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(scores: list[dict[str, Any]]) -> str:
     lines = [
-        "| engine | audio s | load s | wall s | RTFx | WER % | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| engine | audio s | load s | wall s | RTFx | process s | process RTFx | WER % | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in scores:
         if "error" in s:
-            lines.append(f"| {s['engine']} | failed: {' '.join(s['error'])[:80]} | | | | | |")
+            lines.append(f"| {s['engine']} | failed: {' '.join(s['error'])[:80]} | | | | | | | |")
             continue
         wer = f"{100 * s['wer']:.2f}" if s["wer"] is not None else "–"
         lines.append(
             f"| {s['engine']} | {s['audio_s']:.1f} | {s['load_s']:.1f} | {s['wall_s']:.1f} | {s['rtfx']:.1f} | "
-            f"{wer} | {s['peak_rss_mb']:.0f} |"
+            f"{s['process_s']:.1f} | {s['process_rtfx']:.1f} | {wer} | {s['peak_rss_mb']:.0f} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + [f"\n{line}" for line in ratio_lines(scores)])
 
 
-def bench(manifest: str, engines: list[str], model: str | None, repeat: int, threads: int, echo=print) -> list[dict]:
+def ratio_lines(scores: list[dict[str, Any]]) -> list[str]:
+    """Each whisper-batch engine's speed over the fastest peer's (RTFx summed over rounds: total audio / total
+    seconds), on the wall clock (model work; the peers' audio decoded and model loaded beforehand) and on the whole
+    process's clock."""
+    totals: dict[str, list[float]] = {}
+    for s in scores:
+        if "error" not in s:
+            t = totals.setdefault(s["engine"], [0.0, 0.0, 0.0])
+            t[0], t[1], t[2] = t[0] + s["audio_s"], t[1] + s["wall_s"], t[2] + s["process_s"]
+    peers = {e: t for e, t in totals.items() if e not in OUR_SETTINGS}
+    if not peers:
+        return []
+    best = max(peers, key=lambda e: peers[e][0] / peers[e][1])
+    best_process = max(peers, key=lambda e: peers[e][0] / peers[e][2])
+    lines = []
+    for engine, (audio, wall, process) in totals.items():
+        if engine in OUR_SETTINGS:
+            pa, pw = peers[best][0], peers[best][1]
+            qa, qp = peers[best_process][0], peers[best_process][2]
+            lines.append(
+                f"{engine}: {(audio / wall) / (pa / pw):.2f}x the fastest peer ({best}) on the wall clock, "
+                f"{(audio / process) / (qa / qp):.2f}x ({best_process}) over the whole process"
+            )
+    return lines
+
+
+def bench(
+    manifest: str, engines: list[str], model: str | None, repeat: int, threads: int, echo=print, times: int = 1
+) -> list[dict]:
+    if times > 1:
+        with tempfile.TemporaryDirectory(prefix="wb-bench-manifest-") as folder:
+            return bench(repeat_manifest(manifest, times, folder), engines, model, repeat, threads, echo)
     rows = read_rows(manifest)
     scores = []
     for rnd in range(repeat):

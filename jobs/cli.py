@@ -192,6 +192,8 @@ def export(output, fmt, out_dir, config, overrides, words) -> None:
               "faster-batched-int8")), show_default=True, help="Comma-separated engines to run, alternating.")
 @click.option("--model", "model_spec", default=None, help="Checkpoint for every engine (default: packaged tiny.en).")
 @click.option("--repeat", default=1, show_default=True, help="Rounds; the engine order alternates between rounds.")
+@click.option("--times", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Run a manifest of MANIFEST's rows repeated this many times (a larger corpus, same references).")
 @click.option("--threads", default=os.cpu_count(), show_default=True, help="CPU threads for the peers.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
 @click.option("--yardstick", is_flag=True, help="Accuracy instead: WER per yardstick set for --configs, each paired "
@@ -199,7 +201,7 @@ def export(output, fmt, out_dir, config, overrides, words) -> None:
 @click.option("--configs", default="fp32,default,int8", show_default=True, metavar="NAME[:KEY=VALUE+...],...",
               help="--yardstick: configurations by name (fp32, default, int8) or NAME:KEY=VALUE+KEY=VALUE.")
 @click.option("--sets", default=None, help="--yardstick: comma-separated sets (default: all).")
-def bench(manifest, engines, model_spec, repeat, threads, json_out, yardstick, configs, sets) -> None:
+def bench(manifest, engines, model_spec, repeat, times, threads, json_out, yardstick, configs, sets) -> None:
     """Side-by-side throughput/WER/memory of whisper-batch and its peers on MANIFEST, in one run."""
     import platform
 
@@ -225,7 +227,8 @@ def bench(manifest, engines, model_spec, repeat, threads, json_out, yardstick, c
     chosen = [e.strip() for e in engines.split(",") if e.strip()]
     if unknown := [e for e in chosen if e not in ENGINES]:
         raise click.UsageError(f"unknown engine(s) {unknown}; choose from: {', '.join(ENGINES)}")
-    scores = run_bench(manifest, chosen, model_spec, repeat, threads, echo=lambda m: click.echo(m, err=True))
+    scores = run_bench(manifest, chosen, model_spec, repeat, threads, echo=lambda m: click.echo(m, err=True),
+                       times=times)
     click.echo(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}")
     click.echo(format_table(scores))
     if json_out:

@@ -33,6 +33,15 @@ class ArrowFeaturizer:
 
         self.inner = Featurizer(cfg, n_mels)
         self.rows_per_call = rows_per_call
+        self.padded = cfg.decode.padding_seconds is not None
+
+    def order(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each model call gets one of the longest rows (:func:`balance_order`); with ``decode.padding_seconds`` the
+        calls get rows of like lengths instead (longest first): a batch's encoder pass is as long as its longest
+        window, so a long row in a call of short ones would take their savings."""
+        if self.padded:
+            return sorted(items, key=row_cost, reverse=True)
+        return balance_order(items, self.rows_per_call)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         """A block's features, yielded a few model calls' worth at a time: the model stage starts on the first rows
@@ -41,13 +50,18 @@ class ArrowFeaturizer:
         for item in self.inner.iter_items(batch.to_pylist()):
             chunk.append(item)
             if len(chunk) >= size:
-                yield features_table(balance_order(chunk, self.rows_per_call))
+                yield features_table(self.order(chunk))
                 chunk, size = [], FEATURE_CHUNK_CALLS * self.rows_per_call
         if chunk:
-            yield features_table(balance_order(chunk, self.rows_per_call))
+            yield features_table(self.order(chunk))
 
 
 FEATURE_CHUNK_CALLS = 4  # model calls' rows per table a featurizer yields
+
+
+def row_cost(item: dict[str, Any]) -> tuple[int, float]:
+    """A featurized row's model work, roughly: its windows, then its seconds."""
+    return len(item.get("mel_frames") or []), item.get("audio_seconds") or 0.0
 
 
 def balance_order(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
@@ -57,7 +71,7 @@ def balance_order(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     The calls of a block spread over the model actors, and a call takes as long as its windows take; a block's long
     files gathered in one call would leave the other actors idle at the end while one actor works through them.
     """
-    cost = sorted(items, key=lambda r: (len(r.get("mel_frames") or []), r.get("audio_seconds") or 0.0), reverse=True)
+    cost = sorted(items, key=row_cost, reverse=True)
     calls = -(-len(cost) // k)
     heads, rest = cost[:calls], cost[calls:]
     return [r for c in range(calls) for r in [heads[c], *rest[c * (k - 1) : (c + 1) * (k - 1)]]]

@@ -262,3 +262,15 @@ def test_the_featurizer_yields_a_block_a_few_model_calls_at_a_time(tmp_path):
     got = [r for t in tables for r in t.column("row_index").to_pylist()]
     assert sorted(got) == list(range(11))
     assert all(len(r) == 1 for t in tables for r in t.column("mel_frames").to_pylist())
+
+
+def test_with_padding_seconds_a_model_call_gets_rows_of_like_lengths():
+    from pipeline.graph import ArrowFeaturizer
+
+    shapes = [(1, 5), (1, 3), (4, 100), (1, 7), (1, 2), (3, 89), (1, 9), (1, 4)]
+    items = [{"id": i, "mel_frames": [3000] * n, "audio_seconds": float(s)} for i, (n, s) in enumerate(shapes)]
+    padded = ArrowFeaturizer(load_config(None, ["decode.padding_seconds=10"]), 80, rows_per_call=4)
+    # longest first: the short rows share calls, so their encoder pass is short
+    assert [r["id"] for r in padded.order(items)] == [2, 5, 6, 3, 0, 7, 1, 4]
+    plain = ArrowFeaturizer(load_config(None, []), 80, rows_per_call=4)
+    assert [r["id"] for r in plain.order(items)][::4] == [2, 5]  # else each call leads with one of the longest
