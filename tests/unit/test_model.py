@@ -275,3 +275,20 @@ def test_wrong_mel_shape_is_a_clear_error(random_model, tiny_en_tokenizer, shape
 def test_transcribe_rejects_wrong_mel_bins(random_model, tiny_en_tokenizer):
     with pytest.raises(ValueError, match=r"expected \(windows, 80, 3000\)"):
         transcribe_windows(random_model, tiny_en_tokenizer, torch.zeros(2, 128, 3000))
+
+
+def test_layer_norm_keeps_its_fp32_parameters_only_while_they_are_unchanged():
+    from model.whisper import LayerNorm
+
+    ln = LayerNorm(8).to(torch.bfloat16)
+    x = torch.randn(2, 8).to(torch.bfloat16)
+    def expected():
+        return torch.nn.functional.layer_norm(x.float(), (8,), ln.weight.float(), ln.bias.float()).to(torch.bfloat16)
+    assert torch.equal(ln(x), expected())
+    with torch.no_grad():
+        ln.weight.copy_(torch.arange(8.0))  # in place, as load_state_dict does
+    assert torch.equal(ln(x), expected())
+    ln.load_state_dict({"weight": torch.full((8,), 2.0), "bias": torch.ones(8)})
+    assert torch.equal(ln(x), expected())
+    ln.float()  # a new dtype: new tensors
+    assert torch.equal(ln(x.float()), torch.nn.functional.layer_norm(x.float(), (8,), ln.weight, ln.bias))
