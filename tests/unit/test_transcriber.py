@@ -274,3 +274,20 @@ def test_with_padding_seconds_a_model_call_gets_rows_of_like_lengths():
     assert [r["id"] for r in padded.order(items)] == [2, 5, 6, 3, 0, 7, 1, 4]
     plain = ArrowFeaturizer(load_config(None, []), 80, rows_per_call=4)
     assert [r["id"] for r in plain.order(items)][::4] == [2, 5]  # else each call leads with one of the longest
+
+
+def test_window_features_equal_the_reference_padding_of_30_seconds():
+    """The featurizer pads a window with N_FFT zeros, not 30 s of them: the real frames come out the same."""
+    from model.constants import N_SAMPLES
+    from pipeline.features import MEL_DTYPE, featurize_windows, mel_windows
+
+    rng = np.random.default_rng(0)
+    for seconds, loud_end in ((0.3, False), (6.2, True), (17.0, False), (30.0, True)):
+        audio = (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 0.05).astype(np.float32)
+        if loud_end:  # the last samples the loudest: the frames past the audio must not change the 80 dB floor
+            audio[-100:] = 0.9
+        w = featurize_windows([(0, audio)], 80)
+        [got] = mel_windows(w.mel, w.frames, 80)
+        n = w.frames[0]
+        want = log_mel_spectrogram(audio, 80, padding=N_SAMPLES)[:, :n].numpy().astype(MEL_DTYPE)
+        assert np.array_equal(got, want), seconds
