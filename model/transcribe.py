@@ -230,47 +230,77 @@ def transcribe_windows(
                 heard.append((i, seek))
             elif out[i] is None:  # nothing to hear: no speech, and no model time spent on it
                 out[i] = WindowResult("", [], langs[i] or "en", [], 0.0, 0.0, 1.0, 0.0, no_speech=True)
-        todo = heard
-        if not todo:
-            break
-        batch = torch.zeros(len(todo), mel.shape[1], encoder_frames([frames[i] - seek for i, seek in todo], opts),
-                            dtype=mel.dtype)
-        for k, (i, seek) in enumerate(todo):
-            batch[k, :, : frames[i] - seek] = mel[i, :, seek : frames[i]]
-        features = model.embed_audio(batch.to(model.device, model.dtype))
-        decoded = decode_with_fallback(model, tokenizer, features, opts, [langs[i] for i, _ in todo])
-        passes = []  # (segments, frames consumed, silent) per window of this pass
-        for (i, seek), r in zip(todo, decoded):
-            langs[i] = r.language
-            silent = is_silence(r, opts)
-            segments, consumed = ([], frames[i] - seek) if silent else split_segments(r, tokenizer, frames[i] - seek)
-            for s in segments:
-                s.start, s.end = s.start + seek / FRAMES_PER_SECOND, s.end + seek / FRAMES_PER_SECOND
-            passes.append((segments, consumed, silent))
-        sel = [k for k, (i, _) in enumerate(todo) if timed[i]]
-        if sel:
-            picked = ([xs[k] for k in sel] for xs in (todo, decoded, passes))
-            words = time_words(model, tokenizer, features[sel], *picked, frames, last_speech, opts)
-            for k, p in zip(sel, words):
-                passes[k] = p
-        later = []
-        for (i, seek), r, (segments, consumed, silent) in zip(todo, decoded, passes):
-            out[i] = merge(out[i], r, segments, silent)
-            if frames[i] - seek - consumed >= MIN_CONTINUATION_FRAMES:
-                later.append((i, seek + consumed))
-        todo = later
+        todo = []
+        # windows whose encoder passes have the same length share a batch (all of them, unless padding_seconds)
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for i, seek in heard:
+            groups.setdefault(encoder_frames(frames[i] - seek, opts), []).append((i, seek))
+        for length, group in sorted(groups.items(), reverse=True):
+            todo += decode_pass(model, tokenizer, mel, group, length, frames, langs, timed, out, last_speech, opts)
     for r, n, t in zip(out, frames, timed):  # the first-word rules of a continued pass may reach into the one before
         if t:
             tidy_words(r.segments, n / FRAMES_PER_SECOND)
     return out
 
 
-def encoder_frames(content: Sequence[int], opts: TranscribeOptions) -> int:
-    """Mel frames the encoder sees for a batch whose windows hold ``content`` frames of audio."""
+def decode_pass(
+    model: Whisper,
+    tokenizer: Tokenizer,
+    mel: Tensor,
+    todo: list[tuple[int, int]],
+    length: int,
+    frames: list[int],
+    langs: list[str | None],
+    timed: list[bool],
+    out: list[WindowResult | None],
+    last_speech: dict[int, float],
+    opts: TranscribeOptions,
+) -> list[tuple[int, int]]:
+    """One batched encoder pass and decode over ``todo`` (window, first frame), each encoded at ``length`` frames;
+    folds the results into ``out`` and returns the windows to continue (window, new first frame)."""
+    batch = torch.zeros(len(todo), mel.shape[1], length, dtype=mel.dtype)
+    for k, (i, seek) in enumerate(todo):
+        n = min(frames[i] - seek, length)
+        batch[k, :, :n] = mel[i, :, seek : seek + n]
+    features = model.embed_audio(batch.to(model.device, model.dtype))
+    decoded = decode_with_fallback(model, tokenizer, features, opts, [langs[i] for i, _ in todo])
+    passes = []  # (segments, frames consumed, silent) per window of this pass
+    for (i, seek), r in zip(todo, decoded):
+        langs[i] = r.language
+        silent = is_silence(r, opts)
+        segments, consumed = ([], frames[i] - seek) if silent else split_segments(r, tokenizer, frames[i] - seek)
+        for s in segments:
+            s.start, s.end = s.start + seek / FRAMES_PER_SECOND, s.end + seek / FRAMES_PER_SECOND
+        passes.append((segments, consumed, silent))
+    sel = [k for k, (i, _) in enumerate(todo) if timed[i]]
+    if sel:
+        picked = ([xs[k] for k in sel] for xs in (todo, decoded, passes))
+        words = time_words(model, tokenizer, features[sel], *picked, frames, last_speech, opts)
+        for k, p in zip(sel, words):
+            passes[k] = p
+    later = []
+    for (i, seek), r, (segments, consumed, silent) in zip(todo, decoded, passes):
+        out[i] = merge(out[i], r, segments, silent)
+        if frames[i] - seek - consumed >= MIN_CONTINUATION_FRAMES:
+            later.append((i, seek + consumed))
+    return later
+
+
+PADDING_STEP_SECONDS = 5  # with padding_seconds, encoder passes are a multiple of this long
+
+
+def encoder_frames(content: int, opts: TranscribeOptions) -> int:
+    """Mel frames the encoder sees for a window that holds ``content`` frames of audio.
+
+    The reference's 30 s, or with ``padding_seconds`` the audio plus at least that much padding, rounded up to a
+    multiple of ``PADDING_STEP_SECONDS`` (at most 30 s). The length depends on the window alone, never on the
+    windows it is batched with, so its text does not either; the step keeps the lengths few, so windows of like
+    length still share a batch.
+    """
     if opts.padding_seconds is None:
         return N_FRAMES
-    second = FRAMES_PER_SECOND
-    return min(N_FRAMES, -(-(max(content) + round(opts.padding_seconds * second)) // second) * second)
+    step = PADDING_STEP_SECONDS * FRAMES_PER_SECOND
+    return min(N_FRAMES, -(-(content + round(opts.padding_seconds * FRAMES_PER_SECOND)) // step) * step)
 
 
 def time_words(

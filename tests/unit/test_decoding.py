@@ -616,13 +616,28 @@ def test_loop_stop_names_only_rows_that_already_repeat(tiny_en_tokenizer):
     assert stop(tokens, begin + 24) == []  # too short to judge
 
 
-def test_padding_rule_gives_whole_seconds_up_to_a_full_window():
+def test_padding_rule_gives_steps_of_five_seconds_up_to_a_full_window():
     pad = TranscribeOptions(padding_seconds=10.0)
-    assert encoder_frames([300, 450], pad) == 1500  # 4.5 s + 10 s, up to a whole second
-    assert encoder_frames([1000], pad) == 2000
-    assert encoder_frames([2500, 100], pad) == 3000  # never past 30 s
-    assert encoder_frames([1], TranscribeOptions(padding_seconds=0.0)) == 100
-    assert encoder_frames([300], TranscribeOptions()) == 3000  # None: the reference's 30 s windows
+    assert encoder_frames(450, pad) == 1500  # 4.5 s + 10 s, up to a multiple of 5 s
+    assert encoder_frames(1000, pad) == 2000
+    assert encoder_frames(1001, pad) == 2500
+    assert encoder_frames(2500, pad) == 3000  # never past 30 s
+    assert encoder_frames(1, TranscribeOptions(padding_seconds=0.0)) == 500
+    assert encoder_frames(300, TranscribeOptions()) == 3000  # None: the reference's 30 s windows
+
+
+def test_with_padding_a_windows_encoder_pass_does_not_depend_on_its_batch(random_model, tiny_en_tokenizer,
+                                                                          decode_calls):
+    """Each window is encoded at its own length: batched with a longer window it is decoded as it is alone (the
+    two lengths make two passes), so its text cannot depend on what it was batched with."""
+    frames = [2600, 300]
+    mel = padded_mel(frames)
+    opts = TranscribeOptions(decoding=DecodingOptions(sample_len=10), temperatures=(0.0,), padding_seconds=10.0)
+    together = transcribe_windows(random_model, tiny_en_tokenizer, mel, frames, opts)
+    shapes = sorted(tuple(c[0].shape[:2]) for c in decode_calls)
+    assert shapes[:2] == [(1, 750), (1, 1500)]  # 3 s + 10 s -> 15 s; 26 s + 10 s -> 30 s
+    alone = transcribe_windows(random_model, tiny_en_tokenizer, mel[1:], frames[1:], opts)
+    assert together[1].tokens == alone[0].tokens and together[1].text == alone[0].text
 
 
 def test_short_windows_are_encoded_with_their_padding_trimmed(random_model, tiny_en_tokenizer, decode_calls):
