@@ -116,7 +116,8 @@ class DecodeConfig:
     quiet_log_mel: float | None = -6.0
     # stop decoding a window as soon as its text is too repetitive to pass compression_ratio_threshold (a loop)
     stop_loops: bool = True
-    # the encoder sees a window's audio plus at least this many seconds of padding, not always 30 s (null: 30 s)
+    # the encoder sees a window's audio plus at least this many seconds of padding, rounded up to 5 s, not always
+    # 30 s (null: 30 s)
     padding_seconds: float | None = None
     # decode text only, without timestamp tokens (segments then span whole windows)
     without_timestamps: bool = False

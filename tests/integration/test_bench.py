@@ -39,3 +39,18 @@ def test_bench_refuses_an_unknown_engine(tmp_path: Path):
 
     proc = whisper_batch("bench", tmp_path / "m.jsonl", "--engines", "whisper-batch,nemo")
     assert proc.returncode == 2 and "unknown engine(s) ['nemo']" in proc.stderr and "faster-int8" in proc.stderr
+
+
+def test_time_split_accounts_for_the_model_stage(capsys):
+    """`python -m jobs.time_split`: the encoder, the decoding passes and the rest add up to the model's seconds."""
+    from jobs.time_split import main, model_split
+
+    examples = str(Path(__file__).resolve().parents[2] / "examples" / "manifest.jsonl")
+    m = model_split(examples, [])
+    assert m["rows"] == 4 and m["encoder_windows"] >= 4 and m["features_s"] > 0
+    decode_s = sum(s for s, _ in m["decode"].values())
+    assert "decode at T=0" in m["decode"] and m["decoder_steps"][1] > 0
+    assert m["encoder_s"] + decode_s + m["other_s"] == pytest.approx(m["model_s"])
+    assert 0 <= m["other_s"] < m["model_s"]
+    main([examples, "--skip-pipeline"])
+    assert "encoder" in capsys.readouterr().out

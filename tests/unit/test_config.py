@@ -41,7 +41,7 @@ def test_base_yaml_equals_defaults_and_comments_every_field():
             assert lines[at - 1].strip().startswith("#"), f"{section}.{key} has no comment above it"
 
 
-@pytest.mark.parametrize("name", ["cpu-tiny.yaml", "gpu-large-v3.yaml"])
+@pytest.mark.parametrize("name", ["cpu-tiny.yaml", "cpu-fast.yaml", "gpu-large-v3.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(str(CONFIGS / name))
     assert cfg != RunConfig()

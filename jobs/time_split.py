@@ -1,0 +1,222 @@
+"""Where the time of a run goes: the model's parts in one process, and the whole pipeline's start, work and end.
+
+    python -m jobs.time_split MANIFEST [--times N] [--set KEY=VALUE ...] [--skip-pipeline]
+
+1. One process, one torch thread, no Ray (what one model actor does, on all of MANIFEST's rows, in model calls of
+   ``ray.model_batch_size`` rows as the pipeline makes them): seconds of features (decode + log-mel), encoder passes
+   (``Whisper.embed_audio``, with the windows encoded), decoding at each temperature (greedy, then the fallback
+   passes) with its decoder steps, and the rest (batching, segments, text).
+2. The pipeline, ``whisper-batch run``'s code on a local Ray over MANIFEST repeated ``--times`` times (default 4):
+   seconds of Ray's start, from the run's start to the first model call, the model calls (per actor), and from the
+   last call to the run's end; then the CPU seconds of every process of the Ray session.
+
+Figures are for the machine it runs on; two cores are shared by every process of the pipeline, so part 2's seconds
+are wall seconds of a contended machine, part 1's those of one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+
+@contextmanager
+def timed_methods(targets: list[tuple[Any, str, Callable[..., str]]], totals: dict[str, list[float]]) -> Iterator[None]:
+    """Wraps ``owner.name`` so that each call adds its seconds (and 1) to ``totals[key(*args)]``; restored after."""
+    saved = []
+    for owner, name, key in targets:
+        real = getattr(owner, name)
+
+        def wrapper(*args, _real=real, _key=key, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                acc = totals.setdefault(_key(*args, **kwargs), [0.0, 0])
+                acc[0] += time.perf_counter() - t0
+                acc[1] += 1
+
+        saved.append((owner, name, real))
+        setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        for owner, name, real in saved:
+            setattr(owner, name, real)
+
+
+def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
+    """Part 1: one process, one thread; seconds per part of the model stage over the manifest's rows."""
+    import torch
+
+    import model.transcribe as transcribe_module
+    from model.whisper import Whisper
+    from pipeline.config import load_config
+    from pipeline.features import Featurizer
+    from pipeline.graph import ArrowFeaturizer
+    from pipeline.manifest import read_manifest
+    from pipeline.transcriber import Transcriber
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, overrides)
+    rows = [{"uri": r.uri, "audio_filepath": r.audio_filepath, "offset": r.offset, "duration": r.duration,
+             "language": r.language, "row_index": r.index, "shard_id": 0} for r in read_manifest(manifest)]
+    t0 = time.perf_counter()
+    transcriber = Transcriber(cfg)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    items = Featurizer(cfg, transcriber.n_mels).featurize_rows(rows)
+    features_s = time.perf_counter() - t0
+    per_call = cfg.ray.model_batch_size or 4
+    order = ArrowFeaturizer.__new__(ArrowFeaturizer)  # its call order only: no featurizer of its own
+    order.rows_per_call, order.padded = per_call, cfg.decode.padding_seconds is not None
+    items = order.order(items)
+    totals: dict[str, list[float]] = {}
+    targets = [
+        (Whisper, "embed_audio", lambda self, mel: "encoder"),
+        (Whisper, "decode_step", lambda self, tokens, cache: "decoder steps"),
+        (transcribe_module, "decode", lambda model, tok, feats, opts, langs=None: f"decode at T={opts.temperature:g}"),
+    ]
+    windows = [0]
+    real_embed = Whisper.embed_audio
+
+    def counting_embed(self, mel):
+        windows[0] += mel.shape[0]
+        return real_embed(self, mel)
+
+    Whisper.embed_audio = counting_embed
+    try:
+        with timed_methods(targets, totals):
+            t0 = time.perf_counter()
+            for k in range(0, len(items), per_call):
+                transcriber.transcribe_rows(items[k : k + per_call])
+            model_s = time.perf_counter() - t0
+    finally:
+        Whisper.embed_audio = real_embed
+    decode_s = sum(v[0] for k, v in totals.items() if k.startswith("decode at"))
+    return {
+        "rows": len(rows), "load_s": load_s, "features_s": features_s, "model_s": model_s,
+        "encoder_s": totals.get("encoder", [0.0, 0])[0], "encoder_windows": windows[0],
+        "decode": {k: v for k, v in sorted(totals.items()) if k.startswith("decode at")},
+        "decoder_steps": totals.get("decoder steps", [0.0, 0]),
+        "other_s": model_s - totals.get("encoder", [0.0, 0])[0] - decode_s,
+    }
+
+
+def pipeline_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
+    """Part 2: ``run`` on a local Ray; the phases from Ray's task timeline and the processes' CPU seconds."""
+    import ray
+
+    from jobs.run import init_ray, run
+    from pipeline.config import load_config
+
+    cfg = load_config(None, overrides)
+    seen: dict[int, tuple[float, str]] = {}  # pid -> (CPU seconds, name), sampled: actors exit before the run ends
+    own_before = process_cpu(os.getpid())
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            seen.update(ray_processes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    t0 = time.time()
+    init_ray(cfg)
+    t_ray = time.time()
+    sampler.start()
+    with tempfile.TemporaryDirectory(prefix="wb-time-split-") as out:
+        run(manifest, out, cfg, echo=lambda *_: None)
+    t_end = time.time()
+    stop.set()
+    sampler.join()
+    seen.update(ray_processes())
+    seen[os.getpid()] = (process_cpu(os.getpid()) - own_before, "this driver")
+    calls: dict[str, list[tuple[float, float]]] = {}
+    inits: dict[str, tuple[float, float]] = {}
+    for e in ray.timeline():
+        if e.get("ph") != "X":
+            continue
+        start, dur = e["ts"] / 1e6 - t_ray, e["dur"] / 1e6
+        if e["name"] == "__init__":
+            inits[e["tid"]] = (start, dur)
+        elif e["name"] == "task:execute" and dur > 0.05:
+            calls.setdefault(e["tid"], []).append((start, dur))
+    for t, (start, dur) in inits.items():  # an actor's creation task runs its __init__: not a call
+        calls[t] = [c for c in calls.get(t, []) if c[0] >= start + dur - 1e-3]
+    model_actors = [t for t in inits if len(calls[t]) > 2]  # the actors that serve many calls
+    first = min((s for t in model_actors for s, _ in calls[t]), default=float("nan"))
+    last = max((s + d for t in model_actors for s, d in calls[t]), default=float("nan"))
+    cpu = sorted(((round(c, 2), name) for c, name in seen.values()), reverse=True)
+    ray.shutdown()
+    return {
+        "ray_start_s": t_ray - t0, "run_s": t_end - t_ray, "first_model_call_s": first,
+        "actor_init_s": sorted(round(d, 2) for _, d in inits.values() if d > 0.5),
+        "model_call_s": {t[-8:]: round(sum(d for _, d in calls[t]), 2) for t in model_actors},
+        "after_last_call_s": (t_end - t_ray) - last, "process_cpu_s": cpu,
+    }
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ray_processes() -> dict[int, tuple[float, str]]:
+    """CPU seconds and name of each Ray process on this machine (``ray::`` workers, the GCS, raylets)."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if cmd.startswith("ray::") or "gcs_server" in cmd or "raylet" in cmd:
+            name = cmd.split()[0].rsplit("/", 1)[-1]
+            out[int(pid)] = (process_cpu(int(pid)), name[:60])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m jobs.time_split", description=__doc__.split("\n\n")[0])
+    p.add_argument("manifest")
+    p.add_argument("--times", type=int, default=4, help="the pipeline's manifest: MANIFEST's rows this many times")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--skip-pipeline", action="store_true", help="part 1 only")
+    args = p.parse_args(argv)
+    m = model_split(args.manifest, args.sets)
+    print(f"one process, one thread, {m['rows']} rows ({' '.join(args.sets) or 'defaults'}):")
+    print(f"  model load {m['load_s']:.2f} s; features (decode + log-mel) {m['features_s']:.2f} s")
+    print(f"  model {m['model_s']:.2f} s: encoder {m['encoder_s']:.2f} s ({m['encoder_windows']} windows encoded)")
+    for key, (s, n) in m["decode"].items():
+        print(f"    {key}: {s:.2f} s over {n} call(s)")
+    steps_s, steps = m["decoder_steps"]
+    print(f"    (of the decoding: {steps} decoder steps, {steps_s:.2f} s)")
+    print(f"    other (batching, segments, text): {m['other_s']:.2f} s")
+    if args.skip_pipeline:
+        return
+    from jobs.bench import repeat_manifest
+
+    with tempfile.TemporaryDirectory(prefix="wb-time-split-") as folder:
+        manifest = repeat_manifest(args.manifest, args.times, folder) if args.times > 1 else args.manifest
+        r = pipeline_split(manifest, args.sets)
+    print(f"pipeline (local Ray, {os.cpu_count()} cores, the manifest x{args.times}):")
+    print(f"  Ray start {r['ray_start_s']:.2f} s; run {r['run_s']:.2f} s: first model call at {r['first_model_call_s']:.2f}"
+          f" s, the last call ends {r['after_last_call_s']:.2f} s before the run does")
+    print(f"  actor start-ups (s): {r['actor_init_s']}; model calls per actor (s): {r['model_call_s']}")
+    print("  CPU seconds by process: " + ", ".join(f"{name} {s:.1f}" for s, name in r["process_cpu_s"][:8]))
+
+
+if __name__ == "__main__":
+    main()
