@@ -26,6 +26,7 @@ ENGINES = {
     "whisper-batch": "our whole pipeline: local Ray, feature + model actors, windows of many files batched, Parquet commit",
     "whisper-batch-int8": "the same with model.quantize=int8",
     "whisper-batch-pad10": "the same with decode.padding_seconds=10 (short windows get a shorter encoder pass)",
+    "whisper-batch-fast": "the same with configs/cpu-fast.yaml (padding_seconds=10, calls of 8 rows)",
     "openai": "openai-whisper transcribe(), greedy, fp32",
     "faster-int8": "faster-whisper WhisperModel.transcribe, greedy, int8",
     "faster-fp32": "faster-whisper WhisperModel.transcribe, greedy, float32",
@@ -62,10 +63,11 @@ def read_rows(manifest: str) -> list[dict[str, Any]]:
 # ---- engines (run inside the child process) ----
 
 
-OUR_SETTINGS = {
+OUR_SETTINGS = {  # engine -> overrides; "@NAME" is a file of configs/
     "whisper-batch": [],
     "whisper-batch-int8": ["model.quantize=int8"],
     "whisper-batch-pad10": ["decode.padding_seconds=10"],
+    "whisper-batch-fast": ["@cpu-fast.yaml"],
 }
 
 
@@ -75,7 +77,9 @@ def _run_ours(manifest: str, model: str | None, sets: list[str]) -> dict[str, An
     from jobs.run import init_ray, run
     from pipeline.config import load_config
 
-    cfg = load_config(None, sets + ([f"model.name={model}"] if model else []))
+    files = [s[1:] for s in sets if s.startswith("@")]
+    source = str(Path(__file__).resolve().parents[1] / "configs" / files[0]) if files else None
+    cfg = load_config(source, [s for s in sets if not s.startswith("@")] + ([f"model.name={model}"] if model else []))
     t0 = time.perf_counter()
     init_ray(cfg)
     load = time.perf_counter() - t0
