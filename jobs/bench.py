@@ -63,23 +63,22 @@ def read_rows(manifest: str) -> list[dict[str, Any]]:
 # ---- engines (run inside the child process) ----
 
 
-OUR_SETTINGS = {  # engine -> overrides; "@NAME" is a file of configs/
-    "whisper-batch": [],
-    "whisper-batch-int8": ["model.quantize=int8"],
-    "whisper-batch-pad10": ["decode.padding_seconds=10"],
-    "whisper-batch-fast": ["@cpu-fast.yaml"],
+OUR_SETTINGS: dict[str, tuple[str | None, list[str]]] = {  # engine -> (a file of configs/ or None, overrides)
+    "whisper-batch": (None, []),
+    "whisper-batch-int8": (None, ["model.quantize=int8"]),
+    "whisper-batch-pad10": (None, ["decode.padding_seconds=10"]),
+    "whisper-batch-fast": ("cpu-fast.yaml", []),
 }
 
 
-def _run_ours(manifest: str, model: str | None, sets: list[str]) -> dict[str, Any]:
+def _run_ours(manifest: str, model: str | None, config: str | None, sets: list[str]) -> dict[str, Any]:
     import pyarrow.dataset as pads
 
     from jobs.run import init_ray, run
     from pipeline.config import load_config
 
-    files = [s[1:] for s in sets if s.startswith("@")]
-    source = str(Path(__file__).resolve().parents[1] / "configs" / files[0]) if files else None
-    cfg = load_config(source, [s for s in sets if not s.startswith("@")] + ([f"model.name={model}"] if model else []))
+    source = str(Path(__file__).resolve().parents[1] / "configs" / config) if config else None
+    cfg = load_config(source, sets + ([f"model.name={model}"] if model else []))
     t0 = time.perf_counter()
     init_ray(cfg)
     load = time.perf_counter() - t0
@@ -148,7 +147,7 @@ def _seconds(audios) -> float:
 
 def run_engine(engine: str, manifest: str, model: str | None, threads: int) -> dict[str, Any]:
     if engine in OUR_SETTINGS:
-        return _run_ours(manifest, model, OUR_SETTINGS[engine])
+        return _run_ours(manifest, model, *OUR_SETTINGS[engine])
     rows = read_rows(manifest)
     if engine == "openai":
         return _run_openai(rows, model, threads)
@@ -255,16 +254,12 @@ def ratio_lines(scores: list[dict[str, Any]]) -> list[str]:
         return []
     best = max(peers, key=lambda e: peers[e][0] / peers[e][1])
     best_process = max(peers, key=lambda e: peers[e][0] / peers[e][2])
-    lines = []
-    for engine, (audio, wall, process) in totals.items():
-        if engine in OUR_SETTINGS:
-            pa, pw = peers[best][0], peers[best][1]
-            qa, qp = peers[best_process][0], peers[best_process][2]
-            lines.append(
-                f"{engine}: {(audio / wall) / (pa / pw):.2f}x the fastest peer ({best}) on the wall clock, "
-                f"{(audio / process) / (qa / qp):.2f}x ({best_process}) over the whole process"
-            )
-    return lines
+    wall_rtfx, process_rtfx = peers[best][0] / peers[best][1], peers[best_process][0] / peers[best_process][2]
+    return [
+        f"{engine}: {audio / wall / wall_rtfx:.2f}x the fastest peer ({best}) on the wall clock, "
+        f"{audio / process / process_rtfx:.2f}x ({best_process}) over the whole process"
+        for engine, (audio, wall, process) in totals.items() if engine in OUR_SETTINGS
+    ]
 
 
 def bench(

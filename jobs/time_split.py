@@ -26,20 +26,23 @@ from typing import Any, Callable, Iterator
 
 
 @contextmanager
-def timed_methods(targets: list[tuple[Any, str, Callable[..., str]]], totals: dict[str, list[float]]) -> Iterator[None]:
-    """Wraps ``owner.name`` so that each call adds its seconds (and 1) to ``totals[key(*args)]``; restored after."""
+def timed_methods(targets: list[tuple[Any, str, Callable[..., tuple[str, int]]]],
+                  totals: dict[str, list[float]]) -> Iterator[None]:
+    """Wraps ``owner.name`` so that each call adds its seconds and a count to ``totals[key]``, where
+    ``(key, count) = tally(*args)``; restored after."""
     saved = []
-    for owner, name, key in targets:
+    for owner, name, tally in targets:
         real = getattr(owner, name)
 
-        def wrapper(*args, _real=real, _key=key, **kwargs):
+        def wrapper(*args, _real=real, _tally=tally, **kwargs):
             t0 = time.perf_counter()
             try:
                 return _real(*args, **kwargs)
             finally:
-                acc = totals.setdefault(_key(*args, **kwargs), [0.0, 0])
+                key, count = _tally(*args, **kwargs)
+                acc = totals.setdefault(key, [0.0, 0])
                 acc[0] += time.perf_counter() - t0
-                acc[1] += 1
+                acc[1] += count
 
         saved.append((owner, name, real))
         setattr(owner, name, wrapper)
@@ -58,7 +61,7 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
     from model.whisper import Whisper
     from pipeline.config import load_config
     from pipeline.features import Featurizer
-    from pipeline.graph import ArrowFeaturizer
+    from pipeline.graph import call_order
     from pipeline.manifest import read_manifest
     from pipeline.transcriber import Transcriber
 
@@ -73,38 +76,26 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
     items = Featurizer(cfg, transcriber.n_mels).featurize_rows(rows)
     features_s = time.perf_counter() - t0
     per_call = cfg.ray.model_batch_size or 4
-    order = ArrowFeaturizer.__new__(ArrowFeaturizer)  # its call order only: no featurizer of its own
-    order.rows_per_call, order.padded = per_call, cfg.decode.padding_seconds is not None
-    items = order.order(items)
+    items = call_order(items, per_call, cfg.decode.padding_seconds is not None)
     totals: dict[str, list[float]] = {}
     targets = [
-        (Whisper, "embed_audio", lambda self, mel: "encoder"),
-        (Whisper, "decode_step", lambda self, tokens, cache: "decoder steps"),
-        (transcribe_module, "decode", lambda model, tok, feats, opts, langs=None: f"decode at T={opts.temperature:g}"),
+        (Whisper, "embed_audio", lambda self, mel: ("encoder", mel.shape[0])),  # counts windows
+        (Whisper, "decode_step", lambda self, tokens, cache: ("decoder steps", 1)),
+        (transcribe_module, "decode",
+         lambda model, tok, feats, opts, langs=None: (f"decode at T={opts.temperature:g}", 1)),
     ]
-    windows = [0]
-    real_embed = Whisper.embed_audio
-
-    def counting_embed(self, mel):
-        windows[0] += mel.shape[0]
-        return real_embed(self, mel)
-
-    Whisper.embed_audio = counting_embed
-    try:
-        with timed_methods(targets, totals):
-            t0 = time.perf_counter()
-            for k in range(0, len(items), per_call):
-                transcriber.transcribe_rows(items[k : k + per_call])
-            model_s = time.perf_counter() - t0
-    finally:
-        Whisper.embed_audio = real_embed
-    decode_s = sum(v[0] for k, v in totals.items() if k.startswith("decode at"))
+    with timed_methods(targets, totals):
+        t0 = time.perf_counter()
+        for k in range(0, len(items), per_call):
+            transcriber.transcribe_rows(items[k : k + per_call])
+        model_s = time.perf_counter() - t0
+    decode = {k: v for k, v in sorted(totals.items()) if k.startswith("decode at")}
+    encoder_s, windows = totals.get("encoder", [0.0, 0])
     return {
         "rows": len(rows), "load_s": load_s, "features_s": features_s, "model_s": model_s,
-        "encoder_s": totals.get("encoder", [0.0, 0])[0], "encoder_windows": windows[0],
-        "decode": {k: v for k, v in sorted(totals.items()) if k.startswith("decode at")},
+        "encoder_s": encoder_s, "encoder_windows": windows, "decode": decode,
         "decoder_steps": totals.get("decoder steps", [0.0, 0]),
-        "other_s": model_s - totals.get("encoder", [0.0, 0])[0] - decode_s,
+        "other_s": model_s - encoder_s - sum(s for s, _ in decode.values()),
     }
 
 

@@ -259,9 +259,8 @@ def decode_pass(
     """One batched encoder pass and decode over ``todo`` (window, first frame), each encoded at ``length`` frames;
     folds the results into ``out`` and returns the windows to continue (window, new first frame)."""
     batch = torch.zeros(len(todo), mel.shape[1], length, dtype=mel.dtype)
-    for k, (i, seek) in enumerate(todo):
-        n = min(frames[i] - seek, length)
-        batch[k, :, :n] = mel[i, :, seek : seek + n]
+    for k, (i, seek) in enumerate(todo):  # length >= the window's audio (encoder_frames)
+        batch[k, :, : frames[i] - seek] = mel[i, :, seek : frames[i]]
     features = model.embed_audio(batch.to(model.device, model.dtype))
     decoded = decode_with_fallback(model, tokenizer, features, opts, [langs[i] for i, _ in todo])
     passes = []  # (segments, frames consumed, silent) per window of this pass

@@ -36,12 +36,7 @@ class ArrowFeaturizer:
         self.padded = cfg.decode.padding_seconds is not None
 
     def order(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Each model call gets one of the longest rows (:func:`balance_order`); with ``decode.padding_seconds`` the
-        calls get rows of like lengths instead (longest first): a batch's encoder pass is as long as its longest
-        window, so a long row in a call of short ones would take their savings."""
-        if self.padded:
-            return sorted(items, key=row_cost, reverse=True)
-        return balance_order(items, self.rows_per_call)
+        return call_order(items, self.rows_per_call, self.padded)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         """A block's features, yielded a few model calls' worth at a time: the model stage starts on the first rows
@@ -57,6 +52,15 @@ class ArrowFeaturizer:
 
 
 FEATURE_CHUNK_CALLS = 4  # model calls' rows per table a featurizer yields
+
+
+def call_order(items: list[dict[str, Any]], rows_per_call: int, padded: bool) -> list[dict[str, Any]]:
+    """The order of featurized rows, ``rows_per_call`` of them to a model call: each call gets one of the longest
+    rows (:func:`balance_order`); with ``decode.padding_seconds`` (``padded``) the calls get rows of like lengths
+    instead (longest first), so that their windows have like encoder lengths and share batches."""
+    if padded:
+        return sorted(items, key=row_cost, reverse=True)
+    return balance_order(items, rows_per_call)
 
 
 def row_cost(item: dict[str, Any]) -> tuple[int, float]:

@@ -49,8 +49,10 @@ def test_time_split_accounts_for_the_model_stage(capsys):
     m = model_split(examples, [])
     assert m["rows"] == 4 and m["encoder_windows"] >= 4 and m["features_s"] > 0
     decode_s = sum(s for s, _ in m["decode"].values())
-    assert "decode at T=0" in m["decode"] and m["decoder_steps"][1] > 0
-    assert m["encoder_s"] + decode_s + m["other_s"] == pytest.approx(m["model_s"])
-    assert 0 <= m["other_s"] < m["model_s"]
+    steps_s, steps = m["decoder_steps"]
+    assert "decode at T=0" in m["decode"] and steps > 0
+    assert 0 < steps_s <= decode_s  # the decoder steps happen inside the decoding passes
+    assert m["encoder_s"] > 0 and m["encoder_s"] + decode_s <= m["model_s"]  # parts of the model's time, not beside it
+    assert 0 <= m["other_s"] < 0.5 * m["model_s"]
     main([examples, "--skip-pipeline"])
     assert "encoder" in capsys.readouterr().out
