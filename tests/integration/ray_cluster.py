@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.servers import free_port
+from tests.servers import free_ports
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
@@ -187,15 +187,12 @@ class RayCluster:
 
     # --- nodes ---
 
-    def _node_ports(self) -> dict[str, int]:
-        return {
-            "node-manager-port": free_port(),
-            "object-manager-port": free_port(),
-            "dashboard-agent-grpc-port": free_port(),
-            "dashboard-agent-listen-port": free_port(),
-            "metrics-export-port": free_port(),
-            "runtime-env-agent-port": free_port(),
-        }
+    def _node_ports(self, extra: tuple[str, ...] = ()) -> dict[str, int]:
+        """Distinct free ports for a node's components (and ``extra`` names): one port for two components stops the
+        node from starting."""
+        names = ("node-manager-port", "object-manager-port", "dashboard-agent-grpc-port", "dashboard-agent-listen-port",
+                 "metrics-export-port", "runtime-env-agent-port", *extra)
+        return dict(zip(names, free_ports(len(names))))
 
     def _start(self, name: str, args: list[str], ports: dict[str, int], num_cpus: int, num_gpus: int,
                timeout: float) -> Node:
@@ -220,12 +217,11 @@ class RayCluster:
                    timeout: float = START_TIMEOUT_S, extra: tuple[str, ...] = ()) -> Node:
         """Starts the head (GCS, and with ``dashboard`` the dashboard and job server on 127.0.0.1)."""
         assert not self.nodes, "the head is the first node"
-        self.port = free_port()
-        ports = self._node_ports()
-        ports["ray-client-server-port"] = free_port()
+        ports = self._node_ports(("ray-client-server-port", "port", "dashboard-port"))
+        self.port, dashboard_port = ports.pop("port"), ports.pop("dashboard-port")
         args = ["--head", f"--port={self.port}"]
         if dashboard:
-            self.dashboard_port = free_port()
+            self.dashboard_port = dashboard_port
             args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         else:
             args += ["--include-dashboard=false"]
