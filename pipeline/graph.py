@@ -1,10 +1,10 @@
 """The Ray Data graph: one streaming dataset over every pending shard, committed shard by shard.
 
-input blocks (the driver wrote the pending manifest records to OUTPUT/_staging/<invocation>/input/) →
-``ArrowFeaturizer`` (CPU actor pool: fetch, decode, windows, log-mel) → ``ArrowTranscriber`` (model actor pool, one
-Whisper replica each, a GPU each when the cluster has GPUs) → ``write_parts`` (tasks write each batch's rows as a part
-file per shard) → small part records stream back to the driver, which starts a ``commit_shard`` task as soon as all
-rows of a shard are written. That task merges the shard's parts into ``transcripts/shard-NNNNN.parquet`` (one atomic
+input block paths (the driver writes the pending manifest records to OUTPUT/_staging/<invocation>/input/) →
+``ArrowFeaturizer`` (CPU actor pool: reads an input block, then fetch, decode, windows, log-mel) → a streaming split
+into one block per model call → ``ArrowTranscriber`` (model actor pool, one Whisper replica each, a GPU each when the
+cluster has GPUs; each call's rows written as a part file per shard) → small part records stream back to the driver,
+which starts a ``commit_shard`` task as soon as all rows of a shard are written. That task merges the shard's parts into ``transcripts/shard-NNNNN.parquet`` (one atomic
 write) and its completion record. Rows and features never pass through the driver; actors live for the whole run.
 """
 
@@ -26,12 +26,19 @@ from .sink import commit_shard_table
 logger = logging.getLogger(__name__)
 
 class ArrowFeaturizer:
-    """Ray Data callable around :class:`~pipeline.features.Featurizer` with a fixed output schema."""
+    """Ray Data callable around :class:`~pipeline.features.Featurizer` with a fixed output schema.
 
-    def __init__(self, cfg: RunConfig, n_mels: int, rows_per_call: int):
+    Given a ``layout``, its input is input block paths, which it reads itself (:func:`read_inputs`): a separate read
+    stage would start worker processes of its own, each importing Ray Data and pyarrow, on cores the actors need.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, n_mels: int, rows_per_call: int, layout: RunLayout | None = None, wait_seconds: float = 0.0
+    ):
         from .features import Featurizer
 
         self.inner = Featurizer(cfg, n_mels)
+        self.layout, self.wait_seconds = layout, wait_seconds
         self.rows_per_call = rows_per_call
         self.padded = cfg.decode.padding_seconds is not None
 
@@ -41,6 +48,8 @@ class ArrowFeaturizer:
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         """A block's features, yielded a few model calls' worth at a time: the model stage starts on the first rows
         instead of waiting for the whole block (with packing on, the packs come at the end, once a shard is read)."""
+        if self.layout is not None:
+            batch = read_inputs(batch, self.layout, self.wait_seconds)
         chunk, size = [], self.rows_per_call  # the first call's rows alone: the model actors are waiting
         for item in self.inner.iter_items(batch.to_pylist()):
             chunk.append(item)
@@ -82,11 +91,19 @@ def balance_order(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 
 class ArrowTranscriber:
-    """Ray Data callable around :class:`~pipeline.transcriber.Transcriber` (loads the model once per actor)."""
+    """Ray Data callable around :class:`~pipeline.transcriber.Transcriber` (loads the model once per actor).
 
-    def __init__(self, cfg: RunConfig, torch_threads: int | None = None):
+    Given a ``sink`` (layout, staging folder, extra column types), a call writes its rows as part files
+    (:func:`write_parts`) and returns their part records, instead of handing every row's transcript to a write stage
+    of its own tasks and processes. A retried call writes its parts again; the commit keeps a row once.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, torch_threads: int | None = None, sink: tuple[RunLayout, str, dict[str, str]] | None = None
+    ):
         import torch
 
+        self.sink = sink
         if torch_threads:
             torch.set_num_threads(torch_threads)
         from .transcriber import Transcriber
@@ -97,7 +114,8 @@ class ArrowTranscriber:
         rows = self.inner.transcribe_rows(batch.to_pylist())
         for r in rows:
             r["duration"] = r.get("duration") or 0.0
-        return transcripts_table(rows)
+        table = transcripts_table(rows)
+        return write_parts(table, *self.sink) if self.sink is not None else table
 
 
 def read_inputs(batch: pa.Table, layout: RunLayout, wait_seconds: float = 0.0) -> pa.Table:
@@ -188,20 +206,20 @@ def build_dataset(
     extra_types: dict[str, str],
     n_mels: int,
 ) -> "ray.data.Dataset":
-    """The streaming dataset whose rows are part records; iterating it runs the whole graph."""
+    """The streaming dataset whose rows are part records; iterating it runs the whole graph.
+
+    Three stages: the feature actors (which read the input blocks), the split, the model actors (which write the
+    part files). The split's tasks take no CPU slot: the actors hold every slot, and a task waiting for one behind
+    them would deadlock the stream.
+    """
     plan = model_resources(cfg)
     check_cluster(cfg, plan)  # a clear error before any work
-    # input blocks are read by zero-CPU tasks: CPU slots all belong to the actors, and a read waiting for one
-    # behind them would deadlock the stream
     io_pool = ray.data.TaskPoolStrategy(size=io_tasks())
     ds = ray.data.from_items([{"path": f} for f in input_files], override_num_blocks=len(input_files))
     ds = ds.map_batches(
-        read_inputs, fn_args=(layout, cfg.ray.stall_timeout_seconds), batch_size=1, batch_format="pyarrow",
-        num_cpus=0, compute=io_pool,
-    )
-    ds = ds.map_batches(
         ArrowFeaturizer,
-        fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels, "rows_per_call": plan.rows_per_call},
+        fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels, "rows_per_call": plan.rows_per_call, "layout": layout,
+                               "wait_seconds": cfg.ray.stall_timeout_seconds},
         compute=actor_pool(cfg.ray.cpu_actors, cfg.ray.max_cpu_actors or cfg.ray.cpu_actors),
         batch_size=None,  # a whole input block (whole shards) per call: containers read once, short rows packed
         batch_format="pyarrow",
@@ -211,20 +229,12 @@ def build_dataset(
     ds = split_blocks(ds, plan.rows_per_call, io_pool)
     ds = ds.map_batches(
         ArrowTranscriber,
-        fn_constructor_kwargs={"cfg": cfg, "torch_threads": plan.threads},
+        fn_constructor_kwargs={"cfg": cfg, "torch_threads": plan.threads, "sink": (layout, staging, extra_types)},
         compute=actor_pool(plan.actors, cfg.ray.max_model_actors or None),
         batch_size=plan.rows_per_call,
         batch_format="pyarrow",
         num_gpus=plan.gpus,
         num_cpus=plan.cpus,
-    )
-    ds = ds.map_batches(
-        write_parts,
-        fn_args=(layout, staging, extra_types),
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=0,  # small I/O: must never wait behind the actors that hold every core
-        compute=io_pool,
     )
     # a map task's outputs are gathered into blocks of up to this size (Ray's default: 128 MiB) before the next
     # stage sees any of them: the featurizer's chunks would wait for the rest of their block
