@@ -104,8 +104,7 @@ def actor_memory(cfg: RunConfig) -> int:
 
 
 def io_tasks() -> int:
-    """How many tasks each zero-CPU stage (input reads, the split, part writes, commits) may run at once: half the
-    cluster's cores, at least 2 (these tasks mostly wait on storage: with one at a time, a shard's commit waited for
+    """How many zero-CPU tasks (the shard commits) may run at once: half the cluster's cores, at least 2 (these tasks mostly wait on storage: with one at a time, a shard's commit waited for
     the previous one's round trips, and on a small cluster the commits of a run came in one burst at its end).
 
     These tasks take no CPU slot (the actors hold them all), so nothing else bounds them: unbounded, Ray started a

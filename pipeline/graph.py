@@ -1,9 +1,9 @@
 """The Ray Data graph: one streaming dataset over every pending shard, committed shard by shard.
 
 input block paths (the driver writes the pending manifest records to OUTPUT/_staging/<invocation>/input/) →
-``ArrowFeaturizer`` (CPU actor pool: reads an input block, then fetch, decode, windows, log-mel) → a streaming split
-into one block per model call → ``ArrowTranscriber`` (model actor pool, one Whisper replica each, a GPU each when the
-cluster has GPUs; each call's rows written as a part file per shard) → small part records stream back to the driver,
+``ArrowFeaturizer`` (CPU actor pool: reads an input block, then fetch, decode, windows, log-mel; one row per output
+block) → ``ArrowTranscriber`` (model actor pool, one Whisper replica each, a GPU each when the cluster has GPUs; a
+call gets ``rows_per_call`` consecutive rows and writes them as a part file per shard) → small part records stream back to the driver,
 which starts a ``commit_shard`` task as soon as all rows of a shard are written. That task merges the shard's parts into ``transcripts/shard-NNNNN.parquet`` (one atomic
 write) and its completion record. Rows and features never pass through the driver; actors live for the whole run.
 """
@@ -208,13 +208,13 @@ def build_dataset(
 ) -> "ray.data.Dataset":
     """The streaming dataset whose rows are part records; iterating it runs the whole graph.
 
-    Three stages: the feature actors (which read the input blocks), the split, the model actors (which write the
-    part files). The split's tasks take no CPU slot: the actors hold every slot, and a task waiting for one behind
-    them would deadlock the stream.
+    Two stages, both actor pools: the feature actors (which read the input blocks) and the model actors (which
+    write the part files). Every block holds one row (:data:`ROWS_PER_BLOCK`), so that Ray's bundling gives each
+    model call the next ``rows_per_call`` rows in the featurizer's order, and a shard's calls spread over every
+    model actor, without a split stage (tasks and worker processes of its own) between the two.
     """
     plan = model_resources(cfg)
     check_cluster(cfg, plan)  # a clear error before any work
-    io_pool = ray.data.TaskPoolStrategy(size=io_tasks())
     ds = ray.data.from_items([{"path": f} for f in input_files], override_num_blocks=len(input_files))
     ds = ds.map_batches(
         ArrowFeaturizer,
@@ -225,8 +225,6 @@ def build_dataset(
         batch_format="pyarrow",
         num_cpus=1,
     )
-    # a block per model call (streaming, no shuffle): a shard's rows spread over every model actor
-    ds = split_blocks(ds, plan.rows_per_call, io_pool)
     ds = ds.map_batches(
         ArrowTranscriber,
         fn_constructor_kwargs={"cfg": cfg, "torch_threads": plan.threads, "sink": (layout, staging, extra_types)},
@@ -236,38 +234,15 @@ def build_dataset(
         num_gpus=plan.gpus,
         num_cpus=plan.cpus,
     )
-    # a map task's outputs are gathered into blocks of up to this size (Ray's default: 128 MiB) before the next
-    # stage sees any of them: the featurizer's chunks would wait for the rest of their block
-    ds.context.target_max_block_size = OUTPUT_BLOCK_BYTES
+    ds.context.target_max_block_size = ROWS_PER_BLOCK
     return ds
 
 
-OUTPUT_BLOCK_BYTES = 1 << 20
-
-
-def split_blocks(
-    ds: "ray.data.Dataset", rows: int, compute: "ray.data.TaskPoolStrategy | None" = None
-) -> "ray.data.Dataset":
-    """Ray Data's streaming repartition into blocks of ``rows`` rows, its tasks taking no CPU slot (at most
-    ``compute.size`` of them at once).
-
-    Its tasks ask for one CPU by default. On a CPU-only cluster the actors hold every CPU slot, so the split waited
-    until the feature actors exited: the model stage started only once every shard had its features, which piled
-    up in the object store. The split only slices Arrow tables. Ray (2.60) has no public argument for a
-    repartition's resources, so the logical operator's remote arguments are set; where a Ray version lacks them,
-    the split keeps its default and a warning says so.
-    """
-    ds = ds.repartition(target_num_rows_per_block=rows)
-    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
-    args = getattr(op, "ray_remote_args", None)
-    if isinstance(args, dict):
-        args["num_cpus"] = 0
-        if compute is not None and hasattr(op, "compute"):
-            object.__setattr__(op, "compute", compute)  # zero-CPU tasks are otherwise unbounded
-    else:
-        logger.warning("this Ray's repartition takes a CPU slot: on a CPU-only cluster the model stage starts only once "
-                    "every shard has its features")
-    return ds
+# Ray Data gathers a map task's outputs into blocks of up to target_max_block_size bytes (default 128 MiB) before
+# the next stage sees any of them, and slices larger ones to that size: with 1 byte, every block is one row. The
+# featurizer's chunks go downstream as they are yielded, and the model stage's bundles (batch_size=rows_per_call)
+# are exactly the featurizer's calls, each to whichever model actor is free.
+ROWS_PER_BLOCK = 1
 
 
 def run_graph(

@@ -1,22 +1,26 @@
 """The graph streams from the feature stage to the model stage on a CPU-only Ray whose actors hold every CPU slot.
 
-A real local Ray with 2 CPUs: a one-actor stage taking 1 CPU (as the feature actors do), ``split_blocks``, then two
-actors of 0.5 CPU (as the CPU model actors do). The second stage must start on the first stage's early blocks, not
-once the first stage has processed all of them.
+A real local Ray with 2 CPUs: a one-actor stage taking 1 CPU (as the feature actors do), then two actors of 0.5 CPU
+(as the CPU model actors do), with the graph's block setting (``ROWS_PER_BLOCK``: one row per block) and no stage
+between them. The second stage must start on the first stage's early rows, not once the first stage has processed
+all of them; each of its calls must get the next rows in the first stage's order (the featurizer orders its rows
+into calls), and the calls must spread over both actors.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from pipeline.graph import split_blocks  # noqa: E402
+from pipeline.graph import ROWS_PER_BLOCK  # noqa: E402
 
-BLOCKS = 12
-SECONDS_PER_BLOCK = 0.5
+ROWS = 32  # one input block, as the featurizer gets a whole input block of many shards per call
+PER_CALL = 2
+SECONDS_PER_CALL = 0.5  # the first stage's time per yielded pair
 
 
 @pytest.fixture(scope="module")
@@ -29,25 +33,40 @@ def two_cpu_ray():
 
 
 class Slow:
+    """Yields its block's rows two at a time (as the featurizer yields its chunks), half a second apart."""
+
     def __call__(self, batch):
-        start = time.time()
-        time.sleep(SECONDS_PER_BLOCK)
-        return {"x": batch["x"], "first_done": [start + SECONDS_PER_BLOCK] * len(batch["x"])}
+        xs = list(batch["x"])
+        for i in range(0, len(xs), PER_CALL):
+            time.sleep(SECONDS_PER_CALL)
+            yield {"x": xs[i : i + PER_CALL], "first_done": [time.time()] * len(xs[i : i + PER_CALL])}
 
 
 class Stamp:
+    """A model call: twice as long as the first stage takes per pair, so one actor alone would fall behind."""
+
     def __call__(self, batch):
-        return {"x": batch["x"], "first_done": batch["first_done"], "second": [time.time()] * len(batch["x"])}
+        time.sleep(2 * SECONDS_PER_CALL)
+        n = len(batch["x"])
+        call = [int(x) for x in batch["x"]]
+        return {"x": batch["x"], "first_done": batch["first_done"], "second": [time.time()] * n,
+                "call": [call] * n, "pid": [os.getpid()] * n}
 
 
-def test_model_stage_starts_before_the_feature_stage_ends(two_cpu_ray):
-    ds = ray.data.from_items([{"x": i} for i in range(BLOCKS * 4)], override_num_blocks=BLOCKS)
+def test_model_stage_starts_early_and_gets_the_featurizer_calls(two_cpu_ray):
+    ds = ray.data.from_items([{"x": i} for i in range(ROWS)], override_num_blocks=1)
     ds = ds.map_batches(Slow, compute=ray.data.ActorPoolStrategy(size=1), batch_size=None, num_cpus=1)
-    ds = split_blocks(ds, 2)
-    ds = ds.map_batches(Stamp, compute=ray.data.ActorPoolStrategy(size=2), batch_size=2, num_cpus=0.5)
+    ds = ds.map_batches(Stamp, compute=ray.data.ActorPoolStrategy(size=2), batch_size=PER_CALL, num_cpus=0.5)
+    ds.context.target_max_block_size = ROWS_PER_BLOCK
     rows = list(ds.iter_rows())
-    assert sorted(r["x"] for r in rows) == list(range(BLOCKS * 4))  # every row once
+    assert sorted(r["x"] for r in rows) == list(range(ROWS))  # every row once
     first_stage_end = max(r["first_done"] for r in rows)
     second_stage_start = min(r["second"] for r in rows)
-    # streaming: the second stage works while the first still has most of its blocks to do
-    assert second_stage_start < first_stage_end - SECONDS_PER_BLOCK * 3, (second_stage_start, first_stage_end)
+    # streaming within the first stage's one task: the second stage works while most of its rows are still to come
+    # (with Ray's default block size, the task's rows would leave as one block when it ends)
+    assert second_stage_start < first_stage_end - SECONDS_PER_CALL * ROWS / PER_CALL / 2, (
+        second_stage_start, first_stage_end)
+    # every call is one of the first stage's pairs, in its order: rows 2k and 2k+1
+    calls = {tuple(r["call"]) for r in rows}
+    assert calls == {(x, x + 1) for x in range(0, ROWS, PER_CALL)}, sorted(calls)
+    assert len({r["pid"] for r in rows}) == 2  # both model actors got calls
