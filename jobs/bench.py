@@ -74,7 +74,7 @@ OUR_SETTINGS: dict[str, tuple[str | None, list[str]]] = {  # engine -> (a file o
 def _run_ours(manifest: str, model: str | None, config: str | None, sets: list[str]) -> dict[str, Any]:
     import pyarrow.dataset as pads
 
-    from jobs.run import init_ray, run
+    from jobs.run import init_ray, run, stop_ray
     from pipeline.config import load_config
 
     source = str(Path(__file__).resolve().parents[1] / "configs" / config) if config else None
@@ -87,6 +87,7 @@ def _run_ours(manifest: str, model: str | None, config: str | None, sets: list[s
     run(manifest, out, cfg, echo=lambda *_: None)
     wall = time.perf_counter() - t0
     table = pads.dataset(f"{out}/transcripts").to_table(columns=["id", "text", "duration"]).to_pylist()
+    stop_ray()  # as `whisper-batch run` does: the process clock ends with Ray's shutdown
     return {
         "load_s": load,
         "wall_s": wall,

@@ -92,6 +92,7 @@ def run(input_uri, output, config, overrides, model_spec, retry_failed, progress
     """
     from jobs.progress import quiet_screen
     from jobs.run import run as run_job
+    from jobs.run import stop_ray
     from jobs.status import format_status, run_status
     from jobs.lock import LockHeld
     from pipeline.graph import Incomplete, Stalled
@@ -105,6 +106,7 @@ def run(input_uri, output, config, overrides, model_spec, retry_failed, progress
                 click.echo(f"Ray's log: {screen.log_path} (-v shows it here)")
             summary = run_job(input_uri, output, cfg, retry_failed=retry_failed, echo=click.echo, screen=screen,
                               progress_interval=progress_interval)
+            stop_ray()  # while Ray's output still goes to its log
     except (Stalled, Incomplete) as e:
         mute_console_logs()  # Ray tears the stalled graph down at exit: its tracebacks would bury the message
         raise click.ClickException(str(e)) from None

@@ -60,6 +60,17 @@ def init_ray(cfg: RunConfig) -> None:
     # Ray Data's operator bars: on (Ray's default) unless jobs.progress.quiet_screen turned them off
 
 
+def stop_ray() -> None:
+    """Stops the local Ray that ``init_ray`` started (on a cluster: disconnects), once a command's work is done.
+
+    Ray would do the same at interpreter exit, but its exit hook first sleeps half a second for late worker output,
+    which ``log_to_driver=False`` never shows."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def join_cluster(address: str, runtime_env: dict[str, Any] | None) -> None:
     """Joins the Ray cluster at ``address``, with this machine's token when it has one.
 
