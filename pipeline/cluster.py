@@ -1,6 +1,6 @@
 """The cluster as the graph sees it: how many actors of what size it runs (:func:`model_resources`), whether the
 cluster can host them at all (:func:`check_cluster`), how actor pools grow and shrink as nodes come and go
-(:func:`actor_pool`), how many zero-CPU I/O tasks may run at once (:func:`io_tasks`), and which nodes were lost
+(:func:`actor_pool`), how many shard commits may run at once (:func:`io_tasks`), and which nodes were lost
 mid-run (:class:`NodeWatch`).
 """
 
@@ -104,12 +104,11 @@ def actor_memory(cfg: RunConfig) -> int:
 
 
 def io_tasks() -> int:
-    """How many zero-CPU tasks (the shard commits) may run at once: half the cluster's cores, at least 2 (these tasks mostly wait on storage: with one at a time, a shard's commit waited for
-    the previous one's round trips, and on a small cluster the commits of a run came in one burst at its end).
+    """How many shard commits may run at once (the driver's threads): half the cluster's cores, at least 2.
 
-    These tasks take no CPU slot (the actors hold them all), so nothing else bounds them: unbounded, Ray started a
-    worker process for every block waiting to be read or written (125 processes on a 2-core node for a manifest
-    of 200k rows). Bounded, the worker processes on a node stay within its cores and the actors placed there.
+    A commit mostly waits on storage: with one at a time, a shard's commit waited for the previous one's round trips,
+    and on a small cluster the commits of a run came in one burst at its end. Also how many input blocks the driver
+    stages ahead of the commits (a multiple of it).
     """
     return max(2, int(ray.cluster_resources().get("CPU", 2)) // 2)
 

@@ -3,15 +3,18 @@
 input block paths (the driver writes the pending manifest records to OUTPUT/_staging/<invocation>/input/) →
 ``ArrowFeaturizer`` (CPU actor pool: reads an input block, then fetch, decode, windows, log-mel; one row per output
 block) → ``ArrowTranscriber`` (model actor pool, one Whisper replica each, a GPU each when the cluster has GPUs; a
-call gets ``rows_per_call`` consecutive rows and writes them as a part file per shard) → small part records stream back to the driver,
-which starts a ``commit_shard`` task as soon as all rows of a shard are written. That task merges the shard's parts into ``transcripts/shard-NNNNN.parquet`` (one atomic
-write) and its completion record. Rows and features never pass through the driver; actors live for the whole run.
+call gets ``rows_per_call`` consecutive rows and writes them as a part file per shard) → small part records stream
+back to the driver, which commits a shard (:func:`commit_shard`, in one of its threads) as soon as all its rows are
+written: the shard's parts merged into ``transcripts/shard-NNNNN.parquet`` (one atomic write) and its completion
+record. Rows and features never pass through the driver; actors live for the whole run.
 """
 
 import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -33,7 +36,12 @@ class ArrowFeaturizer:
     """
 
     def __init__(
-        self, cfg: RunConfig, n_mels: int, rows_per_call: int, layout: RunLayout | None = None, wait_seconds: float = 0.0
+        self,
+        cfg: RunConfig,
+        n_mels: int,
+        rows_per_call: int,
+        layout: RunLayout | None = None,
+        wait_seconds: float = 0.0,
     ):
         from .features import Featurizer
 
@@ -99,7 +107,10 @@ class ArrowTranscriber:
     """
 
     def __init__(
-        self, cfg: RunConfig, torch_threads: int | None = None, sink: tuple[RunLayout, str, dict[str, str]] | None = None
+        self,
+        cfg: RunConfig,
+        torch_threads: int | None = None,
+        sink: tuple[RunLayout, str, dict[str, str]] | None = None,
     ):
         import torch
 
@@ -264,8 +275,9 @@ def run_graph(
     ``on_part(part, new_rows)`` as each part record arrives (``new_rows``: its rows not seen before). The driver only
     holds the row indices of shards in flight, so its memory does not grow with the corpus.
     """
-    commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
-    max_commits = io_tasks()
+    # commits run in the driver's threads: it already writes the input blocks to the same storage, and a commit
+    # task would wait for a worker process to start and import pyarrow (the last shard's, after the last model call)
+    commits = ThreadPoolExecutor(max_workers=io_tasks(), thread_name_prefix="commit")
     written: dict[int, set[int]] = {}
     parts: dict[int, list[str]] = {}
     stats: dict[int, dict[str, float]] = {}
@@ -276,9 +288,10 @@ def run_graph(
 
     def collect(block: bool) -> None:
         nonlocal n_records
-        ready, rest = ray.wait(pending, num_returns=len(pending), timeout=None if block else 0)
-        pending[:] = rest
-        for rec in ray.get(ready):
+        ready, _ = wait_futures(pending, timeout=None if block else 0)
+        pending[:] = [f for f in pending if f not in ready]
+        for future in ready:
+            rec = future.result()  # a failed commit fails the run; the shard is redone by the next one
             n_records += 1
             if on_commit:
                 on_commit(rec)
@@ -289,46 +302,49 @@ def run_graph(
     gpus = cfg.ray.gpus_per_model_actor
     gpus = (1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0) if gpus is None else gpus
     nodes = NodeWatch(cfg.ray.lost_node_timeout_seconds, lambda: (len(committed), len(expected)), gpus)
-    stream = _stream(build_dataset(input_files, cfg, layout, staging, extra_types, n_mels))
-    for part in nodes.guard(stream):
-        nodes.poll()
-        if part is None:  # no output yet: commits may still finish, and a stall must not go unnoticed
+    try:
+        stream = _stream(build_dataset(input_files, cfg, layout, staging, extra_types, n_mels))
+        for part in nodes.guard(stream):
+            nodes.poll()
+            if part is None:  # no output yet: commits may still finish, and a stall must not go unnoticed
+                if pending:
+                    n = n_records
+                    collect(block=False)
+                    last_progress = time.monotonic() if n_records > n else last_progress
+                nodes.check(last_progress)  # raises NodeLost when a lost node's work is not redone in time
+                idle = time.monotonic() - last_progress
+                if idle > cfg.ray.stall_timeout_seconds:
+                    raise Stalled(
+                        f"no progress for {idle:.0f} s (ray.stall_timeout_seconds="
+                        f"{cfg.ray.stall_timeout_seconds:g}): no rows came out of the graph and no shard committed. "
+                        f"Committed shards are kept; rerun the same command to resume. Ray's logs "
+                        f"(/tmp/ray/session_latest/logs) show where workers are stuck."
+                    )
+                continue
+            last_progress = time.monotonic()
+            shard = int(part["shard_id"])
+            if shard in committed:  # a part re-sent by a retried task after its shard committed
+                continue
+            before = len(written.setdefault(shard, set()))
+            written[shard].update(part["row_indices"])
+            if on_part:  # the progress display: rows, audio and failures as they are written
+                on_part(part, len(written[shard]) - before)
+            parts.setdefault(shard, []).append(part["path"])
+            acc = stats.setdefault(shard, {})
+            for key, name in (("decode_s", "decode_seconds"), ("windows", "windows"),
+                              ("window_fallbacks", "window_fallbacks")):
+                acc[name] = acc.get(name, 0) + part[key]
+            if len(written[shard]) >= expected[shard]:
+                pending.append(commits.submit(
+                    commit_shard, layout, shard, parts.pop(shard), extra_types, stats.pop(shard), replace_failed))
+                committed.add(shard)
+                del written[shard]
             if pending:
-                n = n_records
                 collect(block=False)
-                last_progress = time.monotonic() if n_records > n else last_progress
-            nodes.check(last_progress)  # raises NodeLost when a lost node's work is not redone in time
-            idle = time.monotonic() - last_progress
-            if idle > cfg.ray.stall_timeout_seconds:
-                raise Stalled(
-                    f"no progress for {idle:.0f} s (ray.stall_timeout_seconds={cfg.ray.stall_timeout_seconds:g}): "
-                    f"no rows came out of the graph and no shard committed. Committed shards are kept; rerun the "
-                    f"same command to resume. Ray's logs (/tmp/ray/session_latest/logs) show where workers are stuck."
-                )
-            continue
-        last_progress = time.monotonic()
-        shard = int(part["shard_id"])
-        if shard in committed:  # a part re-sent by a retried task after its shard committed
-            continue
-        before = len(written.setdefault(shard, set()))
-        written[shard].update(part["row_indices"])
-        if on_part:  # the progress display: rows, audio and failures as they are written
-            on_part(part, len(written[shard]) - before)
-        parts.setdefault(shard, []).append(part["path"])
-        acc = stats.setdefault(shard, {})
-        for key, name in (("decode_s", "decode_seconds"), ("windows", "windows"), ("window_fallbacks", "window_fallbacks")):
-            acc[name] = acc.get(name, 0) + part[key]
-        if len(written[shard]) >= expected[shard]:
-            if len(pending) >= max_commits:  # commits take no CPU slot: bounded like the graph's I/O tasks
-                ray.wait(pending, num_returns=len(pending) - max_commits + 1)
-                collect(block=False)
-            pending.append(commit.remote(layout, shard, parts.pop(shard), extra_types, stats.pop(shard), replace_failed))
-            committed.add(shard)
-            del written[shard]
-        if pending:
-            collect(block=False)
-    while pending:
-        collect(block=True)
+        while pending:
+            collect(block=True)
+    finally:  # a failed run does not wait for the commits queued behind it
+        commits.shutdown(wait=True, cancel_futures=True)
     if missing := sorted(set(expected) - committed):
         raise Incomplete(
             f"the graph ended with {len(missing)} shard(s) not committed (e.g. shard {missing[0]}: "
