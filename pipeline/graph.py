@@ -198,7 +198,11 @@ def commit_shard(
 
     from .schema import merge_output
 
-    table = merge_output([pq.read_table(io.BytesIO(layout.read_bytes(p))) for p in parts], extra_types)
+    # read without Arrow's thread pool: commits run in the driver, and a process that used the pool can abort as
+    # the interpreter exits (apache/arrow#34314, seen in `whisper-batch eval`); a part is a few rows
+    table = merge_output(
+        [pq.read_table(io.BytesIO(layout.read_bytes(p)), use_threads=False) for p in parts], extra_types
+    )
     model = next((m for m in table.column("model").to_pylist() if m), None)
     record = commit_shard_table(layout, shard_id, table, extra_types, model, stats, replace_failed)
     for path in parts:  # the shard is committed: its parts are garbage now

@@ -134,8 +134,11 @@ def _is_number(value: Any) -> bool:
 
 
 def read_shard(layout: RunLayout, shard_id: int, columns: list[str] | None = None) -> pa.Table:
+    """A committed shard's rows, read without Arrow's thread pool: the commands that read shards in the driver
+    (status, eval, export, run's summary) otherwise abort now and then as the interpreter exits, after their output
+    (apache/arrow#34314)."""
     data = layout.read_bytes(layout.shard_file(shard_id))
-    return pq.read_table(pa.BufferReader(data), columns=columns)
+    return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
 
 
 def iter_committed(layout: RunLayout, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
