@@ -159,14 +159,14 @@ def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed,
             stager = InputStager(layout, staging, input_uri, plan, pending, cfg, only_rows, set(state.pending))
             if stager.files:
                 init_ray(cfg)
-                from pipeline.cluster import io_tasks
+                from pipeline.cluster import commit_threads
                 from pipeline.graph import run_graph
 
                 def on_commit_staged(rec: dict[str, Any]) -> None:
                     stager.committed(1)
                     on_commit(rec)
 
-                stager.start(ahead_blocks=max(8, 4 * io_tasks()))
+                stager.start(ahead_blocks=max(8, 4 * commit_threads()))
                 progress = _progress(display, plan, state, stager.expected)
                 try:
                     with progress or contextlib.nullcontext():
@@ -238,7 +238,7 @@ class InputStager:
     The block paths and each shard's row count are known from the plan before any block is written, so the graph
     starts at once; a thread streams the manifest (one wave of ``ray.shards_per_block`` shards in memory at a time)
     and writes block after block, at most ``ahead_blocks`` blocks' shards ahead of the commits, so staging keeps
-    pace with the graph instead of copying a million-row manifest before it starts. The graph's read tasks wait
+    pace with the graph instead of copying a million-row manifest before it starts. The feature actors wait
     for a block not written yet; a failed staging writes ``ABORT`` (its error) beside the blocks, which ends
     those waits.
 

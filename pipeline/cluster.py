@@ -1,6 +1,6 @@
 """The cluster as the graph sees it: how many actors of what size it runs (:func:`model_resources`), whether the
 cluster can host them at all (:func:`check_cluster`), how actor pools grow and shrink as nodes come and go
-(:func:`actor_pool`), how many shard commits may run at once (:func:`io_tasks`), and which nodes were lost
+(:func:`actor_pool`), how many shard commits may run at once (:func:`commit_threads`), and which nodes were lost
 mid-run (:class:`NodeWatch`).
 """
 
@@ -103,7 +103,7 @@ def actor_memory(cfg: RunConfig) -> int:
     return 4 * sum(os.path.getsize(f) for f in files) + 700 * 2**20
 
 
-def io_tasks() -> int:
+def commit_threads() -> int:
     """How many shard commits may run at once (the driver's threads): half the cluster's cores, at least 2.
 
     A commit mostly waits on storage: with one at a time, a shard's commit waited for the previous one's round trips,

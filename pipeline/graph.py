@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import ray
 
-from .cluster import NodeWatch, Stalled, actor_pool, check_cluster, io_tasks, model_resources
+from .cluster import NodeWatch, Stalled, actor_pool, check_cluster, commit_threads, model_resources
 from .config import RunConfig
 from .layout import RunLayout
 from .schema import RECORD_SCHEMA, features_table, transcripts_table
@@ -101,17 +101,12 @@ def balance_order(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 class ArrowTranscriber:
     """Ray Data callable around :class:`~pipeline.transcriber.Transcriber` (loads the model once per actor).
 
-    Given a ``sink`` (layout, staging folder, extra column types), a call writes its rows as part files
-    (:func:`write_parts`) and returns their part records, instead of handing every row's transcript to a write stage
-    of its own tasks and processes. A retried call writes its parts again; the commit keeps a row once.
+    A call writes its rows as part files to ``sink`` (layout, staging folder, extra column types; :func:`write_parts`)
+    and returns their part records, instead of handing every row's transcript to a write stage of its own tasks and
+    processes. A retried call writes its parts again; the commit keeps a row once.
     """
 
-    def __init__(
-        self,
-        cfg: RunConfig,
-        torch_threads: int | None = None,
-        sink: tuple[RunLayout, str, dict[str, str]] | None = None,
-    ):
+    def __init__(self, cfg: RunConfig, sink: tuple[RunLayout, str, dict[str, str]], torch_threads: int | None = None):
         import torch
 
         self.sink = sink
@@ -125,8 +120,7 @@ class ArrowTranscriber:
         rows = self.inner.transcribe_rows(batch.to_pylist())
         for r in rows:
             r["duration"] = r.get("duration") or 0.0
-        table = transcripts_table(rows)
-        return write_parts(table, *self.sink) if self.sink is not None else table
+        return write_parts(transcripts_table(rows), *self.sink)
 
 
 def read_inputs(batch: pa.Table, layout: RunLayout, wait_seconds: float = 0.0) -> pa.Table:
@@ -281,7 +275,7 @@ def run_graph(
     """
     # commits run in the driver's threads: it already writes the input blocks to the same storage, and a commit
     # task would wait for a worker process to start and import pyarrow (the last shard's, after the last model call)
-    commits = ThreadPoolExecutor(max_workers=io_tasks(), thread_name_prefix="commit")
+    commits = ThreadPoolExecutor(max_workers=commit_threads(), thread_name_prefix="commit")
     written: dict[int, set[int]] = {}
     parts: dict[int, list[str]] = {}
     stats: dict[int, dict[str, float]] = {}
@@ -292,8 +286,8 @@ def run_graph(
 
     def collect(block: bool) -> None:
         nonlocal n_records
-        ready, _ = wait_futures(pending, timeout=None if block else 0)
-        pending[:] = [f for f in pending if f not in ready]
+        ready, not_done = wait_futures(pending, timeout=None if block else 0)
+        pending[:] = not_done
         for future in ready:
             rec = future.result()  # a failed commit fails the run; the shard is redone by the next one
             n_records += 1
