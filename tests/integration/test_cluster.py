@@ -11,7 +11,9 @@ shards of 2, one row per model call) with the real tiny.en through the CLI, join
 1. a clean run: one model actor per declared GPU, spread over the GPU nodes, none on the head; its text is the
    reference of the later runs;
 2. a spot preemption: a worker node's whole process group SIGKILLed after the first commit while a new node joins;
-   every row ends up once with the reference text (after at most one rerun), and the new node receives actors;
+   every row ends up once with the reference text (after at most one rerun), and the new node receives actors
+   (the model calls wait at a gate, :func:`tests.faults.install_model_gate`, from the kill until the new node has a
+   model actor, so the work left is still queued when it joins, however fast the surviving actor is);
 3. the cluster shrinks to nothing (every GPU node killed mid-run): the run says what was lost and stops within a
    bounded time; rerun on the GPU-less cluster, the same command fails before any work naming the missing GPU;
    with a GPU node added, the same command completes the output: every row once, reference text.
@@ -39,6 +41,7 @@ from tests.integration.conftest import (
     whisper_batch,
     write_manifest,
 )
+from tests.faults import GATE_ENV
 from tests.integration.ray_cluster import RayCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -61,6 +64,8 @@ HEALTH_CHECKS = {"RAY_health_check_period_ms": "2000", "RAY_health_check_failure
 @pytest.fixture(scope="module")
 def cluster():
     with RayCluster(env={**os.environ, **ENV, **HEALTH_CHECKS}) as c:
+        c.env[GATE_ENV] = str(c.root / "model-gate")  # closed while the file exists (only runs with the gate hook)
+        c.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # tests.faults
         c.start_head(num_cpus=1)
         c.add_node(num_cpus=2, num_gpus=1)
         c.add_node(num_cpus=2, num_gpus=1)
@@ -74,9 +79,11 @@ def manifest(tmp_path_factory) -> tuple[Path, set[str]]:
     return path, {r["id"] for r in rows}
 
 
-def _args(cluster: RayCluster, manifest: Path, out: Path, lost_node_s: float = LOST_NODE_TIMEOUT_S) -> list[Any]:
+def _args(cluster: RayCluster, manifest: Path, out: Path, lost_node_s: float = LOST_NODE_TIMEOUT_S,
+          *extra: str) -> list[Any]:
     sets = [f"ray.address={cluster.address}", "model.device=cpu", "decode.language=en", "manifest.shard_size=2",
-            "ray.model_batch_size=1", "ray.gpus_per_model_actor=1", f"ray.lost_node_timeout_seconds={lost_node_s}"]
+            "ray.model_batch_size=1", "ray.gpus_per_model_actor=1", f"ray.lost_node_timeout_seconds={lost_node_s}",
+            *extra]
     return ["run", manifest, "-o", out, *(a for s in sets for a in ("--set", s))]
 
 
@@ -91,10 +98,11 @@ class Watched:
     features: dict[str, int] = field(default_factory=dict)
 
 
-def _watched_run(cluster: RayCluster, args: list[Any], log: Path, at_first_commit=None,
+def _watched_run(cluster: RayCluster, args: list[Any], log: Path, at_first_commit=None, each_sample=None,
                  timeout: float = RUN_TIMEOUT_S) -> Watched:
     """Runs the CLI in the background, sampling each node's live actors; calls ``at_first_commit()`` once when the
-    first shard of OUTPUT commits. Bounded by ``timeout`` (the run is killed then, and the test fails)."""
+    first shard of OUTPUT commits, and ``each_sample(model)`` (the most model actors seen per node) after every
+    sample. Bounded by ``timeout`` (the run is killed then, and the test fails)."""
     out = Path(args[3])
     model: dict[str, int] = {}
     features: dict[str, int] = {}
@@ -110,6 +118,8 @@ def _watched_run(cluster: RayCluster, args: list[Any], log: Path, at_first_commi
             if at_first_commit is not None and completion_records(out):
                 at_first_commit()
                 at_first_commit = None
+            if each_sample is not None:
+                each_sample(model)
             time.sleep(0.3)
     finally:
         if proc.poll() is None:
@@ -153,22 +163,33 @@ def test_run_spreads_one_model_actor_per_gpu_over_the_nodes(clean, reference):
 def test_lost_node_costs_only_its_rows_and_a_new_node_receives_actors(cluster, manifest, reference, tmp_path):
     path, ids = manifest
     out = tmp_path / "out"
-    joined = []
+    gate = Path(cluster.env[GATE_ENV])
+    joined, opened = [], []
 
     def preempt() -> None:  # a spot preemption: raylet, agents and workers at once; a fresh node joins
+        gate.touch()  # the surviving actor's next calls wait, so work stays queued for the node that joins
         joined.append(cluster.add_node(num_cpus=2, num_gpus=1, timeout=0))
         assert cluster.nodes[1].kill() > 0
 
-    run = _watched_run(cluster, _args(cluster, path, out), tmp_path / "run.log", at_first_commit=preempt)
+    def open_gate(model: dict[str, int]) -> None:
+        if joined and not opened and model.get(joined[0].name, 0) >= 1:
+            gate.unlink()
+            opened.append(time.monotonic())
+
+    args = _args(cluster, path, out, LOST_NODE_TIMEOUT_S, "ray.worker_setup_hook=tests.faults.install_model_gate")
+    try:
+        run = _watched_run(cluster, args, tmp_path / "run.log", at_first_commit=preempt, each_sample=open_gate)
+    finally:
+        gate.unlink(missing_ok=True)
     print(f"run with a node lost and one added: exit {run.proc.returncode} after {run.seconds:.0f} s")
     assert joined, "the run ended before its first commit"
     joined[0].wait_started()
+    assert opened, f"the node added mid-run got no model actor while work waited: {run.model}\n{run.log[-3000:]}"
     if run.proc.returncode != 0:  # stopped: it must say so, and one rerun of the same command finishes the output
         assert "lost 1 node(s)" in run.log and "rerun the same command" in run.log, run.log[-4000:]
         rerun = whisper_batch(*_args(cluster, path, out), env=ENV)
         assert rerun.returncode == 0, output_of(rerun)[-4000:]
     _check_rows(out, ids, reference)
-    assert run.model.get(joined[0].name, 0) >= 1, f"the node added mid-run got no model actor: {run.model}"
 
 
 def test_cluster_shrunk_to_nothing_stops_then_resumes(cluster, manifest, reference, tmp_path):
