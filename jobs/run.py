@@ -68,7 +68,29 @@ def stop_ray() -> None:
     import ray
 
     if ray.is_initialized():
+        _end_autoscaler_monitor()
         ray.shutdown()
+
+
+def _end_autoscaler_monitor() -> None:
+    """Ends the autoscaler monitor of a local Ray this process started, before ``ray.shutdown``.
+
+    ``ray.shutdown`` stops the GCS before the monitor; the monitor's SIGTERM handler then reports to the GCS that is
+    gone, and the shutdown waits a full second before killing it (1.0 of its 1.1-1.4 s; 0.1-0.35 s without). A
+    local Ray has no autoscaler for the monitor to clean up after. Ray's process table is internal: where it is not
+    as expected, nothing is done and the shutdown takes its second.
+    """
+    try:
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        if node is None or not node.head:  # a cluster joined by address: its processes are not ours
+            return
+        for info in list(node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])):
+            info.process.kill()
+            info.process.wait(timeout=5)
+    except Exception:  # noqa: BLE001 — an internal that moved costs the second, never the shutdown
+        logger.debug("autoscaler monitor not ended before Ray's shutdown", exc_info=True)
 
 
 def join_cluster(address: str, runtime_env: dict[str, Any] | None) -> None:
