@@ -5,10 +5,7 @@ with ``torch.cat`` every step. Here the cache is a plain object the decoder writ
 
 - self-attention K/V are preallocated for every decoder layer and every row for the whole decoding length;
 - cross-attention K/V are computed once per batch of windows (one entry per *audio*, shared by the ``group`` rows —
-  beams or best-of samples — decoded for that audio), so beams never copy the 1500-position encoder keys; on the
-  CPU in bf16/fp16 the cache holds the encoder output instead (``cross_x``, one entry per audio as well), which
-  every layer's cross-attention reads with its key and value layers folded in
-  (``MultiHeadAttention.attend_cross_folded``);
+  beams or best-of samples — decoded for that audio), so beams never copy the 1500-position encoder keys;
 - ``length`` is the next write position and therefore the positional-embedding offset.
 
 Rows are kept audio-major: row ``r`` decodes audio ``r // group``.
@@ -28,7 +25,6 @@ class KVCache:
     self_v: Tensor
     cross_k: Tensor | None  # (n_layer, n_audio, n_head, n_audio_ctx, d_head), filled once per batch
     cross_v: Tensor | None
-    cross_x: Tensor | None = None  # (n_audio, n_audio_ctx, n_audio_state): the encoder output, where folded
     group: int = 1  # rows per audio (beam size or best_of)
     length: int = 0  # tokens written so far = next position
 
@@ -88,5 +84,3 @@ class KVCache:
         if self.cross_k is not None:
             self.cross_k = self.cross_k.index_select(1, audios)
             self.cross_v = self.cross_v.index_select(1, audios)
-        if self.cross_x is not None:
-            self.cross_x = self.cross_x.index_select(0, audios)

@@ -180,34 +180,6 @@ class MultiHeadAttention(nn.Module):
             o = o.view(rows // group, h, group, t, d).transpose(1, 2).reshape(rows, h, t, d)
         return self.merge(o)
 
-    def can_fold(self, dtype: torch.dtype) -> bool:
-        """Whether :meth:`attend_cross_folded` applies: plain key and value layers in the activations' dtype."""
-        return all(isinstance(m, Linear) and m.weight.dtype == dtype for m in (self.key, self.value))
-
-    def attend_cross_folded(self, x: Tensor, xa: Tensor, group: int) -> Tensor:
-        """Cross-attention against the encoder output ``xa`` itself, the key and value layers folded into the query
-        side, for ``group`` rows per audio. x: (n_audio*group, T, C); xa: (n_audio, S, C) -> (n_audio*group, T, C).
-
-        Per head h, ``q_h . (W_kh xa_s) = (W_kh^T q_h) . xa_s`` (the key layer has no bias) and
-        ``sum_s p_s (W_vh xa_s + b_vh) = W_vh (sum_s p_s xa_s) + b_vh`` (the weights sum to one): the same
-        attention, rounded differently. A decoding step then reads the encoder output (S x C per audio) in both
-        matmuls of every layer instead of each layer's keys and values (as many bytes per layer, but one tensor,
-        which stays in cache from layer to layer), and no per-layer keys and values are computed or stored at all.
-        On the CPU in bf16 the plain form's matmuls of one query row ran at a third of memory speed (oneDNN
-        re-lays each head's keys out for every call); tiny.en, 8 windows of 20 s, one core: 10.0 -> 8.6 ms a step.
-        """
-        q = self.heads(self.query(x))  # (rows, H, T, D)
-        rows, h, t, d = q.shape
-        n = xa.shape[0]
-        u = q.transpose(0, 1).reshape(h, rows * t, d) @ self.key.weight.view(h, d, -1)  # (H, rows*T, C)
-        u = u.view(h, n, group, t, -1).permute(1, 2, 0, 3, 4).reshape(n, group * h * t, -1)
-        scores = (u @ xa.transpose(1, 2)).float() * d**-0.5  # (n, G*H*T, S)
-        z = scores.softmax(dim=-1).to(xa.dtype) @ xa  # (n, G*H*T, C): the weighted sum of the encoder output
-        z = z.view(n, group, h, t, -1).permute(2, 0, 1, 3, 4).reshape(h, rows * t, -1)
-        o = z @ self.value.weight.view(h, d, -1).transpose(1, 2)  # (H, rows*T, D)
-        o = o.view(h, rows, t, d).permute(1, 2, 0, 3).reshape(rows, t, h * d) + self.value.bias.to(o.dtype)
-        return self.out(o)
-
     def attend_cross_weights(self, x: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention that also returns its pre-softmax scores, for the word-alignment pass only.
 
@@ -251,11 +223,8 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward_cached(self, x: Tensor, cache: KVCache) -> Tensor:
         x = x + self.attn.attend_cached(self.attn_ln(x), cache, self.layer)
-        if cache.cross_x is not None:
-            x = x + self.cross_attn.attend_cross_folded(self.cross_attn_ln(x), cache.cross_x, cache.group)
-        else:
-            k, v = cache.cross_k[self.layer], cache.cross_v[self.layer]
-            x = x + self.cross_attn.attend_cross(self.cross_attn_ln(x), k, v, cache.group)
+        k, v = cache.cross_k[self.layer], cache.cross_v[self.layer]
+        x = x + self.cross_attn.attend_cross(self.cross_attn_ln(x), k, v, cache.group)
         return x + self.mlp(self.mlp_ln(x))
 
 
@@ -424,14 +393,6 @@ class Whisper(nn.Module):
         return cache
 
     def prefill_cross(self, audio_features: Tensor, cache: KVCache) -> None:
-        """The cross-attention's keys and values of every layer; or, on the CPU in bf16/fp16, the encoder output
-        alone, which the decoder's cross-attention reads with its key and value layers folded into the query side
-        (``MultiHeadAttention.attend_cross_folded``; fp32 and CUDA keep the reference's form, and its roundings)."""
-        blocks = self.decoder.blocks
-        x = audio_features
-        if x.device.type == "cpu" and x.dtype != torch.float32 and all(b.cross_attn.can_fold(x.dtype) for b in blocks):
-            cache.cross_x, cache.cross_k, cache.cross_v = x.contiguous(), None, None
-            return
         d, n = self.dims, audio_features.shape[0]
         shape = (d.n_text_layer, n, d.n_text_head, audio_features.shape[1], d.n_text_state // d.n_text_head)
         cache.cross_k, cache.cross_v = audio_features.new_empty(shape), audio_features.new_empty(shape)
