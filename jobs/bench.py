@@ -288,4 +288,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from jobs.run import exit_process
+
     main(sys.argv[1:])
+    # every engine's child ends as `whisper-batch` does, without Python's module teardown: the clock measures the
+    # engines' work, not the interpreter's exit (the peers' children save their teardown too)
+    exit_process(0)
