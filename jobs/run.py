@@ -63,6 +63,7 @@ def init_ray(cfg: RunConfig) -> None:
 
 
 NODE_POLL_SECONDS = 0.05
+NODE_POLL_LIMIT_SECONDS = 10.0
 
 
 @contextlib.contextmanager
@@ -88,7 +89,8 @@ def prompt_node_check() -> Iterator[None]:
     def get_node(gcs_address: str, node_id: str, *args: Any, **kwargs: Any) -> Any:
         try:
             client = GcsClient(address=gcs_address)
-            deadline = time.monotonic() + 30  # as Ray's own wait for a raylet
+            # a raylet that has not registered by then gets Ray's own wait (30 s) and its error, after this one
+            deadline = time.monotonic() + NODE_POLL_LIMIT_SECONDS
             while time.monotonic() < deadline:
                 if any(key.hex() == node_id for key in client.get_all_node_info(timeout=5)):
                     break
