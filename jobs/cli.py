@@ -378,10 +378,12 @@ def entry() -> None:
     from jobs.run import exit_process
 
     try:
-        main()  # standalone: it always ends in SystemExit, with click's message printed
+        main()  # standalone: it ends in SystemExit, with click's message printed
     except SystemExit as e:
-        exit_process(e.code)
-    exit_process(0)
+        code = e.code
+    else:
+        code = 0
+    exit_process(code)
 
 
 if __name__ == "__main__":

@@ -130,17 +130,13 @@ def exit_process(code: int | str | None = 0) -> NoReturn:
     import atexit
 
     ray = sys.modules.get("ray")
-    main = threading.main_thread()
-    busy = [t.name for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
-    if busy or (ray is not None and getattr(ray, "is_initialized", lambda: False)()):
+    busy = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+    if busy or (ray is not None and ray.is_initialized()):
         logger.debug("usual interpreter exit: Ray connected or threads alive (%s)", busy)
         sys.exit(code)
-    if code is None:
-        status = 0
-    elif isinstance(code, int):
-        status = code
-    else:  # sys.exit("message"): the message to stderr, status 1
-        print(code, file=sys.stderr)
+    status = 0 if code is None else code
+    if not isinstance(status, int):  # sys.exit("message"): the message to stderr, status 1
+        print(status, file=sys.stderr)
         status = 1
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -80,7 +80,7 @@ def manifest(tmp_path_factory) -> tuple[Path, set[str]]:
 
 
 def _args(cluster: RayCluster, manifest: Path, out: Path, lost_node_s: float = LOST_NODE_TIMEOUT_S,
-          *extra: str) -> list[Any]:
+          extra: tuple[str, ...] = ()) -> list[Any]:
     sets = [f"ray.address={cluster.address}", "model.device=cpu", "decode.language=en", "manifest.shard_size=2",
             "ray.model_batch_size=1", "ray.gpus_per_model_actor=1", f"ray.lost_node_timeout_seconds={lost_node_s}",
             *extra]
@@ -176,7 +176,7 @@ def test_lost_node_costs_only_its_rows_and_a_new_node_receives_actors(cluster, m
             gate.unlink()
             opened.append(time.monotonic())
 
-    args = _args(cluster, path, out, LOST_NODE_TIMEOUT_S, "ray.worker_setup_hook=tests.faults.install_model_gate")
+    args = _args(cluster, path, out, extra=("ray.worker_setup_hook=tests.faults.install_model_gate",))
     try:
         run = _watched_run(cluster, args, tmp_path / "run.log", at_first_commit=preempt, each_sample=open_gate)
     finally:
