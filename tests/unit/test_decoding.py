@@ -23,7 +23,7 @@ from model.decoding import (
     rank,
     suppressed_tokens,
 )
-from model.search import Sampler
+from model.search import Sampler, first_argmax
 from model.transcribe import (
     TranscribeOptions,
     decode_with_fallback,
@@ -207,9 +207,13 @@ def test_logit_rules_mask_like_reference_filters(options, random_setup, referenc
         ref_logits, ours = logits.clone(), logits.clone()
         for logit_filter in task.logit_filters:
             logit_filter.apply(ref_logits, tokens)
-        rules.apply(ours, tokens)
+        logprobs = rules.apply(ours, tokens)
         assert_same_mask(ours, ref_logits, f"{n} sampled tokens")
         assert torch.equal(ours[ours.isfinite()], logits[ours.isfinite()])  # what is not masked is untouched
+        if options.get("without_timestamps"):
+            assert logprobs is None
+        else:  # the log-softmax the search reuses: that of the masked logits, bit for bit
+            assert torch.equal(logprobs, torch.log_softmax(ours, dim=-1))
         timestamp_rule_fired += ours[:, : tokenizer.timestamp_begin].isneginf().all(dim=1).tolist()
     if not options.get("without_timestamps"):
         assert any(timestamp_rule_fired) and not all(timestamp_rule_fired)  # both branches were exercised
@@ -296,6 +300,24 @@ def test_per_window_languages_match_reference(random_multilingual_model, multili
 def test_detect_language_needs_a_multilingual_model(random_model, tiny_en_tokenizer):
     with pytest.raises(ValueError, match="English-only"):
         detect_language(random_model, tiny_en_tokenizer, features(random_model, 1))
+
+
+def test_first_argmax_is_argmax():
+    """The blockwise argmax of greedy steps gives torch's indices: the first maximum of a row, ties, rows of -inf,
+    NaN, a short last block, and rows narrower than two blocks."""
+    g = torch.Generator().manual_seed(3)
+    for rows, n in [(8, 51864), (3, 51865), (5, 9000), (2, 8192), (4, 5000), (1, 17)]:
+        x = (torch.randn(rows, n, generator=g) * 3).to(torch.bfloat16).float()  # bf16 values: real ties
+        assert torch.equal(first_argmax(x), x.argmax(dim=-1))
+        x[:, ::97] = x.max()  # many tied maxima per row, the first in the first block
+        x[-1, : n // 2] = float("-inf")  # the last row's maxima only in its second half
+        assert torch.equal(first_argmax(x), x.argmax(dim=-1))
+        x[0] = float("-inf")
+        x[-1, n - 1] = float("nan")  # argmax takes NaN as the largest
+        assert torch.equal(first_argmax(x), x.argmax(dim=-1))
+    x = torch.zeros(2, 10000)
+    x[0, 9999], x[1, 4096] = 1.0, 1.0  # in the short last block; at a block's first column
+    assert first_argmax(x).tolist() == [9999, 4096]
 
 
 def test_greedy_step_matches_reference_greedy_decoder(random_model, tiny_en_tokenizer):

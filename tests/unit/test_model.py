@@ -250,6 +250,34 @@ def test_packed_cpu_weights_give_the_same_logits(random_setup, dtype):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_transposed_self_attention_keys_give_the_same_logits(random_model, features, dtype):
+    """On the CPU in bf16/fp16 the cache stores the self-attention keys transposed (model/kv_cache.py): decoding
+    steps, and steps after keep_audios, give the logits of a plain (..., max_len, d_head) buffer bit for bit."""
+    model = Whisper(random_model.dims).to(dtype)
+    model.load_state_dict(random_model.state_dict())
+    feats = features.to(dtype)  # encoder output
+    tokens = random_tokens(3, 12, seed=5)
+    caches = [model.new_cache(feats, max_len=12) for _ in range(2)]
+    transposed, plain = caches
+    assert transposed.self_k.stride()[-2:] == (1, 12) and transposed.self_k.shape == plain.self_k.shape
+    plain.self_k = torch.zeros(plain.self_k.shape, dtype=dtype)  # a contiguous (..., max_len, d_head) buffer
+    assert plain.self_k.stride()[-1] == 1
+    logits = [[], []]
+    for cache, out in zip(caches, logits):
+        out.append(model.decode_step(tokens[:, :4], cache))
+        out += [model.decode_step(tokens[:, i : i + 1], cache) for i in range(4, 8)]
+        cache.keep_audios(torch.tensor([2, 0]))
+        out += [model.decode_step(tokens[[2, 0], i : i + 1], cache) for i in range(8, 11)]
+    assert transposed.self_k.stride()[-2:] == (1, 12)  # keep_audios keeps the layout
+    for a, b in zip(*logits):
+        assert torch.equal(a, b)
+    assert not torch.equal(logits[0][-1][0], logits[0][-1][1])  # different rows: the comparison means something
+    fp32 = KVCache.allocate(n_layer=1, n_rows=2, n_head=2, d_head=4, max_len=6)  # fp32 keeps the plain layout
+    assert fp32.self_k.is_contiguous()
+
+
+@torch.no_grad()
 def test_packed_layer_falls_back_when_its_dtype_changes(random_setup):
     model, _ = random_setup
     packed = Whisper(model.dims).to(torch.bfloat16)
