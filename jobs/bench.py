@@ -26,7 +26,7 @@ ENGINES = {
     "whisper-batch": "our whole pipeline: local Ray, feature + model actors, windows of many files batched, Parquet commit",
     "whisper-batch-int8": "the same with model.quantize=int8",
     "whisper-batch-pad10": "the same with decode.padding_seconds=10 (short windows get a shorter encoder pass)",
-    "whisper-batch-fast": "the same with configs/cpu-fast.yaml (padding_seconds=10, calls of 8 rows)",
+    "whisper-batch-fast": "the same with configs/cpu-fast.yaml (padding_seconds=10, temperatures to 0.4, calls of 8 rows)",
     "openai": "openai-whisper transcribe(), greedy, fp32",
     "faster-int8": "faster-whisper WhisperModel.transcribe, greedy, int8",
     "faster-fp32": "faster-whisper WhisperModel.transcribe, greedy, float32",

@@ -21,11 +21,20 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+def file_overrides(path: Path) -> list[str]:
+    """A config file's fields as overrides (``section.key=value``, the value in YAML's flow style)."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    return [f"{section}.{key}={json.dumps(value)}" for section, fields in data.items() for key, value in fields.items()]
+
+
 # name -> config overrides; "fp32" is the reference every other configuration is compared with
 CONFIGS: dict[str, list[str]] = {
     "fp32": ["model.dtype=float32"],
     "default": [],
     "int8": ["model.quantize=int8"],
+    "cpu-fast": file_overrides(Path(__file__).resolve().parents[1] / "configs" / "cpu-fast.yaml"),
 }
 REFERENCE = "fp32"
 BOOTSTRAP_SAMPLES = 2000
