@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+
 def file_overrides(path: Path) -> list[str]:
     """A config file's fields as overrides (``section.key=value``, the value in YAML's flow style)."""
     import yaml

@@ -257,8 +257,8 @@ ROWS_PER_BLOCK = 1
 # Blocks a map call may yield before the driver has taken them (Ray Data's default is 2): with one-row blocks the
 # featurizer, which yields a few model calls' rows at once, stopped after two rows until the driver's next round, and
 # the model actors waited for features. Measured on the manifest x4 with cpu-fast (`whisper-batch run`, three runs
-# each): idle CPU between the first model call and the end 1.21 CPU s with 2, 0.40 with 64. 64 rows of features
-# are at most 64 windows' log-mel (30 MB).
+# each): idle CPU between the first model call and the end 1.21 CPU s with 2, 0.40 with 64. A row holds all the
+# windows of its file, so 64 rows are 64 files' log-mel (about 0.5 MB per 30 s window, float16).
 FEATURE_BLOCKS_AHEAD = 64
 
 

@@ -638,6 +638,31 @@ def test_loop_stop_names_only_rows_that_already_repeat(tiny_en_tokenizer):
     assert stop(tokens, begin + 24) == []  # too short to judge
 
 
+@torch.no_grad()
+def test_a_stopped_row_ends_on_a_forced_eot_that_adds_no_logprob(random_model, tiny_en_tokenizer):
+    """A row the stop names gets <|endoftext|> as its only choice: its logprob is 0, so the row's sum is that of the
+    tokens before it, as a decode cut at the same length by sample_len has (the search reuses the rules'
+    log-softmax, which the forced row must not keep)."""
+    from model.decoding import LogitRules
+    from model.search import run_search
+
+    tk, opts = tiny_en_tokenizer, DecodingOptions(language="en")
+    initial = torch.tensor([initial_tokens(tk, opts, "en", random_model.dims.n_text_ctx)] * 2)
+    begin = initial.shape[1]
+    feats = features(random_model, 2)
+    rules = LogitRules(tk, opts, begin, random_model.dims.n_vocab, random_model.dims.n_audio_ctx, "cpu")
+
+    def decode_rows(sample_len, stop=None):
+        return run_search(random_model, feats, initial, Sampler(tk.eot, 1, 0.0, begin), rules, sample_len,
+                          initial[0].tolist().index(tk.sot), tk.no_speech, stop)
+
+    cut = decode_rows(2)
+    stopped = decode_rows(SAMPLE_LEN, stop=lambda tokens, length: [0] if length == begin + 2 else [])
+    assert len(cut[0].tokens[0]) == 2  # the row had not ended by itself: the stop is what ended it
+    assert stopped[0].tokens == cut[0].tokens
+    assert stopped[0].sum_logprobs == pytest.approx(cut[0].sum_logprobs, abs=1e-6)
+
+
 def test_padding_rule_gives_steps_of_five_seconds_up_to_a_full_window():
     pad = TranscribeOptions(padding_seconds=10.0)
     assert encoder_frames(450, pad) == 1500  # 4.5 s + 10 s, up to a multiple of 5 s
