@@ -36,12 +36,12 @@ test-fast: install-test
 	$(PYTHON) -m pytest -m "not gpu and not integration and not slow" -q
 
 bench: install-test
-	$(PYTHON) -m jobs.model_bench
+	$(PYTHON) -m benchmarks.model_bench
 
 # Everything a GPU must show, one table (CUDA tests, dev-set WER vs CPU fp32, large-v3 shapes fp16/bf16, CUDA graphs,
 # HF generate); without CUDA it says so and runs the same script's CPU self-test (also run by `make test`).
 gpu-check: install-test
-	$(PYTHON) -m jobs.gpu_check
+	$(PYTHON) -m benchmarks.gpu_check
 
 clean:
 	rm -rf out .pytest_cache

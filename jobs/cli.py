@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from jobs.logs import configure_logging, mute_console_logs
-from pipeline.config import ConfigError, load_config
-from pipeline.secrets import register as register_secrets, scrub
+from whisper_batch.jobs.logs import configure_logging, mute_console_logs
+from whisper_batch.pipeline.config import ConfigError, load_config
+from whisper_batch.pipeline.secrets import register as register_secrets, scrub
 
 
 def _load(config: str | None, overrides: tuple[str, ...], model: str | None = None):
@@ -37,8 +37,8 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file and line.")
 def transcribe(files, model_spec, config, overrides, as_json) -> None:
     """Transcribe FILES (any audio container; local paths or URIs) in this process, without Ray."""
-    from pipeline.features import Featurizer
-    from pipeline.transcriber import Transcriber, transcribe_files
+    from whisper_batch.pipeline.features import Featurizer
+    from whisper_batch.pipeline.transcriber import Transcriber, transcribe_files
 
     cfg = _load(config, overrides, model_spec)
     try:
@@ -61,7 +61,7 @@ def transcribe(files, model_spec, config, overrides, as_json) -> None:
 
 
 def _layout(output: str, config: str | None = None, overrides: tuple[str, ...] = ()):
-    from pipeline.layout import RunLayout
+    from whisper_batch.pipeline.layout import RunLayout
 
     cfg = _load(config, overrides)
     layout = RunLayout(output, cfg.storage.storage_options)
@@ -90,14 +90,14 @@ def run(input_uri, output, config, overrides, model_spec, retry_failed, progress
     Progress shows as one bar in a terminal, or as a line every --progress-interval seconds elsewhere; Ray's own
     output goes to a log file (its path is printed) unless -v.
     """
-    from jobs.progress import quiet_screen
-    from jobs.run import run as run_job
-    from jobs.run import stop_ray
-    from jobs.status import format_status, run_status
-    from jobs.lock import LockHeld
-    from pipeline.graph import Incomplete, Stalled
-    from pipeline.manifest import ManifestError
-    from pipeline.plan import PlanMismatch
+    from whisper_batch.jobs.progress import quiet_screen
+    from whisper_batch.jobs.run import run as run_job
+    from whisper_batch.jobs.run import stop_ray
+    from whisper_batch.jobs.status import format_status, run_status
+    from whisper_batch.jobs.lock import LockHeld
+    from whisper_batch.pipeline.graph import Incomplete, Stalled
+    from whisper_batch.pipeline.manifest import ManifestError
+    from whisper_batch.pipeline.plan import PlanMismatch
 
     cfg = _load(config, overrides, model_spec)
     try:
@@ -112,7 +112,7 @@ def run(input_uri, output, config, overrides, model_spec, retry_failed, progress
         raise click.ClickException(str(e)) from None
     except (PlanMismatch, ManifestError, LockHeld, FileNotFoundError, ValueError) as e:
         raise click.ClickException(scrub(str(e))) from None
-    from pipeline.layout import RunLayout
+    from whisper_batch.pipeline.layout import RunLayout
 
     click.echo("")
     click.echo(format_status(run_status(RunLayout(output, cfg.storage.storage_options))))
@@ -128,7 +128,7 @@ def run(input_uri, output, config, overrides, model_spec, retry_failed, progress
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def status(output, as_json, config, overrides) -> None:
     """Progress of the run in OUTPUT: shards, rows, failures, audio hours, RTFx."""
-    from jobs.status import format_status, run_status
+    from whisper_batch.jobs.status import format_status, run_status
 
     d = run_status(_layout(output, config, overrides))
     click.echo(json.dumps(d, indent=2) if as_json else format_status(d))
@@ -141,7 +141,7 @@ def status(output, as_json, config, overrides) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def eval_(output, as_json, config, overrides) -> None:
     """WER of the committed rows that have a reference text (Whisper's English normalizer)."""
-    from jobs.evaluate import evaluate, format_evaluation
+    from whisper_batch.jobs.evaluate import evaluate, format_evaluation
 
     d = evaluate(_layout(output, config, overrides))
     click.echo(json.dumps(d, indent=2) if as_json else format_evaluation(d))
@@ -156,7 +156,7 @@ def eval_(output, as_json, config, overrides) -> None:
 def report(output, target, by, config, overrides) -> None:
     """One self-contained HTML page about OUTPUT's committed rows: languages, failures, confidence signals and what
     filters would drop, WER, fallbacks, throughput (plots inline; the page loads nothing from the network)."""
-    from jobs.report import ReportError, write_report
+    from whisper_batch.jobs.report import ReportError, write_report
 
     target = target or f"{output.rstrip('/')}/report.html"
     try:
@@ -180,62 +180,12 @@ def report(output, target, by, config, overrides) -> None:
 @click.option("--words", is_flag=True, help="srt/vtt: one cue per word (needs a run with decode.word_timestamps=true).")
 def export(output, fmt, out_dir, config, overrides, words) -> None:
     """Write the committed transcripts of OUTPUT as subtitles, text, or JSON lines."""
-    from jobs.export import export as export_rows
+    from whisper_batch.jobs.export import export as export_rows
 
     if words and fmt not in ("srt", "vtt"):
         raise click.UsageError(f"--words applies to --format srt or vtt, not {fmt}")
     d = export_rows(_layout(output, config, overrides), fmt, out_dir, words=words)
     click.echo(f"wrote {d['written']} {fmt} file(s) to {out_dir} ({d['skipped_failed']} failed rows skipped)")
-
-
-@main.command()
-@click.argument("manifest", required=False)
-@click.option("--engines", default=",".join(("whisper-batch", "whisper-batch-int8", "openai", "faster-int8",
-              "faster-batched-int8")), show_default=True, help="Comma-separated engines to run, alternating.")
-@click.option("--model", "model_spec", default=None, help="Checkpoint for every engine (default: packaged tiny.en).")
-@click.option("--repeat", default=1, show_default=True, help="Rounds; the engine order alternates between rounds.")
-@click.option("--times", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Run a manifest of MANIFEST's rows repeated this many times (a larger corpus, same references).")
-@click.option("--threads", default=os.cpu_count(), show_default=True, help="CPU threads for the peers.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
-@click.option("--yardstick", is_flag=True, help="Accuracy instead: WER per yardstick set for --configs, each paired "
-              "with fp32 (rows better/worse, bootstrap 95% interval); no MANIFEST (see jobs/make_yardstick.py).")
-@click.option("--configs", default="fp32,default,int8", show_default=True, metavar="NAME[:KEY=VALUE+...],...",
-              help="--yardstick: configurations by name (fp32, default, int8) or NAME:KEY=VALUE+KEY=VALUE.")
-@click.option("--sets", default=None, help="--yardstick: comma-separated sets (default: all).")
-def bench(manifest, engines, model_spec, repeat, times, threads, json_out, yardstick, configs, sets) -> None:
-    """Side-by-side throughput/WER/memory of whisper-batch and its peers on MANIFEST, in one run."""
-    import platform
-
-    if yardstick:
-        from jobs.yardstick import format_report, parse_configs, yardstick as run_yardstick
-
-        try:
-            chosen_configs = parse_configs(configs)
-            scored, results = run_yardstick(chosen_configs, model_spec, set_names=sets and sets.split(","),
-                                            echo=lambda m: click.echo(m, err=True))
-        except (ValueError, FileNotFoundError, RuntimeError) as e:
-            raise click.ClickException(str(e)) from None
-        click.echo(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}")
-        click.echo(format_report(scored, results))
-        if json_out:
-            with open(json_out, "w") as f:
-                json.dump(scored, f, indent=2)
-        return
-    if not manifest:
-        raise click.UsageError("MANIFEST is required (or --yardstick)")
-    from jobs.bench import ENGINES, bench as run_bench, format_table
-
-    chosen = [e.strip() for e in engines.split(",") if e.strip()]
-    if unknown := [e for e in chosen if e not in ENGINES]:
-        raise click.UsageError(f"unknown engine(s) {unknown}; choose from: {', '.join(ENGINES)}")
-    scores = run_bench(manifest, chosen, model_spec, repeat, threads, echo=lambda m: click.echo(m, err=True),
-                       times=times)
-    click.echo(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}")
-    click.echo(format_table(scores))
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(scores, f, indent=2)
 
 
 # --- cluster jobs (Ray Jobs API): submit, jobs status|logs|stop, resume ---
@@ -248,7 +198,7 @@ def _address_option(f):
 
 
 def _client(address: str):
-    from jobs.submit import JobError, connect
+    from whisper_batch.jobs.submit import JobError, connect
 
     try:
         return connect(address)
@@ -258,7 +208,7 @@ def _client(address: str):
 
 def _finish(client, submission_id: str, wait: bool) -> None:
     """With --wait: follow the logs and exit non-zero unless SUCCEEDED. The submission id is the last line."""
-    from jobs.submit import describe_job, follow
+    from whisper_batch.jobs.submit import describe_job, follow
 
     status = None
     if wait:
@@ -284,7 +234,7 @@ def submit(input_uri, output, address, config, overrides, model_spec, wait, pip)
 
     The job gets this project's code and the resolved config (without credentials: nodes use their own).
     """
-    from jobs.submit import JobError, submit_run
+    from whisper_batch.jobs.submit import JobError, submit_run
 
     cfg = _load(config, overrides, model_spec)
     client = _client(address)
@@ -304,8 +254,8 @@ def submit(input_uri, output, address, config, overrides, model_spec, wait, pip)
 @click.option("--pip", "pip", is_flag=True, help="Also install the project's dependencies on the nodes (virtualenv).")
 def resume(output, address, overrides, wait, pip) -> None:
     """Resubmit what a failed or stopped job left undone in OUTPUT (a new job; committed shards are never redone)."""
-    from jobs.submit import JobError, resume_run
-    from pipeline.config import ConfigError
+    from whisper_batch.jobs.submit import JobError, resume_run
+    from whisper_batch.pipeline.config import ConfigError
 
     client = _client(address)
     try:
@@ -327,7 +277,7 @@ def jobs_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def job_status(submission_id, address, as_json) -> None:
     """Status of a job: SUCCEEDED, FAILED, STOPPED, RUNNING or PENDING, with its input and output."""
-    from jobs.submit import JobError, describe_job, format_job
+    from whisper_batch.jobs.submit import JobError, describe_job, format_job
 
     try:
         d = describe_job(_client(address), submission_id)
@@ -342,7 +292,7 @@ def job_status(submission_id, address, as_json) -> None:
 @click.option("-f", "--follow", "follow_logs", is_flag=True, help="Keep printing until the job ends.")
 def job_logs(submission_id, address, follow_logs) -> None:
     """The job's driver output (what `whisper-batch run` printed on the cluster)."""
-    from jobs.submit import JobError, describe_job, follow
+    from whisper_batch.jobs.submit import JobError, describe_job, follow
 
     client = _client(address)
     try:
@@ -361,7 +311,7 @@ def job_logs(submission_id, address, follow_logs) -> None:
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the job to end.")
 def job_stop(submission_id, address, timeout) -> None:
     """Stop a job and wait until it has ended; `whisper-batch resume OUTPUT` finishes its work later."""
-    from jobs.submit import JobError, stop
+    from whisper_batch.jobs.submit import JobError, stop
 
     try:
         status = stop(_client(address), submission_id, timeout)
@@ -374,8 +324,8 @@ def job_stop(submission_id, address, timeout) -> None:
 
 def entry() -> None:
     """The console script: the command, then the process ends without Python's module teardown
-    (:func:`jobs.run.exit_process`, about half a second of every run)."""
-    from jobs.run import exit_process
+    (:func:`whisper_batch.jobs.run.exit_process`, about half a second of every run)."""
+    from whisper_batch.jobs.run import exit_process
 
     try:
         main()  # standalone: it ends in SystemExit, with click's message printed

@@ -12,9 +12,9 @@ from typing import Any
 import jiwer
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from pipeline.layout import RunLayout
-from pipeline.schema import extra_column_name
-from pipeline.sink import iter_committed
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.schema import extra_column_name
+from whisper_batch.pipeline.sink import iter_committed
 
 
 _COUNTS = ("hits", "substitutions", "deletions", "insertions")

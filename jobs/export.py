@@ -16,8 +16,8 @@ from typing import Any, Iterator
 
 import fsspec
 
-from pipeline.layout import RunLayout
-from pipeline.sink import iter_committed
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.sink import iter_committed
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.layout import RunLayout
+from whisper_batch.pipeline.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jobs.report import OTHER, SIGNALS, Aggregate, GroupCounts, wer_of
+from whisper_batch.jobs.report import OTHER, SIGNALS, Aggregate, GroupCounts, wer_of
 
 PLOT_IDS = ("language-rows", "language-hours", "failures", "avg_logprob", "no_speech_prob", "compression_ratio",
             "wer", "temperatures", "throughput")
@@ -255,7 +255,7 @@ def _identity(ident: dict[str, Any]) -> str:
 
 
 def render_page(data: dict[str, Any]) -> str:
-    """The whole page, from :func:`jobs.report.build_report`'s data."""
+    """The whole page, from :func:`whisper_batch.jobs.report.build_report`'s data."""
     agg: Aggregate = data["agg"]
     ident = data["identity"]
     kpis = [

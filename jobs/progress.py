@@ -141,7 +141,7 @@ class _ScreenErrors(logging.StreamHandler):
     (A StreamHandler, so `mute_console_logs` can still silence it.)"""
 
     def __init__(self, stream: TextIO):
-        from jobs.logs import ScrubFilter
+        from whisper_batch.jobs.logs import ScrubFilter
 
         super().__init__(stream)
         self.setLevel(logging.ERROR)

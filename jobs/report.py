@@ -1,6 +1,6 @@
 """``whisper-batch report OUTPUT``: one self-contained HTML page about a run, with plots, from its committed shards.
 
-The page (drawn by :mod:`jobs.plots`) shows rows and audio hours by language and by manifest fields, failures by
+The page (drawn by :mod:`whisper_batch.jobs.plots`) shows rows and audio hours by language and by manifest fields, failures by
 cause with example rows, per-segment distributions of the confidence signals with the share of rows and hours that
 common pseudo-labelling filters would drop, WER by group where references exist, fallback temperatures, throughput
 over the run's invocations and the run's identity.
@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.layout import RunLayout
-from pipeline.schema import error_cause, extra_column_name
-from pipeline.secrets import redact_uri
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.schema import error_cause, extra_column_name
+from whisper_batch.pipeline.secrets import redact_uri
 
 
 # (signal, histogram range, threshold, "below"|"above" drops): what Whisper's fallback and pseudo-labelling
@@ -116,7 +116,7 @@ def read_shard_columns(layout: RunLayout, shard_id: int, wanted: list[str]) -> p
 
 def aggregate(layout: RunLayout, shard_ids: list[int], by: list[str], extra_types: dict[str, str]) -> Aggregate:
     """One pass over the committed shards."""
-    from jobs.evaluate import EnglishTextNormalizer
+    from whisper_batch.jobs.evaluate import EnglishTextNormalizer
 
     normalize = EnglishTextNormalizer()
     agg = Aggregate(by)
@@ -196,7 +196,7 @@ def _count_drops(acc: Counter, bad: np.ndarray, parent: np.ndarray, durations: n
 
 
 def _add_wer(agg: Aggregate, table: pa.Table, keys: dict[str, list[str]], failed: np.ndarray, normalize) -> None:
-    from jobs.evaluate import word_errors
+    from whisper_batch.jobs.evaluate import word_errors
 
     refs, texts = _column(table, "reference"), _column(table, "text")
     per_group: dict[tuple[str, str], tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
@@ -226,7 +226,7 @@ def wer_of(counts: Counter) -> float | None:
 
 def invocation_throughput(layout: RunLayout, done: list[int]) -> list[dict[str, Any]]:
     """Per invocation: start, status, wall seconds, and the rows/audio of the shards it committed (by commit time)."""
-    from pipeline.sink import read_invocations, wall_seconds
+    from whisper_batch.pipeline.sink import read_invocations, wall_seconds
 
     invocations = read_invocations(layout)
     records = layout.read_json_many([layout.record_file(s) for s in done])
@@ -280,7 +280,7 @@ def identity(layout: RunLayout, plan: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_report(layout: RunLayout, by: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Everything the page shows, as plain data (see :func:`jobs.plots.render_page`).
+    """Everything the page shows, as plain data (see :func:`whisper_batch.jobs.plots.render_page`).
 
     Raises:
         ReportError: OUTPUT holds no run (no plan.json), or a ``by`` field is not one of the manifest's fields.
@@ -315,7 +315,7 @@ def write_report(layout: RunLayout, target: str, by: list[str] | tuple[str, ...]
     """Builds the report and writes the page to ``target`` (a local path or a URI); returns the report's data."""
     import fsspec
 
-    from jobs.plots import render_page
+    from whisper_batch.jobs.plots import render_page
 
     data = build_report(layout, by)
     page = render_page(data)

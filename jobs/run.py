@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NoReturn
 
-from pipeline.config import RunConfig
-from pipeline.layout import RunLayout
-from pipeline.plan import build_plan, check_resume, finish_run, iter_waves, start_run
-from pipeline.sink import failed_rows
-from pipeline.storage import preflight
+from whisper_batch.pipeline.config import RunConfig
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.plan import build_plan, check_resume, finish_run, iter_waves, start_run
+from whisper_batch.pipeline.sink import failed_rows
+from whisper_batch.pipeline.storage import preflight
 
 from .lock import RunLock
 from .progress import DEFAULT_INTERVAL, Counts, Progress, Screen
@@ -40,8 +40,8 @@ class RunSummary:
 
 def model_label(cfg: RunConfig) -> tuple[str, int]:
     """The model's display name and its mel bins, from the checkpoint's metadata (no weights loaded)."""
-    from model.checkpoint import describe_model
-    from pipeline.model_store import fetcher
+    from whisper_batch.model.checkpoint import describe_model
+    from whisper_batch.pipeline.model_store import fetcher
 
     return describe_model(cfg.model.name, fetch=fetcher(cfg.storage.storage_options))
 
@@ -59,7 +59,7 @@ def init_ray(cfg: RunConfig) -> None:
         # a local Ray: this machine's cores; the dashboard is not needed for a batch job
         with prompt_node_check():
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-    # Ray Data's operator bars: on (Ray's default) unless jobs.progress.quiet_screen turned them off
+    # Ray Data's operator bars: on (Ray's default) unless whisper_batch.jobs.progress.quiet_screen turned them off
 
 
 NODE_POLL_SECONDS = 0.05
@@ -199,7 +199,7 @@ def run(
 ) -> RunSummary:
     """Transcribe ``input_uri`` into ``output_uri``, skipping shards already committed there.
 
-    With a ``screen`` (see ``jobs.progress.quiet_screen``) the graph's progress is drawn there, as a bar or as a
+    With a ``screen`` (see ``whisper_batch.jobs.progress.quiet_screen``) the graph's progress is drawn there, as a bar or as a
     line every ``progress_interval`` seconds; without one, ``echo`` gets a line per committed shard.
     """
     cfg = preflight(input_uri, output_uri, cfg)  # raises StorageError (a ValueError) before any work
@@ -254,8 +254,8 @@ def _run_locked(input_uri, layout, plan, state, cfg, name, n_mels, retry_failed,
             stager = InputStager(layout, staging, input_uri, plan, pending, cfg, only_rows, set(state.pending))
             if stager.files:
                 init_ray(cfg)
-                from pipeline.cluster import commit_threads
-                from pipeline.graph import run_graph
+                from whisper_batch.pipeline.cluster import commit_threads
+                from whisper_batch.pipeline.graph import run_graph
 
                 def on_commit_staged(rec: dict[str, Any]) -> None:
                     stager.committed(1)
@@ -421,8 +421,8 @@ class InputStager:
                 )
 
     def _run(self) -> None:
-        from pipeline.schema import records_table
-        from pipeline.sink import table_to_parquet_bytes
+        from whisper_batch.pipeline.schema import records_table
+        from whisper_batch.pipeline.sink import table_to_parquet_bytes
 
         written, staged_shards = set(), 0
         so = self.cfg.storage.storage_options

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.layout import RunLayout
-from pipeline.sink import collect_stats
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.sink import collect_stats
 
 
 def run_status(layout: RunLayout) -> dict[str, Any]:

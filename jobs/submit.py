@@ -1,8 +1,8 @@
 """Runs ``whisper-batch run`` as a Ray job: submit, follow, status, logs, stop and resume.
 
 Everything goes through ``ray.job_submission.JobSubmissionClient`` (the job server's REST API on the dashboard port,
-8265 by default). A submission ships the project's code (``model/``, ``pipeline/``, ``jobs/``) and the resolved
-config as the job's ``working_dir``; the job's entrypoint is ``python -m jobs.cli run INPUT -o OUTPUT --config
+8265 by default). A submission ships the project's code (the ``whisper_batch`` package: ``model``, ``pipeline``,
+``jobs``) and the resolved config as the job's ``working_dir``; the job's entrypoint is ``python -m whisper_batch.jobs.cli run INPUT -o OUTPUT --config
 .whisper-batch/config.yaml``, the same command a KubeRay ``RayJob`` runs (configs/cluster/).
 
 Credentials never leave this machine: they are removed from the shipped config and are in neither the job's
@@ -27,18 +27,18 @@ from typing import Any, Callable
 import click
 import yaml
 
-from pipeline.config import RunConfig, config_to_dict, load_config
-from pipeline.secrets import redact_uri, secret_option_names, without_secrets
-from pipeline.storage import is_remote, resolve_storage_options
+from whisper_batch.pipeline.config import RunConfig, config_to_dict, load_config
+from whisper_batch.pipeline.secrets import redact_uri, secret_option_names, without_secrets
+from whisper_batch.pipeline.storage import is_remote, resolve_storage_options
 
 from .ray_token import enable_local_token, token_source
 
 logger = logging.getLogger(__name__)
 
-ENTRYPOINT = ("python", "-m", "jobs.cli", "run")
+ENTRYPOINT = ("python", "-m", "whisper_batch.jobs.cli", "run")
 # where the resolved config lies inside the job's working_dir
 JOB_CONFIG = ".whisper-batch/config.yaml"
-PACKAGES = ("model", "pipeline", "jobs")
+PACKAGES = ("whisper_batch", "whisper_batch.model", "whisper_batch.pipeline", "whisper_batch.jobs")
 ACTIVE = ("PENDING", "RUNNING")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # metadata["whisper_batch"] marks our jobs; "input", "output" and "config" (JSON, no credentials) let resume rebuild one
@@ -52,7 +52,7 @@ class JobError(RuntimeError):
 
 
 def build_entrypoint(input_uri: str, output_uri: str, config_path: str, overrides: tuple[str, ...] = ()) -> str:
-    """The shell command a job runs: ``python -m jobs.cli run INPUT -o OUTPUT --config CONFIG [--set K=V]...``."""
+    """The shell command a job runs: ``python -m whisper_batch.jobs.cli run INPUT -o OUTPUT --config CONFIG [--set K=V]...``."""
     args = [*ENTRYPOINT, input_uri, "-o", output_uri, "--config", config_path]
     for item in overrides:
         args += ["--set", item]
@@ -174,9 +174,10 @@ def job_config(cfg: RunConfig) -> tuple[dict[str, Any], list[str]]:
 
 def stage_package(dest: str, config: dict[str, Any]) -> str:
     """Copies the project's packages and the job's config into ``dest`` (the job's working_dir); returns ``dest``."""
-    for package in PACKAGES:
+    for package in PACKAGES:  # each from where this install keeps it (the three parts live outside whisper_batch/)
         src = os.path.dirname(importlib.import_module(package).__file__)
-        shutil.copytree(src, os.path.join(dest, package), ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        target = os.path.join(dest, *package.split("."))
+        shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
     path = os.path.join(dest, JOB_CONFIG)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -332,7 +333,7 @@ def resume_source(client, output_uri: str, overrides: tuple[str, ...]) -> tuple[
         base, input_uri = json.loads(last.metadata["config"]), last.metadata["input"]
         previous = last.submission_id
     else:
-        from pipeline.layout import RunLayout
+        from whisper_batch.pipeline.layout import RunLayout
 
         reader = load_config({}, list(overrides))
         layout = RunLayout(output_uri, resolve_storage_options(reader.storage.storage_options))

@@ -1,10 +1,10 @@
 """Safe loading of Whisper checkpoints into state dicts with the reference (OpenAI) parameter names.
 
 Accepted formats, detected by content: a CTranslate2 Whisper directory (``model.bin``, read by
-``model.ct2``, no ctranslate2 needed), an OpenAI ``.pt`` file (loaded with ``weights_only=True``: pickles
-that carry code are refused) and a Hugging Face transformers Whisper directory (``model.hf_checkpoint``).
-Names, the bundled packages and the cache of remote checkpoints live in ``model.model_cache``; this
-module re-exports them so that ``model.checkpoint`` stays the one entry point.
+``whisper_batch.model.ct2``, no ctranslate2 needed), an OpenAI ``.pt`` file (loaded with ``weights_only=True``: pickles
+that carry code are refused) and a Hugging Face transformers Whisper directory (``whisper_batch.model.hf_checkpoint``).
+Names, the bundled packages and the cache of remote checkpoints live in ``whisper_batch.model.model_cache``; this
+module re-exports them so that ``whisper_batch.model.checkpoint`` stays the one entry point.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from model.ct2 import ct2_to_reference, read_ct2_model, read_ct2_n_mels, read_ct2_variables
-from model.dims import ModelDimensions
-from model.hf_checkpoint import (
+from whisper_batch.model.ct2 import ct2_to_reference, read_ct2_model, read_ct2_n_mels, read_ct2_variables
+from whisper_batch.model.dims import ModelDimensions
+from whisper_batch.model.hf_checkpoint import (
     check_hf_weights,
     hf_to_reference,
     read_hf_model,
@@ -28,7 +28,7 @@ from model.hf_checkpoint import (
     read_json,
     safe_torch_load,
 )
-from model.model_cache import (
+from whisper_batch.model.model_cache import (
     BASE_PACKAGES,
     DEFAULT_ALIASES,
     cache_root,
@@ -37,12 +37,12 @@ from model.model_cache import (
     package_data,
     resolve_model,
 )
-from model.tokenizer import Tokenizer
+from whisper_batch.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: describe_model (a run's driver) runs without it
     import torch
 
-    from model.whisper import Whisper
+    from whisper_batch.model.whisper import Whisper
 
 __all__ = [
     "BASE_PACKAGES", "DEFAULT_ALIASES", "FORMATS", "Checkpoint", "cache_root", "ct2_to_reference",
@@ -53,7 +53,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# uri -> local path of a fetched copy (pipeline.model_store.fetcher)
+# uri -> local path of a fetched copy (whisper_batch.pipeline.model_store.fetcher)
 Fetch = Callable[[str], str]
 
 FORMATS = (
@@ -266,7 +266,7 @@ def local_path(spec: str | None, cache_dir: str | None = None, fetch: Fetch | No
     if "://" not in path:
         return path
     if fetch is None:
-        raise ValueError(f"{path} is not a local path: fetch it first (pipeline.model_store.fetcher)")
+        raise ValueError(f"{path} is not a local path: fetch it first (whisper_batch.pipeline.model_store.fetcher)")
     return fetch(path)
 
 
@@ -339,7 +339,7 @@ def load_model(
     tokenizer."""
     import torch
 
-    from model.whisper import Whisper  # heavy, and not needed to only read checkpoints
+    from whisper_batch.model.whisper import Whisper  # heavy, and not needed to only read checkpoints
 
     ckpt = load_checkpoint(spec, cache_dir, fetch)
     tokenizer = load_tokenizer(ckpt)  # fail on a vocabulary mismatch before building the network

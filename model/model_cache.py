@@ -2,7 +2,7 @@
 
 Every publication into the cache is a rename of a finished temporary directory, so concurrent workers on one node
 never see a partial model. Remote checkpoints (``s3://``, ``https://`` ...) are fetched into the same cache by
-:mod:`pipeline.model_store`: this package reads local files only.
+:mod:`whisper_batch.pipeline.model_store`: this package reads local files only.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Parameter names match the official checkpoints (``encoder.blocks.0.attn.query.weight`` …), so an OpenAI
 ``model_state_dict`` loads with ``strict=True``. Attention runs through ``scaled_dot_product_attention``; the decoder
-writes keys/values into a :class:`~model.kv_cache.KVCache` instead of forward hooks.
+writes keys/values into a :class:`~whisper_batch.model.kv_cache.KVCache` instead of forward hooks.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ class Whisper(nn.Module):
 
     def set_alignment_heads(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Set the heads from (layer, head) pairs, as a CTranslate2 ``config.json`` lists them (the reference's
-        base85 dump decodes to pairs with :func:`model.checkpoint.decode_alignment_heads`)."""
+        base85 dump decodes to pairs with :func:`whisper_batch.model.checkpoint.decode_alignment_heads`)."""
         mask = torch.zeros_like(self.alignment_heads)
         for layer, head in pairs:
             mask[layer, head] = True

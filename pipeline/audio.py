@@ -19,7 +19,7 @@ import av
 import fsspec
 import numpy as np
 
-from model.constants import SAMPLE_RATE
+from whisper_batch.model.constants import SAMPLE_RATE
 
 from .schema import DECODE_CAUSES
 

@@ -94,7 +94,7 @@ def actor_memory(cfg: RunConfig) -> int:
     """Bytes one CPU model actor takes, roughly: four times the checkpoint's files (fp16 on disk become fp32 on a CPU
     without bf16, and the weights packed for oneDNN take as much again; activations fit in the rest) and a Python
     with torch."""
-    from model.checkpoint import local_path
+    from whisper_batch.model.checkpoint import local_path
 
     from .model_store import fetcher
 

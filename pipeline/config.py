@@ -17,7 +17,7 @@ from typing import Any, Mapping, Union
 
 import yaml
 
-from model.constants import SAMPLE_RATE, TASKS
+from whisper_batch.model.constants import SAMPLE_RATE, TASKS
 
 from .secrets import redact_options, redact_uri
 

@@ -1,5 +1,5 @@
 """The feature stage (CPU): a manifest row's bytes → 16 kHz audio → windows of ≤ 30 s cut at quiet points →
-log-mel per window; short rows of a shard packed into shared windows (:mod:`pipeline.packing`).
+log-mel per window; short rows of a shard packed into shared windows (:mod:`whisper_batch.pipeline.packing`).
 
 A row's windows travel as one fp16 buffer holding each window's real frames only (no 30 s padding), so a short
 utterance costs its length, not a full window, between the stages.
@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from model.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, log_mel_spectrogram
+from whisper_batch.model.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, log_mel_spectrogram
 
 from .audio import AudioError, iter_audio_chunks, open_stream
 from .config import AudioConfig, RunConfig
@@ -81,7 +81,7 @@ def load_features(
     """Stream one manifest row's audio from storage into windows and features; raises AudioError with the cause.
 
     ``data`` is the audio of a sample read from its container (tar member, Parquet cell: see
-    :func:`pipeline.sources.iter_sample_audio`), or the error that stopped reading it; None opens ``row["uri"]``.
+    :func:`whisper_batch.pipeline.sources.iter_sample_audio`), or the error that stopped reading it; None opens ``row["uri"]``.
 
     Decoding is chunked, so at most one chunk plus one window of audio is held however long the file is. A row
     short enough to share a window with others (``audio.pack_max_seconds``) comes back as its raw audio instead,
@@ -96,7 +96,7 @@ def load_features(
         chunks = iter_audio_chunks(
             f, a.streaming_chunk_seconds, offset=float(row.get("offset") or 0.0), duration=duration, name=name
         )
-        if a.vad:  # windows around speech only (pipeline.vad); not packed: a window's start is not the row's
+        if a.vad:  # windows around speech only (whisper_batch.pipeline.vad); not packed: a window's start is not the row's
             windows = speech_windows(chunks, a)
             w = featurize_windows(windows, n_mels)
             w.duration = windows.samples / SAMPLE_RATE
@@ -109,7 +109,7 @@ def load_features(
 
 
 def speech_windows(chunks: Iterable[np.ndarray], a: AudioConfig):
-    """``audio.vad``: windows of ≤ ``max_window_seconds`` around the speech Silero VAD finds (:mod:`pipeline.vad`)."""
+    """``audio.vad``: windows of ≤ ``max_window_seconds`` around the speech Silero VAD finds (:mod:`whisper_batch.pipeline.vad`)."""
     from .vad import VadOptions, VadWindows
 
     opts = VadOptions(
@@ -145,7 +145,7 @@ class Featurizer:
     def iter_audio(self, rows: list[dict[str, Any]]) -> Iterable[tuple[dict[str, Any], bytes | Exception | None]]:
         """``(row, data)`` in row order (see :func:`load_features`): samples inside tar shards / Parquet files come
         with their bytes, each container read once; loose files are fetched ``audio.prefetch`` ahead of the
-        decoder (:mod:`pipeline.prefetch`), each kept only when at most ``audio.prefetch_max_mb`` (else streamed)."""
+        decoder (:mod:`whisper_batch.pipeline.prefetch`), each kept only when at most ``audio.prefetch_max_mb`` (else streamed)."""
         from .prefetch import fetch_small, prefetch
 
         a, so = self.cfg.audio, self.cfg.storage.storage_options

@@ -29,7 +29,7 @@ from .sink import commit_shard_table
 logger = logging.getLogger(__name__)
 
 class ArrowFeaturizer:
-    """Ray Data callable around :class:`~pipeline.features.Featurizer` with a fixed output schema.
+    """Ray Data callable around :class:`~whisper_batch.pipeline.features.Featurizer` with a fixed output schema.
 
     Given a ``layout``, its input is input block paths, which it reads itself (:func:`read_inputs`): a separate read
     stage would start worker processes of its own, each importing Ray Data and pyarrow, on cores the actors need.
@@ -99,7 +99,7 @@ def balance_order(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 
 class ArrowTranscriber:
-    """Ray Data callable around :class:`~pipeline.transcriber.Transcriber` (loads the model once per actor).
+    """Ray Data callable around :class:`~whisper_batch.pipeline.transcriber.Transcriber` (loads the model once per actor).
 
     A call writes its rows as part files to ``sink`` (layout, staging folder, extra column types; :func:`write_parts`)
     and returns their part records, instead of handing every row's transcript to a write stage of its own tasks and

@@ -27,7 +27,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.secrets import redact_uri
+from whisper_batch.pipeline.secrets import redact_uri
 
 logger = logging.getLogger(__name__)
 

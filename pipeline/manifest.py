@@ -1,5 +1,5 @@
 """Streaming manifest readers: JSON lines, CSV, Parquet, a folder / glob of audio files, or containers of samples
-(WebDataset tar shards, Parquet files with embedded audio: see ``pipeline.sources``).
+(WebDataset tar shards, Parquet files with embedded audio: see ``whisper_batch.pipeline.sources``).
 
 Rows are yielded one at a time (Parquet by record batches), so a manifest of any size is never held whole. Each row
 becomes a `ManifestRow` with its row number, id, the audio path as written and as resolved (relative paths resolve
@@ -22,9 +22,9 @@ from typing import Any, Iterator
 
 import fsspec
 
-from pipeline.config import ManifestConfig
-from pipeline.layout import is_local_fs
-from pipeline.sources import (
+from whisper_batch.pipeline.config import ManifestConfig
+from whisper_batch.pipeline.layout import is_local_fs
+from whisper_batch.pipeline.sources import (
     SampleRef,
     SourceError,
     audio_column,
@@ -282,7 +282,7 @@ def _audio_rows(uri: str, fs: fsspec.AbstractFileSystem, path: str, fmt: str, cf
         yield ManifestRow(index=index, id=default_id(full, 0.0), audio_filepath=full, uri=full)
 
 
-# --- containers of samples (pipeline.sources) ------------------------------------------------------------------
+# --- containers of samples (whisper_batch.pipeline.sources) ------------------------------------------------------------------
 
 
 def _parquet_audio_column(fs: fsspec.AbstractFileSystem, path: str, uri: str, audio_field: str) -> str | None:

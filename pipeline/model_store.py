@@ -1,5 +1,5 @@
 """Checkpoints on object storage: fetched once per node into the model cache, so that :mod:`model` (which reads
-local files only) loads them. Pass :func:`fetcher` as the ``fetch`` of ``model.checkpoint.load_model`` /
+local files only) loads them. Pass :func:`fetcher` as the ``fetch`` of ``whisper_batch.model.checkpoint.load_model`` /
 ``describe_model``.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import fsspec
 
-from model.model_cache import cache_root, publish_dir
+from whisper_batch.model.model_cache import cache_root, publish_dir
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ _CACHE_META = ".whisper-batch-fetch.json"
 
 
 def fetcher(storage_options: dict[str, Any] | None, cache_dir: str | None = None) -> Callable[[str], str]:
-    """``uri -> local path`` with these storage options, for ``model.checkpoint``'s ``fetch``."""
+    """``uri -> local path`` with these storage options, for ``whisper_batch.model.checkpoint``'s ``fetch``."""
     return partial(fetch_to_cache, storage_options=storage_options, cache_dir=cache_dir)
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from model.constants import SAMPLE_RATE
-from model.transcribe import WindowResult
+from whisper_batch.model.constants import SAMPLE_RATE
+from whisper_batch.model.transcribe import WindowResult
 
 # keys of a featurized item that are features, not the row's record
 FEATURE_KEYS = ("mel", "mel_frames", "window_starts", "members_json")

@@ -24,12 +24,12 @@ from typing import Any, Collection, Iterator
 
 import numpy as np
 
-from pipeline.config import ManifestConfig, RunConfig, config_fingerprint_fields, redacted
-from pipeline.secrets import redact_uri
-from pipeline.layout import RunLayout
-from pipeline.manifest import CONTAINER_FORMATS, ManifestError, ManifestRow, manifest_format, read_manifest
-from pipeline.sources import parse_ref
-from pipeline.sink import collect_stats
+from whisper_batch.pipeline.config import ManifestConfig, RunConfig, config_fingerprint_fields, redacted
+from whisper_batch.pipeline.secrets import redact_uri
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.manifest import CONTAINER_FORMATS, ManifestError, ManifestRow, manifest_format, read_manifest
+from whisper_batch.pipeline.sources import parse_ref
+from whisper_batch.pipeline.sink import collect_stats
 
 logger = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ BASE_FIELDS = [
 BASE_NAMES = frozenset(f.name for f in BASE_FIELDS)
 
 # the causes an `error` value may start with
-# the causes of a row that could not be read or decoded (pipeline.audio.AudioError), then those of the model stage
+# the causes of a row that could not be read or decoded (whisper_batch.pipeline.audio.AudioError), then those of the model stage
 DECODE_CAUSES = ("not found", "empty", "no audio stream", "decode failed")
 ERROR_CAUSES = DECODE_CAUSES + ("timeout", "model failed")
 EXTRA_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}

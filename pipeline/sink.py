@@ -15,8 +15,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.layout import RunLayout
-from pipeline.schema import error_cause, merge_output, output_schema, output_table
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.schema import error_cause, merge_output, output_schema, output_table
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ Large corpora ship as tar shards (WebDataset) or as Parquet files with the audio
 A record names its audio with :class:`SampleRef`, carried as the record's ``uri``
 (``<container uri>#tar:<header offset>:<member>`` or ``<container uri>#parquet:<row>:<column>``); a sample found
 broken at plan time carries its error instead (``<container uri>#error:<cause: detail>``) and becomes an error row.
-Plain URIs (loose files) are left to ``pipeline.audio.open_stream``.
+Plain URIs (loose files) are left to ``whisper_batch.pipeline.audio.open_stream``.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def container_paths(uri: str, fs: fsspec.AbstractFileSystem, path: str) -> list[
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """An fs path as an absolute local path or a URI with its protocol."""
-    from pipeline.layout import is_local_fs
+    from whisper_batch.pipeline.layout import is_local_fs
 
     import os
 
@@ -160,7 +160,7 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def open_container(fs: fsspec.AbstractFileSystem, path: str) -> BinaryIO:
     """Open a container for streaming: one read-ahead buffer of READ_BLOCK, so reads become few large ranged GETs."""
-    from pipeline.layout import is_local_fs
+    from whisper_batch.pipeline.layout import is_local_fs
 
     if is_local_fs(fs):
         return fs.open(path, "rb")
@@ -267,7 +267,7 @@ def read_tar_members(
     only); a compressed one from its start. Yields ``(offset, name, data)``, or an exception in place of data for a
     member that is missing (the tar changed since the plan) or cut short.
     """
-    from pipeline.audio import AudioError
+    from whisper_batch.pipeline.audio import AudioError
 
     wanted = sorted(wanted)
     start = 0 if compressed else wanted[0][0]
@@ -371,7 +371,7 @@ def read_parquet_cells(fileobj: BinaryIO, wanted: list[tuple[int, str]], contain
 
     import pyarrow.parquet as pq
 
-    from pipeline.audio import AudioError
+    from whisper_batch.pipeline.audio import AudioError
 
     pf = pq.ParquetFile(fileobj)
     starts = list(itertools.accumulate((pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)), initial=0))
@@ -411,7 +411,7 @@ def iter_sample_audio(
     Each container named by the rows is opened once and read forward once; a container's rows come out in its own
     order (tar offset, Parquet row), containers in order of first appearance. One sample's bytes are held at a time.
     """
-    from pipeline.audio import AudioError
+    from whisper_batch.pipeline.audio import AudioError
 
     groups: dict[tuple[str, str], list[tuple[SampleRef, dict[str, Any]]]] = {}
     for row in rows:

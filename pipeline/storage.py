@@ -23,8 +23,8 @@ from typing import Any
 
 import fsspec
 
-from pipeline.config import RunConfig, StorageConfig
-from pipeline.secrets import redact_uri, scrub, secret_option_names
+from whisper_batch.pipeline.config import RunConfig, StorageConfig
+from whisper_batch.pipeline.secrets import redact_uri, scrub, secret_option_names
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _is_connection_error(error: BaseException) -> bool:
 
 def _bucket_of(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     """The bucket (first path component) on object stores; None on local disk."""
-    from pipeline.layout import is_local_fs
+    from whisper_batch.pipeline.layout import is_local_fs
 
     return None if is_local_fs(fs) else path.lstrip("/").split("/", 1)[0]
 
@@ -204,7 +204,7 @@ def _missing(role: str, uri: str, fs, path: str, options: dict[str, Any]) -> Sto
 
 def _check_readable(role: str, uri: str, fs, path: str, options: dict[str, Any]) -> None:
     """The object, folder or glob's base exists and can be read (a brace pattern of tar shards is a glob here)."""
-    from pipeline.sources import has_braces
+    from whisper_batch.pipeline.sources import has_braces
 
     if fsspec.core.has_magic(path) or has_braces(path):
         parts = path.split("/")

@@ -17,9 +17,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from model.constants import FRAMES_PER_SECOND, N_FRAMES
-from model.decoding import DecodingOptions
-from model.transcribe import TranscribeOptions, WindowResult, transcribe_windows
+from whisper_batch.model.constants import FRAMES_PER_SECOND, N_FRAMES
+from whisper_batch.model.decoding import DecodingOptions
+from whisper_batch.model.transcribe import TranscribeOptions, WindowResult, transcribe_windows
 
 from . import faults
 from .config import DecodeConfig, RunConfig
@@ -90,7 +90,7 @@ class Transcriber:
     """Model stage: holds one Whisper replica; packs the windows of many rows into batches and stitches them back."""
 
     def __init__(self, cfg: RunConfig):
-        from model.checkpoint import load_model
+        from whisper_batch.model.checkpoint import load_model
 
         from .model_store import fetcher
 
@@ -101,7 +101,7 @@ class Transcriber:
             cfg.model.name, device=device, dtype=dtype, fetch=fetcher(cfg.storage.storage_options)
         )
         if cfg.model.quantize == "int8" and device == "cpu":
-            from model.quantize import quantize_int8
+            from whisper_batch.model.quantize import quantize_int8
 
             self.model = quantize_int8(self.model)
         elif device == "cpu":

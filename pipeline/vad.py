@@ -7,7 +7,7 @@ windows around the speech it finds:
 - speech segments (padded by ``audio.vad_pad_seconds``) closer than ``audio.vad_merge_gap_seconds`` share a window
   while the window stays within ``audio.max_window_seconds``, the pauses between them muted (zeros); a longer stretch
   of non-speech starts a new window; either way non-speech audio never reaches the model;
-- one segment longer than a window is cut at its quiet points, as without VAD (``pipeline.windows``);
+- one segment longer than a window is cut at its quiet points, as without VAD (``whisper_batch.pipeline.windows``);
 - every window is a contiguous span of the original audio with its absolute start, the ``(start_sample, audio)``
   shape ``featurize_windows`` consumes, so segment times stay absolute.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.constants import SAMPLE_RATE
+from whisper_batch.model.constants import SAMPLE_RATE
 
 from .config import AudioConfig
 from .windows import plan_windows

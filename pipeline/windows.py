@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from model.constants import SAMPLE_RATE
+from whisper_batch.model.constants import SAMPLE_RATE
 
 
 FRAME_SECONDS = 0.025  # energy frame (25 ms: a few pitch periods, shorter than a phoneme)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.dims import ModelDimensions
-from model.tokenizer import Tokenizer
-from model.whisper import Whisper
+from whisper_batch.model.dims import ModelDimensions
+from whisper_batch.model.tokenizer import Tokenizer
+from whisper_batch.model.whisper import Whisper
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/data/eval beside the project: real speech (LibriSpeech, JFK) with a manifest; never copied into the repo
@@ -131,6 +131,6 @@ def eval_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_model():
     """The real tiny.en from ``load_model()``: (model fp32 eval, tokenizer, checkpoint)."""
-    from model.checkpoint import load_model
+    from whisper_batch.model.checkpoint import load_model
 
     return load_model()

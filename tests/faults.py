@@ -1,4 +1,4 @@
-"""Faults the tests install at the hook points of :mod:`pipeline.faults` (in Ray workers through
+"""Faults the tests install at the hook points of :mod:`whisper_batch.pipeline.faults` (in Ray workers through
 ``ray.worker_setup_hook=tests.faults.install_model_hang``, or ``...install_model_gate``)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def wait_while_gate_closed(ids: list[str], n_windows: int) -> None:
 
 
 def _install(hook) -> None:
-    from pipeline import faults
+    from whisper_batch.pipeline import faults
 
     if hook not in faults.model_call_hooks:
         faults.model_call_hooks.append(hook)

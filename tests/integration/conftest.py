@@ -1,6 +1,6 @@
 """Shared helpers and fixtures of the end-to-end tests: the CLI as a subprocess, reading OUTPUT, real speech.
 
-The tests drive `whisper-batch` only through its command line (``python -m jobs.cli``) and read the output folder
+The tests drive `whisper-batch` only through its command line (``python -m whisper_batch.jobs.cli``) and read the output folder
 with pyarrow, so they check the product's contract (CLI, exit codes, output layout), not its internals.
 Real speech comes from ``../shared/data/eval`` beside the project; tests that need it skip when it is absent.
 Derived manifests and audio go to pytest's tmp dirs; nothing is copied into the repository.
@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pytest
 
-from jobs.procs import descendants  # noqa: F401 - the tests stop what they started by its process tree
-from model.constants import SAMPLE_RATE
+from whisper_batch.jobs.procs import descendants  # noqa: F401 - the tests stop what they started by its process tree
+from whisper_batch.model.constants import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def cli_command(*args: Any) -> list[str]:
-    return [sys.executable, "-m", "jobs.cli", *map(str, args)]
+    return [sys.executable, "-m", "whisper_batch.jobs.cli", *map(str, args)]
 
 
 def start_whisper_batch(*args: Any, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

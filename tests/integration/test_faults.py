@@ -522,8 +522,8 @@ def test_credentials_stay_out_of_debug_logs(s3: S3, tmp_path: Path):
 
 
 def test_s3_lock_taken_despite_a_lost_answer_to_its_exclusive_create(s3: S3):
-    from jobs.lock import LockHeld, RunLock
-    from pipeline.layout import RunLayout
+    from whisper_batch.jobs.lock import LockHeld, RunLock
+    from whisper_batch.pipeline.layout import RunLayout
 
     # the first PUT of lock.json reaches S3 (the lock is created) but its answer is lost; the client retries
     with TcpProxy(s3.upstream, every=10**9, first=0, faults=("truncate",),

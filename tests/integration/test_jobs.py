@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.layout import RunLayout
-from pipeline.sink import read_committed
-from pipeline.storage import resolve_storage_options
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.sink import read_committed
+from whisper_batch.pipeline.storage import resolve_storage_options
 from tests.integration.conftest import job_server_missing
 from tests.servers import free_port, moto_s3
 from tests.speech import have_espeak, make_speech
@@ -163,7 +163,7 @@ def _auth(token: str) -> dict[str, str]:
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "whisper_batch.jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

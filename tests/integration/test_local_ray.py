@@ -1,12 +1,12 @@
 """The local Ray that a command starts: started without Ray's one-second sleeps while its raylet registers, and
 stopped whole, without Ray's one-second wait on its autoscaler monitor.
 
-``jobs.run.prompt_node_check`` polls the GCS's node table while ``ray.init`` waits for the new raylet; the script
+``whisper_batch.jobs.run.prompt_node_check`` polls the GCS's node table while ``ray.init`` waits for the new raylet; the script
 counts those polls on the installed Ray (a Ray whose start no longer goes through ``services.get_node`` fails here,
 not in the product: the start only loses the saving).
 
 ``ray.shutdown`` stops the GCS before the monitor, whose SIGTERM handler then reports to the GCS that is gone; the
-shutdown waits a second before killing it. ``jobs.run.stop_ray`` ends the monitor first. This checks it on the Ray
+shutdown waits a second before killing it. ``whisper_batch.jobs.run.stop_ray`` ends the monitor first. This checks it on the Ray
 installed here (Ray's process table is internal: a Ray that moved it fails this test, not the product), and that no
 process of the session (Ray's own, and the workers under the raylet) is left once ``stop_ray`` returns.
 """
@@ -30,8 +30,8 @@ SCRIPT = textwrap.dedent(
     import json, os
     import ray, ray._raylet
     from ray._private import ray_constants, services, worker
-    from jobs.run import _end_autoscaler_monitor, init_ray, stop_ray
-    from pipeline.config import load_config
+    from whisper_batch.jobs.run import _end_autoscaler_monitor, init_ray, stop_ray
+    from whisper_batch.pipeline.config import load_config
 
     polls, real_client, ray_get_node = [], ray._raylet.GcsClient, services.get_node
 

@@ -192,7 +192,7 @@ def _segment_times(row: dict[str, Any]) -> list[tuple[int, int]]:
 
 
 def _export(out: Path, fmt: str, dest: Path) -> Path:
-    from jobs.cli import main
+    from whisper_batch.jobs.cli import main
 
     result = CliRunner().invoke(main, ["export", str(out), "--format", fmt, "-o", str(dest)])
     assert result.exit_code == 0, result.output + repr(result.exception)

@@ -231,7 +231,7 @@ def test_ids_like_paths_write_nothing_outside_output(hostile: dict[str, Any], ho
 _MEASURE = textwrap.dedent(
     """
     import json, resource, sys, time
-    from pipeline.config import load_config
+    from whisper_batch.pipeline.config import load_config
 
     def peak_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -241,8 +241,8 @@ _MEASURE = textwrap.dedent(
     row = {"uri": uri, "audio_filepath": uri, "offset": 0.0, "duration": None, "id": "hour", "row_index": 0,
            "shard_id": 0}
     if mode == "stream":  # decode + windowing only: what the worker holds of the audio
-        from pipeline.audio import iter_audio_chunks, open_stream
-        from pipeline.windows import iter_windows
+        from whisper_batch.pipeline.audio import iter_audio_chunks, open_stream
+        from whisper_batch.pipeline.windows import iter_windows
 
         def run(u):
             n = samples = 0
@@ -251,7 +251,7 @@ _MEASURE = textwrap.dedent(
                     n, samples = n + 1, samples + len(audio)
             return n, samples / 16000
     else:  # the whole CPU stage: decode, windows, log-mel of each window (what a feature actor does)
-        from pipeline.features import Featurizer
+        from whisper_batch.pipeline.features import Featurizer
         featurizer = Featurizer(cfg, 80)
 
         def run(u):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.plots import PLOT_IDS
+from whisper_batch.jobs.plots import PLOT_IDS
 from tests.integration.conftest import whisper_batch_ok
 from tests.report_data import make_run
 

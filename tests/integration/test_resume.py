@@ -169,7 +169,7 @@ def test_resume_refuses_a_results_changing_config(small_run: dict[str, Any]):
 
 
 def test_unknown_config_key_is_a_usage_error(tmp_path: Path):
-    from jobs.cli import main
+    from whisper_batch.jobs.cli import main
 
     manifest = write_manifest(tmp_path / "m.jsonl", [{"audio_filepath": "/nonexistent/a.wav"}])
     out = tmp_path / "out"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.schema import BASE_NAMES, extra_column_name
+from whisper_batch.pipeline.schema import BASE_NAMES, extra_column_name
 from tests.integration.conftest import count_ids, read_rows, whisper_batch_ok, write_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.layout import RunLayout
-from pipeline.sink import collect_stats, read_committed, write_shard
-from pipeline.storage import StorageError, preflight, resolve_storage_options
+from whisper_batch.pipeline.config import load_config
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.sink import collect_stats, read_committed, write_shard
+from whisper_batch.pipeline.storage import StorageError, preflight, resolve_storage_options
 from tests.servers import free_port, moto_s3
 from tests.speech import have_espeak, make_speech, requires_espeak
 
@@ -98,7 +98,7 @@ def corpus(endpoint, tmp_path_factory):
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "whisper_batch.jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -207,7 +207,7 @@ def test_credentials_from_environment_profile_or_config(aws_env, iam_user, monke
 def test_wrong_credentials_stop_the_cli_before_any_work(aws_env, iam_user, monkeypatch):
     from click.testing import CliRunner
 
-    from jobs.cli import main
+    from whisper_batch.jobs.cli import main
 
     result = CliRunner().invoke(main, ["run", "s3://authbucket/in/manifest.jsonl", "-o", "s3://authbucket/out2"])
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -231,7 +231,7 @@ def test_wrong_credentials_stop_the_cli_before_any_work(aws_env, iam_user, monke
 def test_missing_bucket_or_prefix_is_named_before_any_work(aws_env, endpoint, corpus, inp, out, model, expected):
     from click.testing import CliRunner
 
-    from jobs.cli import main
+    from whisper_batch.jobs.cli import main
 
     args = ["run", inp, "-o", out] + (["--model", model] if model else [])
     result = CliRunner().invoke(main, args)

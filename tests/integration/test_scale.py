@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.procs import ray_workers
+from whisper_batch.jobs.procs import ray_workers
 from tests.integration.conftest import (
     RUN_TIMEOUT_S,
     completion_records,

@@ -16,7 +16,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from pipeline.graph import ROWS_PER_BLOCK  # noqa: E402
+from whisper_batch.pipeline.graph import ROWS_PER_BLOCK  # noqa: E402
 
 ROWS = 32  # one input block, as the featurizer gets a whole input block of many shards per call
 PER_CALL = 2

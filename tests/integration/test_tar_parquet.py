@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
+from whisper_batch.pipeline.config import load_config
 from tests.integration.conftest import (
     RUN_TIMEOUT_S,
     completion_records,
@@ -100,7 +100,7 @@ def runs(endpoint, tmp_path_factory):
     """The manifest run and the four container runs, in one in-process Ray session."""
     import ray
 
-    from jobs.run import run
+    from whisper_batch.jobs.run import run
 
     base = tmp_path_factory.mktemp("containers")
     rows = _examples()

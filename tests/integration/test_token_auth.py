@@ -46,7 +46,7 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def _cli(args: list, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "whisper_batch.jobs.cli", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

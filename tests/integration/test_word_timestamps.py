@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.export import to_srt
-from model.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
-from model.transcribe import TranscribeOptions, transcribe_windows
-from pipeline.audio import decode_audio
-from pipeline.config import load_config
-from pipeline.schema import output_table
+from whisper_batch.jobs.export import to_srt
+from whisper_batch.model.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+from whisper_batch.model.transcribe import TranscribeOptions, transcribe_windows
+from whisper_batch.pipeline.audio import decode_audio
+from whisper_batch.pipeline.config import load_config
+from whisper_batch.pipeline.schema import output_table
 
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
@@ -125,8 +125,8 @@ def test_batched_pass_equals_one_window_alone(real_model, ours, windows):
 @pytest.mark.slow
 def test_pipeline_rows_carry_absolute_word_times(eval_dir, ours):
     """Through the Transcriber: short files share one packed window; each row's words come back on its own clock."""
-    from pipeline.features import Featurizer
-    from pipeline.transcriber import Transcriber, transcribe_files
+    from whisper_batch.pipeline.features import Featurizer
+    from whisper_batch.pipeline.transcriber import Transcriber, transcribe_files
 
     overrides = ["decode.word_timestamps=true", "decode.temperatures=[0.0]", "audio.pack_max_seconds=20"]  # packing on
     cfg = load_config(None, overrides)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from model import audio as ma
-from pipeline import audio as pa
-from pipeline.audio import AudioError, decode_audio, iter_audio_chunks, open_stream, read_bytes
+from whisper_batch.model import audio as ma
+from whisper_batch.pipeline import audio as pa
+from whisper_batch.pipeline.audio import AudioError, decode_audio, iter_audio_chunks, open_stream, read_bytes
 from tests.speech import make_speech, requires_espeak
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")

@@ -15,8 +15,8 @@ import fsspec
 import pytest
 import torch
 
-from model import checkpoint as ckpt_mod
-from model.checkpoint import (
+from whisper_batch.model import checkpoint as ckpt_mod
+from whisper_batch.model.checkpoint import (
     Checkpoint,
     default_model_path,
     describe_model,
@@ -26,9 +26,9 @@ from model.checkpoint import (
     reference_keys,
     resolve_model,
 )
-from model.dims import ModelDimensions
-from model.model_cache import publish_dir
-from pipeline.model_store import fetch_to_cache, fetcher
+from whisper_batch.model.dims import ModelDimensions
+from whisper_batch.model.model_cache import publish_dir
+from whisper_batch.pipeline.model_store import fetch_to_cache, fetcher
 
 whisper = pytest.importorskip("whisper", reason="openai-whisper (test-only reference) missing")
 
@@ -391,7 +391,7 @@ def test_load_model_builds_loads_and_sets_alignment_heads(monkeypatch, ct2_dir):
         def set_alignment_heads(self, pairs):  # ours takes (layer, head) pairs
             self.pairs = pairs
 
-    monkeypatch.setitem(sys.modules, "model.whisper", types.SimpleNamespace(Whisper=Whisper))
+    monkeypatch.setitem(sys.modules, "whisper_batch.model.whisper", types.SimpleNamespace(Whisper=Whisper))
     model, tokenizer, ckpt = load_model(str(ct2_dir), dtype=torch.float64)
     assert not model.training and model.pairs == [(1, 0), (1, 1)]
     assert model.decoder.token_embedding.weight.dtype == torch.float64
@@ -416,7 +416,7 @@ def ref_sd_128() -> dict[str, torch.Tensor]:
 
 
 def test_describe_default_tiny_en_reads_only_the_headers(monkeypatch):
-    from model import ct2
+    from whisper_batch.model import ct2
 
     read = []
 
@@ -456,9 +456,9 @@ def test_a_run_driver_describes_the_model_without_importing_torch():
 
     code = (
         "import sys\n"
-        "from jobs.run import model_label\n"
-        "from pipeline.config import load_config\n"
-        "from pipeline.cluster import actor_memory\n"
+        "from whisper_batch.jobs.run import model_label\n"
+        "from whisper_batch.pipeline.config import load_config\n"
+        "from whisper_batch.pipeline.cluster import actor_memory\n"
         "cfg = load_config(None, [])\n"
         "print(model_label(cfg), actor_memory(cfg) > 0, 'torch' in sys.modules)\n"
     )
@@ -571,9 +571,9 @@ def test_multilingual_base_detects_english_and_transcribes_jfk(tmp_path):
 
 @pytest.mark.integration
 def test_load_model_builds_our_whisper_from_the_default_checkpoint():
-    pytest.importorskip("model.whisper", reason="model/whisper.py not written yet")
+    pytest.importorskip("whisper_batch.model.whisper", reason="model/whisper.py not written yet")
     model, tokenizer, ckpt = load_model(dtype=torch.float16)
-    assert type(model).__module__ == "model.whisper" and not model.training
+    assert type(model).__module__ == "whisper_batch.model.whisper" and not model.training
     assert model.decoder.token_embedding.weight.dtype == torch.float16
     assert torch.equal(model.decoder.token_embedding.weight, ckpt.state_dict["decoder.token_embedding.weight"])
     assert tokenizer.timestamp_begin + 1501 == ckpt.dims.n_vocab

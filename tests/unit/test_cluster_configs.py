@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,8 +18,8 @@ import pytest
 import ray
 import yaml
 
-from jobs.cli import main
-from jobs.submit import (
+from whisper_batch.jobs.cli import main
+from whisper_batch.jobs.submit import (
     ENTRYPOINT,
     JOB_CONFIG,
     JobError,
@@ -30,8 +31,8 @@ from jobs.submit import (
     runtime_env,
     stage_package,
 )
-from pipeline.config import config_to_dict, load_config, redacted
-from pipeline.layout import RunLayout
+from whisper_batch.pipeline.config import config_to_dict, load_config, redacted
+from whisper_batch.pipeline.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "configs" / "cluster"
@@ -160,8 +161,13 @@ def test_stage_package_ships_code_and_a_loadable_config(tmp_path):
     shipped, _ = job_config(cfg)
     stage_package(str(tmp_path), shipped)
     for package in ("model", "pipeline", "jobs"):
-        assert (tmp_path / package / "__init__.py").exists()
-    assert (tmp_path / "jobs" / "cli.py").exists() and not list(tmp_path.rglob("__pycache__"))
+        assert (tmp_path / "whisper_batch" / package / "__init__.py").exists()
+    assert (tmp_path / "whisper_batch" / "jobs" / "cli.py").exists() and not list(tmp_path.rglob("__pycache__"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".whisper-batch", "whisper_batch"]
+    # the job's interpreter finds the shipped package in its working_dir, not an install's
+    probe = subprocess.run([sys.executable, "-c", "import whisper_batch.jobs.cli as c; print(c.__file__)"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == str(tmp_path / "whisper_batch" / "jobs" / "cli.py"), probe.stderr
     loaded = load_config(str(tmp_path / JOB_CONFIG))
     assert config_to_dict(loaded) == shipped and loaded.decode.beam_size == 3
     env = runtime_env(str(tmp_path))
@@ -212,7 +218,7 @@ def test_cli_parses_submit_and_jobs_commands(in_repo):
         cmd = group.get_command(gctx, sub)
         assert cmd.make_context(sub, ["raysubmit_x", "--address", "h:8265"], parent=gctx).params["submission_id"]
     assert _parse("resume", ["s3://b/o", "--address", "h:8265"])["output"] == "s3://b/o"
-    assert sys.modules["jobs.submit"].TERMINAL == ("SUCCEEDED", "FAILED", "STOPPED")
+    assert sys.modules["whisper_batch.jobs.submit"].TERMINAL == ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def test_resume_source_from_the_last_job_then_from_run_json(tmp_path):

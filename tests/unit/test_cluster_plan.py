@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from pipeline import cluster
-from pipeline.config import load_config
+from whisper_batch.pipeline import cluster
+from whisper_batch.pipeline.config import load_config
 
 
 def _node(node_id: str, cpus: float, gpus: float = 0, alive: bool = True) -> dict:
@@ -114,7 +114,7 @@ class _NotRay(http.server.BaseHTTPRequestHandler):
 
 
 def test_job_client_names_what_is_wrong_with_the_address():
-    from jobs.submit import JobError, connect
+    from whisper_batch.jobs.submit import JobError, connect
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotRay)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (
+from whisper_batch.pipeline.config import (
     ConfigError,
     RunConfig,
     config_fingerprint_fields,

@@ -11,8 +11,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-import model.transcribe as transcribe_module
-from model.decoding import (
+import whisper_batch.model.transcribe as transcribe_module
+from whisper_batch.model.decoding import (
     DecodingOptions,
     DecodingResult,
     LogitRules,
@@ -23,8 +23,8 @@ from model.decoding import (
     rank,
     suppressed_tokens,
 )
-from model.search import Sampler, first_argmax
-from model.transcribe import (
+from whisper_batch.model.search import Sampler, first_argmax
+from whisper_batch.model.transcribe import (
     TranscribeOptions,
     decode_with_fallback,
     encoder_frames,
@@ -600,7 +600,7 @@ def test_transcribe_windows_continues_after_the_last_timestamp(random_model, tin
 
 
 def test_sampling_follows_the_tempered_distribution_and_never_picks_a_suppressed_token():
-    from model.search import Sampler
+    from whisper_batch.model.search import Sampler
 
     rows, eot = 20000, 4
     logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.0, -1.0]]).repeat(rows, 1)
@@ -617,7 +617,7 @@ def test_sampling_follows_the_tempered_distribution_and_never_picks_a_suppressed
 
 
 def test_loop_stop_names_only_rows_that_already_repeat(tiny_en_tokenizer):
-    from model.decoding import LoopStop, compression_ratio
+    from whisper_batch.model.decoding import LoopStop, compression_ratio
 
     tk = tiny_en_tokenizer
     loop = tk.encode(" I was there." * 20)[:40]
@@ -643,8 +643,8 @@ def test_a_stopped_row_ends_on_a_forced_eot_that_adds_no_logprob(random_model, t
     """A row the stop names gets <|endoftext|> as its only choice: its logprob is 0, so the row's sum is that of the
     tokens before it, as a decode cut at the same length by sample_len has (the search reuses the rules'
     log-softmax, which the forced row must not keep)."""
-    from model.decoding import LogitRules
-    from model.search import run_search
+    from whisper_batch.model.decoding import LogitRules
+    from whisper_batch.model.search import run_search
 
     tk, opts = tiny_en_tokenizer, DecodingOptions(language="en")
     initial = torch.tensor([initial_tokens(tk, opts, "en", random_model.dims.n_text_ctx)] * 2)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PROLOGUE = """
 import atexit, sys, threading, time
-from jobs.run import exit_process
+from whisper_batch.jobs.run import exit_process
 
 class Teardown:  # a module-level object: Python's teardown runs its __del__, os._exit does not
     def __del__(self):
@@ -53,7 +53,7 @@ exit_process(0)
 
 
 def test_the_console_script_exits_with_click_status_and_message():
-    cli = [sys.executable, "-m", "jobs.cli"]
+    cli = [sys.executable, "-m", "whisper_batch.jobs.cli"]
     ok = subprocess.run([*cli, "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     # the whole help came through the pipe, up to its last command
     assert ok.returncode == 0 and "Usage:" in ok.stdout and "Commands:" in ok.stdout

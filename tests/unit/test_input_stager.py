@@ -10,11 +10,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.run import InputStager
-from pipeline.config import load_config
-from pipeline.graph import read_inputs
-from pipeline.layout import RunLayout
-from pipeline.plan import build_plan
+from whisper_batch.jobs.run import InputStager
+from whisper_batch.pipeline.config import load_config
+from whisper_batch.pipeline.graph import read_inputs
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.plan import build_plan
 
 
 def _setup(tmp_path: Path, rows: int = 50, shard_size: int = 4):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.lock import LockHeld, RunLock
-from pipeline.layout import RunLayout
+from whisper_batch.jobs.lock import LockHeld, RunLock
+from whisper_batch.pipeline.layout import RunLayout
 
 
 @pytest.fixture

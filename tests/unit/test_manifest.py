@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.manifest import ManifestError, ManifestRow, default_id, read_manifest
+from whisper_batch.pipeline.manifest import ManifestError, ManifestRow, default_id, read_manifest
 
 ROWS = [
     {"audio_filepath": "audio/a.flac", "id": "utt-a", "duration": 2.5, "text": "hello there", "speaker": "s1"},

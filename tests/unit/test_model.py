@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.checkpoint import decode_alignment_heads
-from model.dims import ModelDimensions
-from model.kv_cache import KVCache
-from model.transcribe import transcribe_windows
-from model.whisper import ATTENTION_CHUNK, Whisper, attention, chunked_attention, sinusoids
+from whisper_batch.model.checkpoint import decode_alignment_heads
+from whisper_batch.model.dims import ModelDimensions
+from whisper_batch.model.kv_cache import KVCache
+from whisper_batch.model.transcribe import transcribe_windows
+from whisper_batch.model.whisper import ATTENTION_CHUNK, Whisper, attention, chunked_attention, sinusoids
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
 
@@ -306,7 +306,7 @@ def test_transcribe_rejects_wrong_mel_bins(random_model, tiny_en_tokenizer):
 
 
 def test_layer_norm_keeps_its_fp32_parameters_only_while_they_are_unchanged():
-    from model.whisper import LayerNorm
+    from whisper_batch.model.whisper import LayerNorm
 
     ln = LayerNorm(8).to(torch.bfloat16)
     x = torch.randn(2, 8).to(torch.bfloat16)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.layout import RunLayout
-from pipeline.manifest import ManifestError
-from pipeline.plan import (
+from whisper_batch.pipeline.config import load_config
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.manifest import ManifestError
+from whisper_batch.pipeline.plan import (
     Plan,
     PlanMismatch,
     build_plan,
@@ -18,7 +18,7 @@ from pipeline.plan import (
     merge_kinds,
     start_run,
 )
-from pipeline.sink import write_shard
+from whisper_batch.pipeline.sink import write_shard
 
 
 def write_manifest(path, n, **extra_per_row):

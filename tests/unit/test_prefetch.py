@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.audio import AudioError
-from pipeline.config import RunConfig
-from pipeline.features import Featurizer
-from pipeline.prefetch import fetch_small, prefetch
+from whisper_batch.pipeline.audio import AudioError
+from whisper_batch.pipeline.config import RunConfig
+from whisper_batch.pipeline.features import Featurizer
+from whisper_batch.pipeline.prefetch import fetch_small, prefetch
 from tests.integration.conftest import write_wav
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
-from model.decoding import DecodingOptions, decode, initial_tokens
-from model.quantize import Int8Linear, quantize_int8, quantize_rows
+from whisper_batch.model.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+from whisper_batch.model.decoding import DecodingOptions, decode, initial_tokens
+from whisper_batch.model.quantize import Int8Linear, quantize_int8, quantize_rows
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -66,7 +66,7 @@ def test_quantize_needs_fp32_on_the_cpu(make_random_whisper, tiny_dims, tiny_en_
 
 
 def _windows():
-    from pipeline.audio import decode_audio
+    from whisper_batch.pipeline.audio import decode_audio
 
     paths = sorted([*EXAMPLES.glob("*.flac"), *EXAMPLES.glob("*.ogg")])
     assert len(paths) >= 4
@@ -79,7 +79,7 @@ def _windows():
 
 @pytest.fixture(scope="module")
 def fp32_and_int8():
-    from model.checkpoint import load_model
+    from whisper_batch.model.checkpoint import load_model
 
     model, tokenizer, _ = load_model()
     return model, quantize_int8(copy.deepcopy(model)), tokenizer

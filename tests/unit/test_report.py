@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
-from jobs.plots import PLOT_IDS
-from jobs.progress import Counts, Progress, Screen
-from jobs.report import build_report
+from whisper_batch.jobs.cli import main
+from whisper_batch.jobs.plots import PLOT_IDS
+from whisper_batch.jobs.progress import Counts, Progress, Screen
+from whisper_batch.jobs.report import build_report
 from tests.report_data import make_run
 from tests.servers import moto_s3
 
@@ -185,14 +185,14 @@ def test_progress_says_stopped_when_the_graph_fails():
 def test_quiet_screen_sends_stderr_to_the_log_and_errors_to_the_screen(tmp_path):
     code = """
 import logging, os, sys, warnings
-from jobs.logs import configure_logging
-from jobs.progress import quiet_screen
+from whisper_batch.jobs.logs import configure_logging
+from whisper_batch.jobs.progress import quiet_screen
 configure_logging(0)
 with quiet_screen() as screen:
     os.write(2, b"[E core_worker.cc] noise from C++\\n")
     warnings.warn("a warning that means nothing to the user")
     logging.getLogger("ray.data").warning("operator chatter")
-    logging.getLogger("jobs.run").error("the upload failed")
+    logging.getLogger("whisper_batch.jobs.run").error("the upload failed")
     try:
         1 / 0
     except ZeroDivisionError:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.run import remove_staging
-from pipeline.layout import RunLayout
+from whisper_batch.jobs.run import remove_staging
+from whisper_batch.pipeline.layout import RunLayout
 
 
 def test_remove_staging_takes_this_and_earlier_invocations_only(tmp_path: Path):

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from jobs.logs import ScrubFilter
-from jobs.status import format_status, run_status
-from jobs.submit import job_config, stage_package
-from pipeline import secrets
-from pipeline.config import load_config, redacted
-from pipeline.layout import RunLayout
-from pipeline.plan import build_plan, start_run
-from pipeline.storage import StorageError, preflight
+from whisper_batch.jobs.logs import ScrubFilter
+from whisper_batch.jobs.status import format_status, run_status
+from whisper_batch.jobs.submit import job_config, stage_package
+from whisper_batch.pipeline import secrets
+from whisper_batch.pipeline.config import load_config, redacted
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.plan import build_plan, start_run
+from whisper_batch.pipeline.storage import StorageError, preflight
 
 # every kind of secret option, at the top and nested, next to options that are not secret
 OPTIONS = {

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.layout import RunLayout
-from pipeline.schema import output_schema, output_table
-from pipeline.sink import collect_stats, failed_rows, iter_committed, read_committed, write_shard
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.schema import output_schema, output_table
+from whisper_batch.pipeline.sink import collect_stats, failed_rows, iter_committed, read_committed, write_shard
 
 EXTRA = {"speaker": "string", "age": "int64"}
 

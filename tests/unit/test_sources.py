@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import RunConfig
-from pipeline.features import Featurizer
-from pipeline.manifest import ManifestError, read_manifest
-from pipeline.plan import build_plan, iter_waves
-from pipeline.sources import SampleRef, expand_braces, iter_sample_audio, parse_ref, read_tar_members
+from whisper_batch.pipeline.config import RunConfig
+from whisper_batch.pipeline.features import Featurizer
+from whisper_batch.pipeline.manifest import ManifestError, read_manifest
+from whisper_batch.pipeline.plan import build_plan, iter_waves
+from whisper_batch.pipeline.sources import SampleRef, expand_braces, iter_sample_audio, parse_ref, read_tar_members
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FOX = (EXAMPLES / "fox.flac").read_bytes()
@@ -178,7 +178,7 @@ def test_a_tar_changed_since_the_plan_gives_error_rows(tmp_path):
 
 
 def test_the_driver_reads_each_tar_once_per_run(tmp_path, monkeypatch):
-    import pipeline.manifest as manifest
+    import whisper_batch.pipeline.manifest as manifest
 
     write_tar(tmp_path / "a.tar", [sample(1), sample(2)])
     write_tar(tmp_path / "b.tar", [sample(3)])

@@ -5,13 +5,13 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from jobs.evaluate import evaluate, format_evaluation
-from jobs.export import export, format_timestamp, safe_name, to_srt, to_vtt
-from jobs.status import format_status, run_status
-from pipeline.config import load_config
-from pipeline.layout import RunLayout
-from pipeline.plan import build_plan, finish_run, iter_waves, start_run
-from pipeline.sink import wall_seconds, write_shard
+from whisper_batch.jobs.evaluate import evaluate, format_evaluation
+from whisper_batch.jobs.export import export, format_timestamp, safe_name, to_srt, to_vtt
+from whisper_batch.jobs.status import format_status, run_status
+from whisper_batch.pipeline.config import load_config
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.plan import build_plan, finish_run, iter_waves, start_run
+from whisper_batch.pipeline.sink import wall_seconds, write_shard
 
 # id, reference, hypothesis, error, dataset
 ROWS = [
@@ -143,6 +143,6 @@ def test_export_jsonl(run_dir, tmp_path):
 
 
 def test_stats_read_record_by_record_match_one_read(run_dir):
-    from pipeline.sink import collect_stats
+    from whisper_batch.pipeline.sink import collect_stats
 
     assert collect_stats(run_dir, chunk=1) == collect_stats(run_dir)  # status streams the records in chunks

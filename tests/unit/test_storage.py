@@ -5,8 +5,8 @@ The S3 behaviour against a real S3-compatible server is in tests/integration/tes
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.storage import (
+from whisper_batch.pipeline.config import load_config
+from whisper_batch.pipeline.storage import (
     StorageError,
     describe_access,
     preflight,

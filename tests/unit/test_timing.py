@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-import model.transcribe as transcribe_module
-from jobs.export import export, to_srt, to_vtt
-from model.decoding import DecodingOptions, DecodingResult
-from model.timing import (
+import whisper_batch.model.transcribe as transcribe_module
+from whisper_batch.jobs.export import export, to_srt, to_vtt
+from whisper_batch.model.decoding import DecodingOptions, DecodingResult
+from whisper_batch.model.timing import (
     WordTiming,
     Word,
     add_word_timestamps,
@@ -28,10 +28,10 @@ from model.timing import (
     speech_end,
     tidy_words,
 )
-from model.transcribe import Segment, TranscribeOptions, WindowResult, transcribe_windows
-from pipeline.schema import output_table
-from pipeline.packing import member_share
-from pipeline.transcriber import stitch
+from whisper_batch.model.transcribe import Segment, TranscribeOptions, WindowResult, transcribe_windows
+from whisper_batch.pipeline.schema import output_table
+from whisper_batch.pipeline.packing import member_share
+from whisper_batch.pipeline.transcriber import stitch
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
 ref_timing = pytest.importorskip("whisper.timing", reason="the reference's timing module needs numba (test-only)")

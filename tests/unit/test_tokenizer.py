@@ -5,7 +5,7 @@ import os
 import pytest
 import tokenizers
 
-from model.tokenizer import Tokenizer
+from whisper_batch.model.tokenizer import Tokenizer
 
 whisper_tokenizer = pytest.importorskip("whisper.tokenizer", reason="openai-whisper (test-only reference) missing")
 

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from model.audio import SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
-from model.decoding import DecodingResult
-from model.timing import Word
-from model.transcribe import Segment, TranscribeOptions, WindowResult, is_quiet, is_silence, transcribe_windows
-from pipeline.config import load_config
-from pipeline import faults
-from pipeline.device import cpu_has_bf16, is_out_of_memory, pick_device
-from pipeline.features import Featurizer, featurize_windows, mel_windows
-from pipeline.packing import member_share, pack_ok
-from pipeline.transcriber import Transcriber
+from whisper_batch.model.audio import SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from whisper_batch.model.decoding import DecodingResult
+from whisper_batch.model.timing import Word
+from whisper_batch.model.transcribe import Segment, TranscribeOptions, WindowResult, is_quiet, is_silence, transcribe_windows
+from whisper_batch.pipeline.config import load_config
+from whisper_batch.pipeline import faults
+from whisper_batch.pipeline.device import cpu_has_bf16, is_out_of_memory, pick_device
+from whisper_batch.pipeline.features import Featurizer, featurize_windows, mel_windows
+from whisper_batch.pipeline.packing import member_share, pack_ok
+from whisper_batch.pipeline.transcriber import Transcriber
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -175,8 +175,8 @@ def test_every_decode_setting_reaches_the_model_options():
     """Each DecodeConfig field, set away from its default, arrives by name (or its one rename) in the options."""
     import dataclasses
 
-    from pipeline.config import DecodeConfig
-    from pipeline.transcriber import transcribe_options
+    from whisper_batch.pipeline.config import DecodeConfig
+    from whisper_batch.pipeline.transcriber import transcribe_options
 
     def other(value):  # a value of the same kind that differs from the default
         if isinstance(value, bool):
@@ -200,7 +200,7 @@ def test_every_decode_setting_reaches_the_model_options():
 
 
 def test_each_model_call_holds_one_of_the_longest_rows():
-    from pipeline.graph import balance_order
+    from whisper_batch.pipeline.graph import balance_order
 
     # (windows, seconds) per row: three long files among short ones, the longest last as in the eval manifest
     shapes = [(1, 5), (1, 3), (1, 7), (1, 2), (1, 9), (1, 4), (1, 6), (2, 60), (4, 100), (3, 89)]
@@ -214,7 +214,7 @@ def test_each_model_call_holds_one_of_the_longest_rows():
 
 
 def test_model_stage_plan_from_the_cluster(monkeypatch):
-    import pipeline.cluster as cluster
+    import whisper_batch.pipeline.cluster as cluster
 
     def plan(resources, *sets):
         monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: resources)
@@ -244,8 +244,8 @@ def test_the_featurizer_yields_a_block_a_few_model_calls_at_a_time(tmp_path):
 
     import pyarrow as pa
 
-    from pipeline.graph import FEATURE_CHUNK_CALLS, ArrowFeaturizer
-    from pipeline.schema import RECORD_SCHEMA
+    from whisper_batch.pipeline.graph import FEATURE_CHUNK_CALLS, ArrowFeaturizer
+    from whisper_batch.pipeline.schema import RECORD_SCHEMA
 
     rows = []
     for i in range(11):
@@ -265,7 +265,7 @@ def test_the_featurizer_yields_a_block_a_few_model_calls_at_a_time(tmp_path):
 
 
 def test_with_padding_seconds_a_model_call_gets_rows_of_like_lengths():
-    from pipeline.graph import ArrowFeaturizer
+    from whisper_batch.pipeline.graph import ArrowFeaturizer
 
     shapes = [(1, 5), (1, 3), (4, 100), (1, 7), (1, 2), (3, 89), (1, 9), (1, 4)]
     items = [{"id": i, "mel_frames": [3000] * n, "audio_seconds": float(s)} for i, (n, s) in enumerate(shapes)]
@@ -278,8 +278,8 @@ def test_with_padding_seconds_a_model_call_gets_rows_of_like_lengths():
 
 def test_window_features_equal_the_reference_padding_of_30_seconds():
     """The featurizer pads a window with N_FFT zeros, not 30 s of them: the real frames come out the same."""
-    from model.constants import N_SAMPLES
-    from pipeline.features import MEL_DTYPE, featurize_windows, mel_windows
+    from whisper_batch.model.constants import N_SAMPLES
+    from whisper_batch.pipeline.features import MEL_DTYPE, featurize_windows, mel_windows
 
     rng = np.random.default_rng(0)
     for seconds, loud_end in ((0.3, False), (6.2, True), (17.0, False), (30.0, True)):

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.audio import decode_audio
-from pipeline.vad import VadOptions, VadWindows, group_segments
+from whisper_batch.pipeline.audio import decode_audio
+from whisper_batch.pipeline.vad import VadOptions, VadWindows, group_segments
 
 SR = 16000
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -79,8 +79,8 @@ def test_silero_finds_the_speech_between_silence_and_noise():
 
 def test_the_feature_stage_with_vad_sends_speech_windows_at_absolute_times(tmp_path):
     pytest.importorskip("silero_vad")
-    from pipeline.config import load_config
-    from pipeline.features import load_features
+    from whisper_batch.pipeline.config import load_config
+    from whisper_batch.pipeline.features import load_features
     from tests.integration.conftest import write_wav
 
     speech = decode_audio((EXAMPLES / "fox.flac").read_bytes())

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.windows import find_cut, iter_windows, plan_windows
+from whisper_batch.pipeline.windows import find_cut, iter_windows, plan_windows
 
 SR = 16000
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -134,7 +134,7 @@ def test_real_speech_cut_between_sentences():
     path = EXAMPLES / "anna.ogg"
     if not path.exists():
         pytest.skip(f"{path} is absent (run examples/make_examples.sh)")
-    from pipeline.audio import decode_audio
+    from whisper_batch.pipeline.audio import decode_audio
 
     audio = decode_audio(path.read_bytes())
     windows = plan_windows(audio)

@@ -4,8 +4,8 @@ builder's noise at its stated SNR."""
 import numpy as np
 import pytest
 
-from jobs.make_yardstick import add_noise
-from jobs.yardstick import paired_compare, row_errors
+from benchmarks.make_yardstick import add_noise
+from benchmarks.yardstick import paired_compare, row_errors
 
 
 def test_paired_counts_and_wers_by_hand():
@@ -65,7 +65,7 @@ def test_noise_is_added_at_the_stated_snr_and_is_seeded():
 
 
 def test_configurations_by_name_or_overrides_always_with_the_fp32_reference():
-    from jobs.yardstick import parse_configs
+    from benchmarks.yardstick import parse_configs
 
     assert parse_configs("int8") == {"fp32": ["model.dtype=float32"], "int8": ["model.quantize=int8"]}
     custom = parse_configs("default,pad10:decode.padding_seconds=10+decode.beam_size=5")
@@ -78,9 +78,9 @@ def test_configurations_by_name_or_overrides_always_with_the_fp32_reference():
 def test_bench_needs_a_manifest_unless_yardstick():
     from click.testing import CliRunner
 
-    from jobs.cli import main
+    from benchmarks.bench import cli
 
-    result = CliRunner().invoke(main, ["bench"])
+    result = CliRunner().invoke(cli, [])
     assert result.exit_code == 2 and "MANIFEST is required (or --yardstick)" in result.output
 
 
@@ -88,8 +88,8 @@ def test_the_cpu_fast_configuration_is_the_shipped_file(tmp_path):
     """The yardstick's "cpu-fast" judges exactly configs/cpu-fast.yaml: its fields as overrides give the file's config."""
     from pathlib import Path
 
-    from jobs.yardstick import CONFIGS, file_overrides
-    from pipeline.config import RunConfig, load_config
+    from benchmarks.yardstick import CONFIGS, file_overrides
+    from whisper_batch.pipeline.config import RunConfig, load_config
 
     shipped = Path(__file__).resolve().parents[2] / "configs" / "cpu-fast.yaml"
     assert load_config(None, CONFIGS["cpu-fast"]) == load_config(str(shipped)) != RunConfig()

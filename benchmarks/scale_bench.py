@@ -1,6 +1,6 @@
 """Scale and storage-latency figures (a command that prints tables; not a test).
 
-``python -m jobs.scale_bench --rows 10000,100000,1000000``: for each manifest size, a manifest of that many rows of
+``python -m benchmarks.scale_bench --rows 10000,100000,1000000``: for each manifest size, a manifest of that many rows of
 one short silent clip (quiet windows skip the model: the figures measure the graph, not Whisper), run through
 ``whisper-batch run`` as a user runs it, and measured from outside:
 
@@ -16,7 +16,7 @@ one short silent clip (quiet windows skip the model: the figures measure the gra
 A run longer than ``--max-seconds`` is stopped there (its process group killed) and its figures are for that
 window; the table says so. A one-shard manifest (``--shard-size`` rows) is run first, for its first-commit time.
 
-``python -m jobs.scale_bench --latency``: files per second that one featurizer (the feature actor's code, in this
+``python -m benchmarks.scale_bench --latency``: files per second that one featurizer (the feature actor's code, in this
 process) reads from a moto S3 server on 127.0.0.1 through a proxy that delays every request by ``--delay-ms``,
 without and with prefetch, in the same run. Needs the test extra (moto[server]).
 """
@@ -39,7 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from model.constants import SAMPLE_RATE
+from whisper_batch.model.constants import SAMPLE_RATE
 
 from .procs import descendants, ray_workers
 
@@ -89,10 +89,10 @@ def _count(folder: Path, pattern: str) -> int:
 
 def plan_and_stage(manifest: Path, shard_size: int, work: Path) -> tuple[float, float, int]:
     """build_plan's seconds, and the seconds to write every input block as the driver's stager does."""
-    from jobs.run import InputStager
-    from pipeline.config import load_config
-    from pipeline.layout import RunLayout
-    from pipeline.plan import build_plan
+    from whisper_batch.jobs.run import InputStager
+    from whisper_batch.pipeline.config import load_config
+    from whisper_batch.pipeline.layout import RunLayout
+    from whisper_batch.pipeline.plan import build_plan
 
     cfg = load_config(None, [f"manifest.shard_size={shard_size}"])
     t0 = time.perf_counter()
@@ -116,7 +116,7 @@ def scale_run(rows: int, shard_size: int, clip: Path, work: Path, max_seconds: f
     out = work / f"out{rows}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "jobs.cli", "run", str(manifest), "-o", str(out), "--progress-interval", "30",
+    cmd = [sys.executable, "-m", "whisper_batch.jobs.cli", "run", str(manifest), "-o", str(out), "--progress-interval", "30",
            "--set", f"manifest.shard_size={shard_size}", *extra]
     log = open(work / f"run{rows}.log", "w")
     t0 = time.monotonic()
@@ -161,7 +161,7 @@ def scale_run(rows: int, shard_size: int, clip: Path, work: Path, max_seconds: f
         commits, t_last = n, time.monotonic() - t0
     rate = (commits - commits_at_first) / (t_last - first_commit) if first_commit and t_last > first_commit else None
     t1 = time.monotonic()
-    status = subprocess.run([sys.executable, "-m", "jobs.cli", "status", str(out), "--json"], cwd=REPO, env=env,
+    status = subprocess.run([sys.executable, "-m", "whisper_batch.jobs.cli", "status", str(out), "--json"], cwd=REPO, env=env,
                             capture_output=True, text=True)
     t_status = time.monotonic() - t1
     done_rows = json.loads(status.stdout)["rows_done"] if status.returncode == 0 else None
@@ -245,8 +245,8 @@ def latency_run(files: int, clip_seconds: float, delay_ms: float, depths: list[i
 
     import fsspec
 
-    from pipeline.config import RunConfig
-    from pipeline.features import Featurizer
+    from whisper_batch.pipeline.config import RunConfig
+    from whisper_batch.pipeline.features import Featurizer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -295,7 +295,7 @@ def format_latency(results: list[dict], delay_ms: float, clip_seconds: float) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m jobs.scale_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scale_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="10000,100000,1000000", help="manifest sizes, comma-separated")
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--clip-seconds", type=float, default=0.2)

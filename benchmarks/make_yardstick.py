@@ -1,6 +1,6 @@
 """Build the accuracy yardstick's harder sets from the eval data in ``../shared/data/eval`` (read there, never copied).
 
-``python -m jobs.make_yardstick [--data DIR] [--out DIR]`` writes, under ``--out`` (default
+``python -m benchmarks.make_yardstick [--data DIR] [--out DIR]`` writes, under ``--out`` (default
 ``~/.cache/whisper-batch/yardstick``), one folder per derived set with its audio and a ``manifest.jsonl``, and
 prints the reference words of every set the yardstick scores (the two dev manifests included). Every LibriSpeech row
 of ``manifest.jsonl`` and ``manifest-other.jsonl`` (test-clean and test-other) is made harder four ways:
@@ -66,7 +66,7 @@ def reference_words(text: str | None) -> int:
 
 
 def _decode(path: str) -> np.ndarray:
-    from pipeline.audio import decode_audio
+    from whisper_batch.pipeline.audio import decode_audio
 
     return decode_audio(Path(path).read_bytes(), name=path)
 
@@ -154,7 +154,7 @@ def build_set(name: str, rows: list[dict[str, Any]], out: Path, seed: int, worke
         dst = folder / f"{row['id']}.wav"
         maker(row, dst, seed)
         return {"id": f"{name}/{row['id']}", "audio_filepath": dst.name, "text": row["text"], "dataset": name,
-                "source": f"{row['id']} ({row['dataset']}) via jobs/make_yardstick.py {name}, seed {seed}"}
+                "source": f"{row['id']} ({row['dataset']}) via benchmarks/make_yardstick.py {name}, seed {seed}"}
 
     with ThreadPoolExecutor(workers) as pool:
         out_rows = list(pool.map(one, rows))

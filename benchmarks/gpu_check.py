@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from model.dims import ModelDimensions
+from whisper_batch.model.dims import ModelDimensions
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE_V3 = ModelDimensions(n_mels=128, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
@@ -85,7 +85,7 @@ def sync(device: str) -> None:
 
 
 def random_model(dims: ModelDimensions, device: str, dtype: torch.dtype, seed: int = 0):
-    from model.whisper import Whisper
+    from whisper_batch.model.whisper import Whisper
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -207,7 +207,7 @@ def check_static_step(device: str) -> str:
 
 def bench_shapes(report: Report, dims: ModelDimensions, device: str, dtype: torch.dtype, batches: list[int],
                  n_tokens: int, deadline: float, graph: bool) -> None:
-    from pipeline.device import is_out_of_memory
+    from whisper_batch.pipeline.device import is_out_of_memory
 
     model = random_model(dims, device, dtype)
     label = f"{str(dtype).replace('torch.', '')}"
@@ -289,7 +289,7 @@ def bench_hf(dims: ModelDimensions, device: str, dtype: torch.dtype, batch: int,
 
 
 def dev_compare(model: str, device_overrides: list[str], sets: dict[str, Path]) -> str:
-    from jobs.yardstick import run_config, score
+    from benchmarks.yardstick import run_config, score
 
     with tempfile.TemporaryDirectory() as tmp:
         results = [
@@ -331,7 +331,7 @@ def check(self_test: bool, budget_s: float = 200.0, echo: Callable[[str], None] 
                lambda: run_gpu_tests(collect_only=not cuda))
     report.run("static step", f"{device} fp32, tiny random", lambda: check_static_step(device))
     if cuda:
-        from jobs.make_yardstick import DEV_MANIFESTS, EVAL_DIR
+        from benchmarks.make_yardstick import DEV_MANIFESTS, EVAL_DIR
 
         dims, batches, n_tokens = LARGE_V3, [1, 8, 32, 64, 128, 256, 512], 100
         dtypes = (torch.float16, torch.bfloat16)
@@ -361,7 +361,7 @@ def check(self_test: bool, budget_s: float = 200.0, echo: Callable[[str], None] 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--self-test", action="store_true", help="the CPU self-test even where CUDA is available")
     p.add_argument("--budget-s", type=float, default=200.0,
                    help="seconds after which the shape benchmark stops growing batches (half per dtype)")

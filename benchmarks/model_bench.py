@@ -1,6 +1,6 @@
 """Throughput of our batched decoding beside the reference openai-whisper on the same log-mel windows.
 
-    python -m jobs.model_bench [--batches 1,8,32] [--windows 32] [--model PATH] [--beam-size N] [--repeats 1]
+    python -m benchmarks.model_bench [--batches 1,8,32] [--windows 32] [--model PATH] [--beam-size N] [--repeats 1]
 
 Windows come from the LibriSpeech files of ``../shared/data/eval`` (beside the project) when present, otherwise from
 speech made with espeak-ng. Every batch size processes the same windows in chunks of that size; the engines take turns
@@ -28,11 +28,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from model.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
-from model.checkpoint import load_model
-from model.decoding import DecodingOptions, decode
-from model.transcribe import TranscribeOptions, transcribe_windows
-from pipeline.audio import decode_audio
+from whisper_batch.model.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from whisper_batch.model.checkpoint import load_model
+from whisper_batch.model.decoding import DecodingOptions, decode
+from whisper_batch.model.transcribe import TranscribeOptions, transcribe_windows
+from whisper_batch.pipeline.audio import decode_audio
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def run_bench(args: argparse.Namespace) -> tuple[list[Timing], dict[str, float],
     start = time.perf_counter()
     model, tokenizer, ckpt = load_model(args.model, dtype=getattr(torch, args.dtype))
     if args.quantize != "none":  # as the pipeline's Transcriber does for model.quantize=int8
-        from model.quantize import quantize_int8
+        from whisper_batch.model.quantize import quantize_int8
 
         model = quantize_int8(model, projection="float" if args.quantize == "int8-float-projection" else "int8")
     else:
@@ -206,7 +206,7 @@ def table(timings: list[Timing]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.model_bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.model_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
     parser.add_argument("--windows", type=int, default=32, help="windows decoded at every batch size (default 32)")
     parser.add_argument("--model", default=None, help="model spec or path (default: the bundled tiny.en)")

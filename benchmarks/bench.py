@@ -1,4 +1,4 @@
-"""``whisper-batch bench``: the same files through whisper-batch's whole pipeline and through the peers users run
+"""``python -m benchmarks.bench``: the same files through whisper-batch's whole pipeline and through the peers users run
 today, engines alternating in one run, each in its own process (so one's memory or threads can't help another).
 
 Per engine: audio seconds, wall seconds (model load measured separately), RTFx = audio / wall, the whole process's
@@ -13,6 +13,7 @@ skipped.
 from __future__ import annotations
 
 import json
+import platform
 import os
 import subprocess
 import sys
@@ -21,6 +22,10 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import click
+
+REPO = Path(__file__).resolve().parents[1]  # `benchmarks` runs from a checkout, not an install
 
 ENGINES = {
     "whisper-batch": "our whole pipeline: local Ray, feature + model actors, windows of many files batched, Parquet commit",
@@ -38,7 +43,7 @@ DEFAULT_ENGINES = ("whisper-batch", "whisper-batch-int8", "openai", "faster-int8
 
 def repeat_manifest(manifest: str, times: int, folder: str) -> str:
     """A JSONL manifest in ``folder`` holding ``manifest``'s rows ``times`` times over (ids ``ID#k``, paths resolved)."""
-    from pipeline.manifest import read_manifest
+    from whisper_batch.pipeline.manifest import read_manifest
 
     rows = list(read_manifest(manifest))
     path = Path(folder) / f"{Path(manifest).stem}-x{times}.jsonl"
@@ -52,7 +57,7 @@ def repeat_manifest(manifest: str, times: int, folder: str) -> str:
 
 
 def read_rows(manifest: str) -> list[dict[str, Any]]:
-    from pipeline.manifest import read_manifest
+    from whisper_batch.pipeline.manifest import read_manifest
 
     return [
         {"id": r.id, "uri": r.uri, "reference": r.reference, "offset": r.offset, "duration": r.duration}
@@ -74,8 +79,8 @@ OUR_SETTINGS: dict[str, tuple[str | None, list[str]]] = {  # engine -> (a file o
 def _run_ours(manifest: str, model: str | None, config: str | None, sets: list[str]) -> dict[str, Any]:
     import pyarrow.dataset as pads
 
-    from jobs.run import init_ray, run, stop_ray
-    from pipeline.config import load_config
+    from whisper_batch.jobs.run import init_ray, run, stop_ray
+    from whisper_batch.pipeline.config import load_config
 
     source = str(Path(__file__).resolve().parents[1] / "configs" / config) if config else None
     cfg = load_config(source, sets + ([f"model.name={model}"] if model else []))
@@ -98,7 +103,7 @@ def _run_ours(manifest: str, model: str | None, config: str | None, sets: list[s
 
 
 def _audio(row: dict[str, Any]):
-    from pipeline.audio import decode_audio, read_bytes
+    from whisper_batch.pipeline.audio import decode_audio, read_bytes
 
     return decode_audio(read_bytes(row["uri"]), offset=row["offset"] or 0.0, duration=row["duration"])
 
@@ -107,7 +112,7 @@ def _run_openai(rows, model: str | None, threads: int) -> dict[str, Any]:
     import torch
     import whisper
 
-    from model.checkpoint import load_checkpoint
+    from whisper_batch.model.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -126,7 +131,7 @@ def _run_openai(rows, model: str | None, threads: int) -> dict[str, Any]:
 def _run_faster(rows, model: str | None, threads: int, compute_type: str, batched: bool) -> dict[str, Any]:
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-    from model.checkpoint import resolve_model
+    from whisper_batch.model.checkpoint import resolve_model
 
     t0 = time.perf_counter()
     fw = WhisperModel(resolve_model(model), device="cpu", compute_type=compute_type, cpu_threads=threads)
@@ -179,9 +184,11 @@ def _session_rss(sid: int) -> int:
 def measure(engine: str, manifest: str, model: str | None, threads: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "jobs.bench", engine, manifest, str(out), str(threads), model or ""]
+        model = os.path.abspath(model) if model and os.path.exists(model) else model
+        cmd = [sys.executable, "-m", "benchmarks.bench", "child", engine, os.path.abspath(manifest), str(out),
+               str(threads), model or ""]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         peak = [0]
 
         def sample() -> None:
@@ -204,7 +211,7 @@ def measure(engine: str, manifest: str, model: str | None, threads: int) -> dict
 def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     from whisper_normalizer.english import EnglishTextNormalizer
 
-    from jobs.evaluate import word_errors
+    from whisper_batch.jobs.evaluate import word_errors
 
     norm = EnglishTextNormalizer()
     pairs = [(norm(r["reference"]), norm(result["texts"].get(r["id"], ""))) for r in rows if r.get("reference")]
@@ -281,16 +288,68 @@ def bench(
 
 
 def main(argv: list[str]) -> None:
-    """Child entry point: ``python -m jobs.bench ENGINE MANIFEST OUT THREADS [MODEL]``."""
+    """Child entry point: ``python -m benchmarks.bench child ENGINE MANIFEST OUT THREADS [MODEL]``."""
     engine, manifest, out, threads = argv[0], argv[1], argv[2], int(argv[3])
     model = argv[4] if len(argv) > 4 and argv[4] else None
     Path(out).write_text(json.dumps(run_engine(engine, manifest, model, threads)))
 
 
-if __name__ == "__main__":
-    from jobs.run import exit_process
 
-    main(sys.argv[1:])
-    # every engine's child ends as `whisper-batch` does, without Python's module teardown: the clock measures the
-    # engines' work, not the interpreter's exit (the peers' children save their teardown too)
-    exit_process(0)
+# --- the command: python -m benchmarks.bench [MANIFEST] [--yardstick] ...
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("manifest", required=False)
+@click.option("--engines", default=",".join(("whisper-batch", "whisper-batch-int8", "openai", "faster-int8",
+              "faster-batched-int8")), show_default=True, help="Comma-separated engines to run, alternating.")
+@click.option("--model", "model_spec", default=None, help="Checkpoint for every engine (default: packaged tiny.en).")
+@click.option("--repeat", default=1, show_default=True, help="Rounds; the engine order alternates between rounds.")
+@click.option("--times", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Run a manifest of MANIFEST's rows repeated this many times (a larger corpus, same references).")
+@click.option("--threads", default=os.cpu_count(), show_default=True, help="CPU threads for the peers.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
+@click.option("--yardstick", is_flag=True, help="Accuracy instead: WER per yardstick set for --configs, each paired "
+              "with fp32 (rows better/worse, bootstrap 95% interval); no MANIFEST (see benchmarks/make_yardstick.py).")
+@click.option("--configs", default="fp32,default,int8", show_default=True, metavar="NAME[:KEY=VALUE+...],...",
+              help="--yardstick: configurations by name (fp32, default, int8) or NAME:KEY=VALUE+KEY=VALUE.")
+@click.option("--sets", default=None, help="--yardstick: comma-separated sets (default: all).")
+def cli(manifest, engines, model_spec, repeat, times, threads, json_out, yardstick, configs, sets) -> None:
+    """Side-by-side throughput/WER/memory of whisper-batch and its peers on MANIFEST, in one run."""
+
+    if yardstick:
+        from benchmarks.yardstick import format_report, parse_configs, yardstick as run_yardstick
+
+        try:
+            chosen_configs = parse_configs(configs)
+            scored, results = run_yardstick(chosen_configs, model_spec, set_names=sets and sets.split(","),
+                                            echo=lambda m: click.echo(m, err=True))
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}")
+        click.echo(format_report(scored, results))
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump(scored, f, indent=2)
+        return
+    if not manifest:
+        raise click.UsageError("MANIFEST is required (or --yardstick)")
+        chosen = [e.strip() for e in engines.split(",") if e.strip()]
+    if unknown := [e for e in chosen if e not in ENGINES]:
+        raise click.UsageError(f"unknown engine(s) {unknown}; choose from: {', '.join(ENGINES)}")
+    scores = bench(manifest, chosen, model_spec, repeat, threads, echo=lambda m: click.echo(m, err=True),
+                       times=times)
+    click.echo(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    click.echo(format_table(scores))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(scores, f, indent=2)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["child"]:
+        from whisper_batch.jobs.run import exit_process
+
+        main(sys.argv[2:])
+        # every engine's child ends as `whisper-batch` does, without Python's module teardown: the clock measures the
+        # engines' work, not the interpreter's exit (the peers' children save their teardown too)
+        exit_process(0)
+    cli()

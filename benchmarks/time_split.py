@@ -1,6 +1,6 @@
 """Where the time of a run goes: the model's parts in one process, and the whole pipeline's start, work and end.
 
-    python -m jobs.time_split MANIFEST [--times N] [--set KEY=VALUE ...] [--skip-pipeline]
+    python -m benchmarks.time_split MANIFEST [--times N] [--set KEY=VALUE ...] [--skip-pipeline]
 
 1. One process, one torch thread, no Ray (what one model actor does, on all of MANIFEST's rows, in model calls of
    ``ray.model_batch_size`` rows as the pipeline makes them): seconds of features (decode + log-mel), encoder passes
@@ -57,13 +57,13 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
     """Part 1: one process, one thread; seconds per part of the model stage over the manifest's rows."""
     import torch
 
-    import model.transcribe as transcribe_module
-    from model.whisper import Whisper
-    from pipeline.config import load_config
-    from pipeline.features import Featurizer
-    from pipeline.graph import call_order
-    from pipeline.manifest import read_manifest
-    from pipeline.transcriber import Transcriber
+    import whisper_batch.model.transcribe as transcribe_module
+    from whisper_batch.model.whisper import Whisper
+    from whisper_batch.pipeline.config import load_config
+    from whisper_batch.pipeline.features import Featurizer
+    from whisper_batch.pipeline.graph import call_order
+    from whisper_batch.pipeline.manifest import read_manifest
+    from whisper_batch.pipeline.transcriber import Transcriber
 
     torch.set_num_threads(1)
     cfg = load_config(None, overrides)
@@ -103,8 +103,8 @@ def pipeline_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
     """Part 2: ``run`` on a local Ray; the phases from Ray's task timeline and the processes' CPU seconds."""
     import ray
 
-    from jobs.run import init_ray, run
-    from pipeline.config import load_config
+    from whisper_batch.jobs.run import init_ray, run
+    from whisper_batch.pipeline.config import load_config
 
     cfg = load_config(None, overrides)
     seen: dict[int, tuple[float, str]] = {}  # pid -> (CPU seconds, name), sampled: actors exit before the run ends
@@ -180,7 +180,7 @@ def ray_processes() -> dict[int, tuple[float, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m jobs.time_split", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.time_split", description=__doc__.split("\n\n")[0])
     p.add_argument("manifest")
     p.add_argument("--times", type=int, default=4, help="the pipeline's manifest: MANIFEST's rows this many times")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"    other (batching, segments, text): {m['other_s']:.2f} s")
     if args.skip_pipeline:
         return
-    from jobs.bench import repeat_manifest
+    from benchmarks.bench import repeat_manifest
 
     with tempfile.TemporaryDirectory(prefix="wb-time-split-") as folder:
         manifest = repeat_manifest(args.manifest, args.times, folder) if args.times > 1 else args.manifest

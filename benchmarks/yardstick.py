@@ -1,9 +1,9 @@
 """The accuracy yardstick: WER per set for candidate configurations, and a paired comparison against fp32.
 
-``whisper-batch bench --yardstick`` transcribes every set built by :mod:`jobs.make_yardstick` (the two dev manifests
+``python -m benchmarks.bench --yardstick`` transcribes every set built by :mod:`benchmarks.make_yardstick` (the two dev manifests
 plus noisy, reverberant, telephone and synthetic-voice copies: 12,851 reference words) once per configuration,
-through the quick in-process path of ``pipeline/`` (:class:`~pipeline.features.Featurizer` and
-:class:`~pipeline.transcriber.Transcriber`, as ``whisper-batch transcribe`` uses), and compares each candidate with the
+through the quick in-process path of ``pipeline/`` (:class:`~whisper_batch.pipeline.features.Featurizer` and
+:class:`~whisper_batch.pipeline.transcriber.Transcriber`, as ``whisper-batch transcribe`` uses), and compares each candidate with the
 fp32 reference on the same rows: rows better, rows worse, and a bootstrap 95 % interval of the WER difference
 (rows resampled with a fixed seed). A change keeps accuracy when that interval contains zero or lies below it.
 
@@ -48,7 +48,7 @@ BOOTSTRAP_SAMPLES = 2000
 
 def row_errors(references: list[str], hypotheses: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per row: word errors (substitutions + deletions + insertions) and reference words, of normalised texts."""
-    from jobs.evaluate import error_counts
+    from whisper_batch.jobs.evaluate import error_counts
 
     errors, words = [], []
     for ref, hyp in zip(references, hypotheses):
@@ -117,7 +117,7 @@ def config_key(name: str, overrides: list[str], model: str | None) -> str:
 
 def manifest_rows(manifest: Path) -> list[dict[str, Any]]:
     """The set's rows with a reference, as the featurizer wants them."""
-    from pipeline.manifest import read_manifest
+    from whisper_batch.pipeline.manifest import read_manifest
 
     rows = []
     for r in read_manifest(str(manifest)):
@@ -153,9 +153,9 @@ def transcribe_set(transcriber, featurizer, rows, cache: Path, chunk: int = 24, 
 def run_config(name: str, overrides: list[str], model: str | None, sets: dict[str, Path], cache_dir: Path,
                echo=print) -> dict[str, Any]:
     """Transcribe every set with one configuration; returns its texts per set, the dtype chosen and seconds."""
-    from pipeline.config import load_config
-    from pipeline.features import Featurizer
-    from pipeline.transcriber import Transcriber
+    from whisper_batch.pipeline.config import load_config
+    from whisper_batch.pipeline.features import Featurizer
+    from whisper_batch.pipeline.transcriber import Transcriber
 
     key = config_key(name, overrides, model)
     cfg = load_config(None, overrides + ([f"model.name={model}"] if model else []))
@@ -255,7 +255,7 @@ def yardstick(configs: dict[str, list[str]], model: str | None = None, data: Pat
               cache_dir: Path | None = None, set_names: list[str] | None = None,
               echo: Callable[[str], None] = print) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Build the sets if needed, transcribe them with every configuration, score. Returns (scored, results)."""
-    from jobs.make_yardstick import CACHE_DIR, EVAL_DIR, count_words, yardstick_sets
+    from benchmarks.make_yardstick import CACHE_DIR, EVAL_DIR, count_words, yardstick_sets
 
     cache_dir = cache_dir or CACHE_DIR
     sets = yardstick_sets(data or EVAL_DIR, cache_dir)
