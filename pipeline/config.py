@@ -200,10 +200,13 @@ _NO_RESULT_KEYS = ("model.device", "model.batch_size", "model.timeout_seconds")
 
 
 def load_config(
-    source: str | Mapping[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()
+    source: str | Mapping[str, Any] | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    options: Mapping[str, Any] | None = None,
 ) -> RunConfig:
     """Defaults, then ``source`` (the path of a YAML file, or a mapping of sections), then `section.key=value`
-    overrides."""
+    overrides, then ``options``: Python values by :func:`option_key` name (``beam_size=5``, ``decode.beam_size=5``);
+    an option and an override of the same key with different values is an error."""
     raw = config_to_dict(RunConfig())
     if isinstance(source, Mapping):
         _merge(raw, copy.deepcopy(dict(source)), where="the given config")
@@ -219,10 +222,52 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(loaded).__name__}")
         _merge(raw, loaded, where=path)
+    given: dict[str, Any] = {}
     for item in overrides:
         key, value = _parse_override(item)
         _merge(raw, _nest(key, value), where="--set")
+        given[key] = value
+    for name, value in (options or {}).items():
+        key = option_key(name)
+        if key in given and given[key] != value:
+            raise ConfigError(f"{name}={value!r} contradicts --set {key}={given[key]!r}: give one of them")
+        _merge(raw, _nest(key, value), where=name)
     return _build(raw)
+
+
+# The options users know from openai-whisper's and faster-whisper's command lines, and the config keys they set
+SHORTCUTS: dict[str, str] = {
+    "model": "model.name",
+    "language": "decode.language",
+    "task": "decode.task",
+    "beam_size": "decode.beam_size",
+    "word_timestamps": "decode.word_timestamps",
+    "vad": "audio.vad",
+}
+
+
+def option_key(name: str) -> str:
+    """The config key a keyword option names: a shortcut (:data:`SHORTCUTS`), ``section.field`` or ``section__field``,
+    or a field name that a single section has (``cpu_actors`` is ``ray.cpu_actors``).
+
+    Raises:
+        ConfigError: the name is none of these; the message lists the valid names.
+    """
+    if name in SHORTCUTS:
+        return SHORTCUTS[name]
+    dotted = name.replace("__", ".")
+    section, _, key = dotted.partition(".")
+    if section in SECTIONS and key in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        return dotted
+    owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+    if len(owners) == 1:
+        return f"{owners[0]}.{name}"
+    if owners:
+        raise ConfigError(f"option {name!r} is a field of several sections: say which, e.g. "
+                          f"{', '.join(f'{o}__{name}' for o in owners)}")
+    fields = sorted({f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)} - set(SHORTCUTS))
+    raise ConfigError(f"unknown option {name!r}; valid options: {', '.join(SHORTCUTS)}, any config field "
+                      f"({', '.join(fields)}), or section__field")
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
