@@ -219,6 +219,7 @@ def run(input_uri, output, config, overrides, shortcuts, retry_failed, progress_
     from whisper_batch.jobs.run import stop_ray
     from whisper_batch.jobs.status import format_status, run_status
     from whisper_batch.jobs.lock import LockHeld
+    from whisper_batch.pipeline.cluster import ActorStartError
     from whisper_batch.pipeline.graph import Incomplete, Stalled
     from whisper_batch.pipeline.manifest import ManifestError
     from whisper_batch.pipeline.plan import PlanMismatch
@@ -231,7 +232,7 @@ def run(input_uri, output, config, overrides, shortcuts, retry_failed, progress_
             summary = run_job(input_uri, output, cfg, retry_failed=retry_failed, echo=click.echo, screen=screen,
                               progress_interval=progress_interval)
             stop_ray()  # while Ray's output still goes to its log
-    except (Stalled, Incomplete) as e:
+    except (Stalled, Incomplete, ActorStartError) as e:
         mute_console_logs()  # Ray tears the stalled graph down at exit: its tracebacks would bury the message
         raise click.ClickException(str(e)) from None
     except (PlanMismatch, ManifestError, LockHeld, FileNotFoundError, ValueError) as e:

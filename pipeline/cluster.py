@@ -1,14 +1,17 @@
 """The cluster as the graph sees it: how many actors of what size it runs (:func:`model_resources`), whether the
 cluster can host them at all (:func:`check_cluster`), how actor pools grow and shrink as nodes come and go
-(:func:`actor_pool`), how many shard commits may run at once (:func:`commit_threads`), and which nodes were lost
-mid-run (:class:`NodeWatch`).
+(:func:`actor_pool`), how many shard commits may run at once (:func:`commit_threads`), which nodes were lost
+mid-run (:class:`NodeWatch`), and actors that die as they start (:class:`StartWatch`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,3 +213,70 @@ def _describe_node(node: dict[str, Any]) -> str:
     res = node.get("Resources", {})
     gpus = f", {res['GPU']:g} GPUs" if res.get("GPU") else ""
     return f"{node.get('NodeManagerAddress', '?')} id {node['NodeID'][:8]} ({res.get('CPU', 0):g} CPUs{gpus})"
+
+
+class ActorStartError(RuntimeError):
+    """The graph's actors die as they start (a library missing on a node, a checkpoint that cannot load)."""
+
+
+def log_start_errors(init):
+    """Decorates an actor's ``__init__``: an error there is written to the worker's log (where :class:`StartWatch`
+    reads it) before Ray sees it: Ray keeps no cause for an actor it restarts."""
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            print(f"{type(self).__name__} failed to start:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            raise
+
+    return wrapped
+
+
+class StartWatch:
+    """Stops a graph whose actors keep dying as they start, instead of letting Ray Data restart them without end.
+
+    An actor of ``classes`` restarted ``limit`` times with nothing out of the graph since :meth:`progressed` was
+    last called raises :class:`ActorStartError`, with the cause from the actor's own log where this machine can
+    read it. A node lost costs its actors one restart each, so a limit of 3 tells a broken start from preemptions.
+    """
+
+    def __init__(self, classes: tuple[str, ...], limit: int = 3, poll_s: float = 2.0):
+        self.classes, self.limit, self.poll_s = classes, limit, poll_s
+        self.job = ray.get_runtime_context().get_job_id()
+        self.base: dict[str, int] = {}
+        self.pids: dict[str, list[int]] = {}  # each actor's worker processes seen, oldest first
+        self._reset, self._next = False, 0.0
+
+    def progressed(self) -> None:
+        self._reset = True
+
+    def check(self) -> None:
+        from .ray_compat import actor_restarts
+
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.poll_s
+        ours = [a for a in actor_restarts() if a.job_id == self.job and any(c in a.class_name for c in self.classes)]
+        if self._reset:
+            self.base, self._reset = {a.actor_id: a.restarts for a in ours}, False
+        for a in ours:
+            seen = self.pids.setdefault(a.actor_id, [])
+            if a.pid and a.pid not in seen:
+                seen.append(a.pid)
+            if a.restarts - self.base.get(a.actor_id, 0) >= self.limit:
+                raise ActorStartError(start_failure(a.class_name, a.restarts + 1, *reversed(seen)))
+
+
+def start_failure(class_name: str, deaths: int, *pids: int) -> str:
+    """One line: which actor died as it started, how often, and the error it wrote to its log (the first of the
+    logs of ``pids``, its worker processes newest first, that holds one)."""
+    from .ray_compat import worker_error
+
+    cause = next((e for e in map(worker_error, pids) if e), None)
+    cause = cause or ("no Python error in its log on this machine: a crash or the OOM killer, or a node whose "
+                      "logs are elsewhere (Ray's logs there, worker-*.err)")
+    return (f"{class_name} died {deaths} time(s) as it started, so the run stops instead of restarting it without "
+            f"end: {cause}")

@@ -142,14 +142,20 @@ class Featurizer:
         n = cfg.audio.prefetch
         self.fetch_pool = ThreadPoolExecutor(n, thread_name_prefix="fetch") if n > 0 else None
 
-    def iter_audio(self, rows: list[dict[str, Any]]) -> Iterable[tuple[dict[str, Any], bytes | Exception | None]]:
+    def iter_audio(
+        self, rows: list[dict[str, Any]], inline: dict[int, bytes | Exception | None] | None = None
+    ) -> Iterable[tuple[dict[str, Any], bytes | Exception | None]]:
         """``(row, data)`` in row order (see :func:`load_features`): samples inside tar shards / Parquet files come
-        with their bytes, each container read once; loose files are fetched ``audio.prefetch`` ahead of the
-        decoder (:mod:`whisper_batch.pipeline.prefetch`), each kept only when at most ``audio.prefetch_max_mb`` (else streamed)."""
+        with their bytes, each container read once; ``inline`` gives rows' audio (or its error) by ``row_index``
+        (a user's dataset holding bytes); loose files are fetched ``audio.prefetch`` ahead of the decoder
+        (:mod:`whisper_batch.pipeline.prefetch`), each kept only when at most ``audio.prefetch_max_mb`` (else
+        streamed)."""
         from .prefetch import fetch_small, prefetch
 
         a, so = self.cfg.audio, self.cfg.storage.storage_options
         pairs = iter_sample_audio(rows, so)
+        if inline:
+            pairs = ((row, inline.get(row["row_index"]) if data is None else data) for row, data in pairs)
         if self.fetch_pool is None:
             yield from pairs
             return
@@ -169,10 +175,12 @@ class Featurizer:
     def featurize_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return list(self.iter_items(rows))
 
-    def iter_items(self, rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def iter_items(
+        self, rows: list[dict[str, Any]], inline: dict[int, bytes | Exception | None] | None = None
+    ) -> Iterator[dict[str, Any]]:
         """The rows' work items, each as soon as its row is read; packs of short rows at the end."""
         short = []
-        for row, data in self.iter_audio(rows):
+        for row, data in self.iter_audio(rows, inline):
             out, audio = self.featurize_row(row, data)
             if audio is None:
                 yield out

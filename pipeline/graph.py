@@ -11,6 +11,7 @@ record. Rows and features never pass through the driver; actors live for the who
 
 import logging
 import queue
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,18 @@ from typing import Any, Iterator
 import pyarrow as pa
 import ray
 
-from .cluster import NodeWatch, Stalled, actor_pool, check_cluster, commit_threads, model_resources
+from .cluster import (
+    ActorStartError,
+    NodeWatch,
+    Stalled,
+    StartWatch,
+    actor_pool,
+    check_cluster,
+    commit_threads,
+    log_start_errors,
+    model_resources,
+    start_failure,
+)
 from .config import RunConfig
 from .layout import RunLayout
 from .schema import RECORD_SCHEMA, features_table, transcripts_table
@@ -35,6 +47,7 @@ class ArrowFeaturizer:
     stage would start worker processes of its own, each importing Ray Data and pyarrow, on cores the actors need.
     """
 
+    @log_start_errors
     def __init__(
         self,
         cfg: RunConfig,
@@ -106,6 +119,7 @@ class ArrowTranscriber:
     processes. A retried call writes its parts again; the commit keeps a row once.
     """
 
+    @log_start_errors
     def __init__(self, cfg: RunConfig, sink: tuple[RunLayout, str, dict[str, str]], torch_threads: int | None = None):
         import torch
 
@@ -308,10 +322,12 @@ def run_graph(
     gpus = cfg.ray.gpus_per_model_actor
     gpus = (1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0) if gpus is None else gpus
     nodes = NodeWatch(cfg.ray.lost_node_timeout_seconds, lambda: (len(committed), len(expected)), gpus)
+    starts = StartWatch(("ArrowFeaturizer", "ArrowTranscriber"))
     try:
         stream = _stream(build_dataset(input_files, cfg, layout, staging, extra_types, n_mels))
         for part in nodes.guard(stream):
             nodes.poll()
+            starts.check()  # raises ActorStartError when actors keep dying as they start
             if part is None:  # no output yet: commits may still finish, and a stall must not go unnoticed
                 if pending:
                     n = n_records
@@ -328,6 +344,7 @@ def run_graph(
                     )
                 continue
             last_progress = time.monotonic()
+            starts.progressed()
             shard = int(part["shard_id"])
             if shard in committed:  # a part re-sent by a retried task after its shard committed
                 continue
@@ -349,6 +366,11 @@ def run_graph(
                 collect(block=False)
         while pending:
             collect(block=True)
+    except ray.exceptions.ActorDiedError as e:
+        if "creation task" not in str(e):  # died at work: Ray Data's own error
+            raise
+        # an actor whose class cannot even be loaded on its node: Ray Data stops at once, with a long message
+        raise ActorStartError(start_failure(_class_of(e), 1, _pid_of(e))) from None
     finally:  # a failed run does not wait for the commits queued behind it
         commits.shutdown(wait=True, cancel_futures=True)
     if missing := sorted(set(expected) - committed):
@@ -358,6 +380,16 @@ def run_graph(
             f"kept; rerun the same command to do the rest."
         )
     return records
+
+
+def _pid_of(error: Exception) -> int:
+    m = re.search(r"\bpid=(\d+)", str(error))
+    return int(m.group(1)) if m else 0
+
+
+def _class_of(error: Exception) -> str:
+    m = re.search(r"ray::(\S+?)\.__init__", re.sub(r"\x1b\[[0-9;]*m", "", str(error)))
+    return m.group(1) if m else "an actor"
 
 
 class Incomplete(RuntimeError):

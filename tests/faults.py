@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 # a model call on a row whose id contains this hangs
@@ -41,3 +42,29 @@ def install_model_hang() -> None:
 
 def install_model_gate() -> None:
     _install(wait_while_gate_closed)
+
+
+# what the model actors raise as they start under install_model_start_failure
+START_FAILURE = "libcudnn_ops.so.9: cannot open shared object file: No such file or directory (a test's fault)"
+
+
+def install_model_start_failure() -> None:
+    """Every model replica fails to load, as where a library is missing on a node: each model actor dies as it
+    starts (Ray Data would restart it without end)."""
+    from whisper_batch.pipeline import transcriber
+
+    def fail(self, *args, **kwargs):
+        raise ImportError(START_FAILURE)
+
+    transcriber.Transcriber.__init__ = fail
+
+
+def install_model_start_crash() -> None:
+    """Every model replica's process ends as it loads, without a Python error (as a native library's crash does)."""
+    from whisper_batch.pipeline import transcriber
+
+    def crash(self, *args, **kwargs):
+        print("Fatal Python error: Segmentation fault (a test's fault)", file=sys.stderr, flush=True)
+        os._exit(139)
+
+    transcriber.Transcriber.__init__ = crash
