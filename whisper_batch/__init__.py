@@ -6,6 +6,17 @@ this process), :func:`transcribe_dataset` (Whisper as stages of a user's own Ray
 
 from __future__ import annotations
 
+import os as _os
+
+# In a checkout this folder holds only the package's root: its parts stay at the top of the repository (model/,
+# pipeline/, jobs/), where an install maps them (pyproject.toml's package-dir). A checkout imported as it is (its
+# folder on sys.path: the working directory, a job's working_dir, PYTHONPATH) finds them there too.
+_parent = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "model")) and all(
+    _os.path.isfile(_os.path.join(_parent, part, "__init__.py")) for part in ("model", "pipeline", "jobs")
+):
+    __path__.append(_parent)
+
 __version__ = "0.1.0"
 __all__ = ["run", "transcribe", "transcribe_dataset", "load_config", "__version__"]
 
