@@ -56,11 +56,13 @@ demo: install
 	$(BIN)/whisper-batch eval $(OUT)
 
 # Command two: the whole test suite (real Ray, real S3 server on 127.0.0.1, real weights; no GPU needed).
+# The environment's bin first on PATH, as when it is activated: the cluster tests' `ray start` and the jobs they run
+# (`python -m whisper_batch.jobs.cli ...`) must find this environment's python, not the system's.
 test: install-test
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-fast: install-test
-	$(PYTHON) -m pytest $(PYTEST_FAST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(PYTHON) -m pytest $(PYTEST_FAST_ARGS)
 
 # The lab (benchmarks/ is not installed): run from the repository root, as `python -m benchmarks.X`.
 bench: install-test

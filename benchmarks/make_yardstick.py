@@ -98,8 +98,15 @@ def add_noise(audio: np.ndarray, snr_db: float, seed: int) -> np.ndarray:
     return (mixed / peak * 0.95 if peak > 0.95 else mixed).astype(np.float32)
 
 
-def _sox(src: str, dst: Path, *args: str) -> None:
-    subprocess.run(["sox", "-R", src, *args], check=True, capture_output=True)
+def _sox(row, dst: Path, effects: tuple[str, ...], output: tuple[str, ...] = ()) -> None:
+    """``sox -R IN [output] DST [effects]`` on the row's audio, decoded first to a temporary WAV IN (sox reads WAV;
+    the sources are FLAC/WAV of any rate)."""
+    tmp = dst.with_suffix(".in.wav")
+    _write_wav(tmp, _decode(row["audio_filepath"]))
+    try:
+        subprocess.run(["sox", "-R", str(tmp), *output, str(dst), *effects], check=True, capture_output=True)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def make_noise(row, dst: Path, seed: int) -> None:
@@ -107,23 +114,11 @@ def make_noise(row, dst: Path, seed: int) -> None:
 
 
 def make_reverb(row, dst: Path, seed: int) -> None:
-    tmp = dst.with_suffix(".in.wav")
-    _write_wav(tmp, _decode(row["audio_filepath"]))  # sox reads WAV; the sources are FLAC/WAV of any rate
-    try:
-        subprocess.run(["sox", "-R", str(tmp), str(dst), "reverb", "80", "50", "100", "100", "20", "norm", "-1"],
-                       check=True, capture_output=True)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _sox(row, dst, ("reverb", "80", "50", "100", "100", "20", "norm", "-1"))
 
 
 def make_telephone(row, dst: Path, seed: int) -> None:
-    tmp = dst.with_suffix(".in.wav")
-    _write_wav(tmp, _decode(row["audio_filepath"]))
-    try:
-        subprocess.run(["sox", "-R", str(tmp), "-r", "8000", "-e", "u-law", str(dst), "sinc", "300-3400"],
-                       check=True, capture_output=True)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _sox(row, dst, ("sinc", "300-3400"), output=("-r", "8000", "-e", "u-law"))
 
 
 def make_espeak(row, dst: Path, seed: int) -> None:

@@ -1,8 +1,8 @@
-"""``whisper-batch``: the command line. Thin click wrappers over ``pipeline/`` and ``jobs/`` functions."""
+"""``whisper-batch``: the command line. Thin click wrappers over ``pipeline/`` and ``jobs/`` functions; the cluster-job
+commands are in :mod:`whisper_batch.jobs.cli_jobs`."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import posixpath
@@ -11,71 +11,10 @@ from urllib.parse import urlsplit
 
 import click
 
+from whisper_batch.jobs.cli_jobs import jobs_group, resume, submit
+from whisper_batch.jobs.cli_options import SET_HELP, load_cli_config, shortcut_options
 from whisper_batch.jobs.logs import configure_logging, mute_console_logs
-from whisper_batch.pipeline.config import SHORTCUTS, ConfigError, load_config
-from whisper_batch.pipeline.secrets import register as register_secrets, scrub
-
-
-def _load(config: str | None, overrides: tuple[str, ...], shortcuts: dict | None = None):
-    """The run config: ``config``, then the ``--set`` overrides, then the shortcut flags given (``{"beam_size": 5}``);
-    a flag and a ``--set`` of the key it stands for with different values is a usage error (exit 2)."""
-    try:
-        cfg = load_config(config, list(overrides), shortcuts or None)
-    except (ConfigError, FileNotFoundError) as e:
-        message = str(e)
-        for name, value in (shortcuts or {}).items():
-            if message.startswith(f"{name}=") and " contradicts --set " in message:  # name the flag as typed
-                flag = name.replace("_", "-")
-                flag = f"--{'' if value else 'no-'}{flag}" if isinstance(value, bool) else f"--{flag} {value}"
-                message = flag + message[message.index(" contradicts --set "):]
-        raise click.UsageError(scrub(message)) from None
-    register_secrets(cfg.storage.storage_options)
-    return cfg
-
-
-# The flags users know from openai-whisper's and faster-whisper's command lines: shortcuts for the --set keys of
-# pipeline.config.SHORTCUTS. A flag not given is None, so it leaves the config (file, --set) as it is.
-_SHORTCUT_OPTIONS = (
-    click.option("--model", "model", default=None, metavar="NAME|PATH|URI",
-                 help="Checkpoint: a model name, local path or URI (sets model.name; default: the packaged tiny.en)."),
-    click.option("--language", "language", default=None, metavar="CODE",
-                 help="Language spoken, e.g. en (sets decode.language; default: detected per file)."),
-    click.option("--task", "task", type=click.Choice(["transcribe", "translate"]), default=None,
-                 help="translate: into English (sets decode.task; default: transcribe)."),
-    click.option("--beam-size", "--beam_size", "beam_size", type=click.IntRange(min=1), default=None, metavar="N",
-                 help="Beam search of width N (sets decode.beam_size; default: greedy decoding)."),
-    click.option("--word-timestamps/--no-word-timestamps", "word_timestamps", default=None,
-                 help="Time every word (sets decode.word_timestamps). openai-whisper's --word_timestamps True|False "
-                      "works too."),
-    click.option("--word_timestamps", "word_timestamps_value", type=click.BOOL, default=None, hidden=True),
-    click.option("--vad/--no-vad", "vad", default=None,
-                 help="Send only the speech Silero VAD finds to the model (sets audio.vad; needs silero-vad)."),
-)
-
-
-_SET_HELP = ("Config override, e.g. decode.beam_size=5 (repeatable); the flag for the same key, if also given "
-             "(--beam-size), must have the same value.")
-
-
-def _shortcut_options(f):
-    """Adds the shortcut flags to a command; its callback gets them as one ``shortcuts`` dict of the flags given.
-
-    A flag and a ``--set`` of the key it stands for, with different values, is an error (see :func:`_load`)."""
-
-    @functools.wraps(f)
-    def command(*args, **kwargs):
-        given = {name: kwargs.pop(name) for name in SHORTCUTS}
-        spelled = kwargs.pop("word_timestamps_value")
-        if spelled is not None:
-            if given["word_timestamps"] not in (None, spelled):
-                raise click.UsageError(f"--word_timestamps {spelled} contradicts "
-                                       f"--{'' if given['word_timestamps'] else 'no-'}word-timestamps: give one of them")
-            given["word_timestamps"] = spelled
-        return f(*args, shortcuts={k: v for k, v in given.items() if v is not None}, **kwargs)
-
-    for option in reversed(_SHORTCUT_OPTIONS):
-        command = option(command)
-    return command
+from whisper_batch.pipeline.secrets import scrub
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,6 +22,12 @@ def _shortcut_options(f):
 def main(verbose: int) -> None:
     """Batch transcription with Whisper: one machine or a Ray cluster, resumable, exactly-once Parquet output."""
     configure_logging(verbose)
+
+
+# the cluster-job commands (jobs/cli_jobs.py)
+main.add_command(submit)
+main.add_command(resume)
+main.add_command(jobs_group)
 
 
 _OUTPUT_FORMATS = ("txt", "srt", "vtt", "json")
@@ -115,8 +60,8 @@ def _render(row: dict, fmt: str) -> str:
 @main.command()
 @click.argument("files", nargs=-1, required=True)
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
-@_shortcut_options
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@shortcut_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file and line.")
 @click.option("-f", "--output-format", "--output_format", "output_format",
               type=click.Choice([*_OUTPUT_FORMATS, "all"]), default=None,
@@ -148,7 +93,7 @@ def transcribe(files, shortcuts, config, overrides, as_json, output_format, outp
                                        f"{os.path.join(output_dir, stem)}.{'|'.join(formats)}: transcribe them with "
                                        f"different --output-dir, or rename one")
             seen[stem] = path
-    cfg = _load(config, overrides, shortcuts)
+    cfg = load_cli_config(config, overrides, shortcuts)
     if formats:
         try:
             os.makedirs(output_dir, exist_ok=True)
@@ -187,7 +132,7 @@ def transcribe(files, shortcuts, config, overrides, as_json, output_format, outp
 def _layout(output: str, config: str | None = None, overrides: tuple[str, ...] = ()):
     from whisper_batch.pipeline.layout import RunLayout
 
-    cfg = _load(config, overrides)
+    cfg = load_cli_config(config, overrides)
     layout = RunLayout(output, cfg.storage.storage_options)
     if not layout.exists(layout.plan_json):
         raise click.ClickException(f"{layout.display_uri} holds no whisper-batch run (no plan.json); start one with "
@@ -199,8 +144,8 @@ def _layout(output: str, config: str | None = None, overrides: tuple[str, ...] =
 @click.argument("input_uri", metavar="INPUT")
 @click.option("-o", "--output", required=True, help="Output folder or URI (local, s3://, gs://).")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
-@_shortcut_options
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@shortcut_options
 @click.option("--retry-failed", is_flag=True, help="Redo only the committed rows whose `error` is set.")
 @click.option("--progress-interval", type=click.FloatRange(min=0.5), default=15.0, show_default=True,
               envvar="WHISPER_BATCH_PROGRESS_INTERVAL", metavar="SECONDS",
@@ -224,7 +169,7 @@ def run(input_uri, output, config, overrides, shortcuts, retry_failed, progress_
     from whisper_batch.pipeline.manifest import ManifestError
     from whisper_batch.pipeline.plan import PlanMismatch
 
-    cfg = _load(config, overrides, shortcuts)
+    cfg = load_cli_config(config, overrides, shortcuts)
     try:
         with quiet_screen(verbose=click.get_current_context().find_root().params.get("verbose", 0) > 0) as screen:
             if screen.log_path:
@@ -311,141 +256,6 @@ def export(output, fmt, out_dir, config, overrides, words) -> None:
         raise click.UsageError(f"--words applies to --format srt or vtt, not {fmt}")
     d = export_rows(_layout(output, config, overrides), fmt, out_dir, words=words)
     click.echo(f"wrote {d['written']} {fmt} file(s) to {out_dir} ({d['skipped_failed']} failed rows skipped)")
-
-
-# --- cluster jobs (Ray Jobs API): submit, jobs status|logs|stop, resume ---
-
-_ADDRESS_HELP = "Ray job server (the head's dashboard), e.g. http://HEAD:8265; default $RAY_API_SERVER_ADDRESS."
-
-
-def _address_option(f):
-    return click.option("--address", envvar="RAY_API_SERVER_ADDRESS", required=True, help=_ADDRESS_HELP)(f)
-
-
-def _client(address: str):
-    from whisper_batch.jobs.submit import JobError, connect
-
-    try:
-        return connect(address)
-    except JobError as e:
-        raise click.ClickException(str(e)) from None
-
-
-def _finish(client, submission_id: str, wait: bool) -> None:
-    """With --wait: follow the logs and exit non-zero unless SUCCEEDED. The submission id is the last line."""
-    from whisper_batch.jobs.submit import describe_job, follow
-
-    status = None
-    if wait:
-        status = follow(client, submission_id, echo=click.echo)
-        message = describe_job(client, submission_id)["message"] or ""
-        click.echo(f"\njob {submission_id} {status}" + (f": {message.strip().splitlines()[0][:300]}" if message else ""))
-    click.echo(submission_id)
-    if wait and status != "SUCCEEDED":
-        sys.exit(1)
-
-
-@main.command()
-@click.argument("input_uri", metavar="INPUT")
-@click.option("-o", "--output", required=True, help="Output URI the cluster writes (s3://, gs://, or a shared path).")
-@_address_option
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
-@_shortcut_options
-@click.option("--wait", is_flag=True, help="Follow the job's logs to the end; exit 0 only if it SUCCEEDED.")
-@click.option("--pip", "pip", is_flag=True, help="Also install the project's dependencies on the nodes (virtualenv).")
-def submit(input_uri, output, address, config, overrides, shortcuts, wait, pip) -> None:
-    """Run `run INPUT -o OUTPUT` as a job on the Ray cluster at --address; prints the submission id last.
-
-    The job gets this project's code and the resolved config (without credentials: nodes use their own); a --model
-    path or URI must be one the nodes can read.
-    """
-    from whisper_batch.jobs.submit import JobError, submit_run
-
-    cfg = _load(config, overrides, shortcuts)
-    client = _client(address)
-    try:
-        submission_id = submit_run(client, input_uri, output, cfg, pip=pip, echo=click.echo)
-    except JobError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"submitted job {submission_id} to {address}: {input_uri} -> {output}")
-    _finish(client, submission_id, wait)
-
-
-@main.command()
-@click.argument("output")
-@_address_option
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Change a throughput setting, e.g. ray.model_actors=8.")
-@click.option("--wait", is_flag=True, help="Follow the job's logs to the end; exit 0 only if it SUCCEEDED.")
-@click.option("--pip", "pip", is_flag=True, help="Also install the project's dependencies on the nodes (virtualenv).")
-def resume(output, address, overrides, wait, pip) -> None:
-    """Resubmit what a failed or stopped job left undone in OUTPUT (a new job; committed shards are never redone)."""
-    from whisper_batch.jobs.submit import JobError, resume_run
-    from whisper_batch.pipeline.config import ConfigError
-
-    client = _client(address)
-    try:
-        submission_id = resume_run(client, output, overrides, pip=pip, echo=click.echo)
-    except (JobError, ConfigError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"submitted job {submission_id} to {address}: resume of {output}")
-    _finish(client, submission_id, wait)
-
-
-@main.group(name="jobs")
-def jobs_group() -> None:
-    """Status, logs and stop of jobs submitted with `whisper-batch submit`."""
-
-
-@jobs_group.command(name="status")
-@click.argument("submission_id")
-@_address_option
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def job_status(submission_id, address, as_json) -> None:
-    """Status of a job: SUCCEEDED, FAILED, STOPPED, RUNNING or PENDING, with its input and output."""
-    from whisper_batch.jobs.submit import JobError, describe_job, format_job
-
-    try:
-        d = describe_job(_client(address), submission_id)
-    except JobError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(json.dumps(d, indent=2) if as_json else format_job(d))
-
-
-@jobs_group.command(name="logs")
-@click.argument("submission_id")
-@_address_option
-@click.option("-f", "--follow", "follow_logs", is_flag=True, help="Keep printing until the job ends.")
-def job_logs(submission_id, address, follow_logs) -> None:
-    """The job's driver output (what `whisper-batch run` printed on the cluster)."""
-    from whisper_batch.jobs.submit import JobError, describe_job, follow
-
-    client = _client(address)
-    try:
-        describe_job(client, submission_id)
-    except JobError as e:
-        raise click.ClickException(str(e)) from None
-    if follow_logs:
-        follow(client, submission_id, echo=click.echo)
-    else:
-        click.echo(client.get_job_logs(submission_id), nl=False)
-
-
-@jobs_group.command(name="stop")
-@click.argument("submission_id")
-@_address_option
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the job to end.")
-def job_stop(submission_id, address, timeout) -> None:
-    """Stop a job and wait until it has ended; `whisper-batch resume OUTPUT` finishes its work later."""
-    from whisper_batch.jobs.submit import JobError, stop
-
-    try:
-        status = stop(_client(address), submission_id, timeout)
-    except JobError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"job {submission_id} {status}")
-    if status not in ("STOPPED", "SUCCEEDED", "FAILED"):
-        raise click.ClickException(f"job {submission_id} is still {status} after {timeout:.0f} s")
 
 
 def entry() -> None:

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from whisper_batch.jobs.report import OTHER, SIGNALS, Aggregate, GroupCounts, wer_of
+from whisper_batch.jobs.report_model import OTHER, SIGNALS, Aggregate, GroupCounts, wer_of
 
 PLOT_IDS = ("language-rows", "language-hours", "failures", "avg_logprob", "no_speech_prob", "compression_ratio",
             "wer", "temperatures", "throughput")

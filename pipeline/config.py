@@ -2,7 +2,8 @@
 
 `load_config("configs/base.yaml", ["decode.beam_size=5"])` merges the YAML file over the defaults below, then the
 overrides (values parsed as YAML scalars), and converts every value to the field's declared type. Unknown keys and
-bad types are errors that name the key, so a typo never silently falls back to a default.
+bad types are errors that name the key, so a typo never silently falls back to a default. The comment above each
+field is its documentation: configs/base.yaml is written from these comments (tests/config_yaml.py).
 """
 
 from __future__ import annotations
@@ -32,75 +33,80 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ManifestConfig:
-    # rows per shard: each shard becomes one Parquet file and one completion record
+    # rows per shard: each shard becomes one file transcripts/shard-NNNNN.parquet and one record shards/NNNNN.json
     shard_size: int = 256
-    # manifest field holding the row id (a stable id is derived from path + offset when absent)
+    # manifest field holding the row id (default: file stem + "-" + 8 hex of a hash of path and offset)
     id_field: str = "id"
     # manifest field holding the audio path or URI (relative paths resolve against the manifest's folder)
     audio_field: str = "audio_filepath"
-    # manifest field holding the reference transcript (kept as the `reference` column, used by evaluate)
+    # manifest field holding the reference transcript (the `reference` column, used by `evaluate`)
     text_field: str = "text"
-    # file extensions taken as audio when the input is a folder or a glob
+    # file extensions taken as audio when INPUT is a folder or a glob
     audio_extensions: tuple[str, ...] = (".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".webm", ".mp4", ".aac")
 
 
 @dataclass(frozen=True)
 class AudioConfig:
-    # decoded audio is resampled to this rate; Whisper's features need 16 kHz, so this is fixed
+    # decoded audio is resampled to this rate; fixed at 16000 for Whisper's features
     sample_rate: int = SAMPLE_RATE
-    # longest window fed to the model; Whisper's encoder sees 30 s
+    # longest window fed to the model, seconds; Whisper's encoder sees 30 s
     max_window_seconds: float = 30.0
     # long audio is cut at the quietest point within this many seconds before each window end
     cut_search_seconds: float = 5.0
     # a file whose decode takes longer than this becomes an error row ("timeout: ...")
     decode_timeout_seconds: float = 300.0
-    # rows at most this long are packed several to a 30 s window, silence between them (0 disables packing)
+    # rows at most this long are packed several to a 30 s window, silence between them (0 disables)
     pack_max_seconds: float = 0.0
     # seconds of silence between the rows packed into one window
     pack_gap_seconds: float = 2.0
     # long files are decoded in chunks of this many seconds to bound worker memory
     streaming_chunk_seconds: float = 600.0
-    # cut audio at the speech Silero VAD finds (the silero-vad package): non-speech is never sent to the model
+    # cut audio at the speech Silero VAD finds (pip install 'whisper-batch[vad]'): windows of at most
+    # max_window_seconds around speech, non-speech never sent to the model, segment times absolute. Off by default
+    # (see docs/accuracy.md, VAD, for when it helps)
     vad: bool = False
     # speech probability above which a 32 ms frame is speech
     vad_threshold: float = 0.5
-    # speech segments at most this many seconds apart share a window (a longer pause starts a new one)
+    # speech segments at most this many seconds apart share a window; a longer pause starts a new one
     vad_merge_gap_seconds: float = 2.0
     # seconds of audio kept before and after each speech segment
     vad_pad_seconds: float = 0.4
-    # files a feature actor fetches ahead of its decoder (object stores answer each GET after tens of ms); 0: none
+    # files a feature actor fetches ahead of its decoder, so per-object latency (tens of ms on object stores)
+    # overlaps instead of adding up; 0: fetch each file when its turn comes
     prefetch: int = 8
-    # a prefetched file larger than this many MB is not kept but streamed (so prefetch holds at most prefetch x this)
+    # a prefetched file larger than this many MB is not kept but streamed (prefetch holds at most prefetch x this)
     prefetch_max_mb: float = 16.0
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # model name, local path or URI of a checkpoint; None uses the packaged tiny.en
+    # model name, local path or URI of a checkpoint; null uses the packaged tiny.en
     name: str | None = None
-    # "auto" picks cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
+    # auto picks cuda when available, else cpu; or cpu, cuda, cuda:1
     device: str = "auto"
-    # "auto" is float16 on cuda and float32 on cpu; or one of "float32", "float16", "bfloat16"
+    # auto is float16 on cuda; on cpu bfloat16 where the CPU has native bf16 (AVX512-BF16/AMX), else float32
+    # (float32 with quantize: int8); or float32, float16, bfloat16
     dtype: str = "auto"
-    # 30 s windows per forward pass (windows from many files are packed together)
+    # 30 s windows per forward pass (windows from many files are batched together); 0 = as many as the free GPU
+    # memory holds (16 on cpu). A batch that runs out of memory is halved and retried, and the smaller size kept.
     batch_size: int = 16
-    # "none", or "int8" for dynamic int8 quantisation of the linear layers (cpu)
+    # none, or int8 for dynamic int8 quantisation of the linear layers (cpu)
     quantize: str = "none"
-    # a batch of windows that takes longer than this becomes error rows ("timeout: ...")
+    # a batch of windows that takes longer than this many seconds becomes error rows ("timeout: ...")
     timeout_seconds: float = 900.0
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    # "transcribe" (speech language) or "translate" (to English)
+    # transcribe (speech language) or translate (to English)
     task: str = "transcribe"
-    # language code such as "en"; None detects it per file (multilingual models)
+    # language code such as en; null detects it per window (multilingual models); a file's is its windows' most common
     language: str | None = None
-    # None decodes greedily at temperature 0; an int is the beam width
+    # null decodes greedily at temperature 0; an int is the beam width
     beam_size: int | None = None
-    # beam search patience (None = 1.0, as in the paper)
+    # beam search patience (null = 1.0, as in the paper)
     patience: float | None = None
-    # None ranks beams by sum log-prob / length; a float uses Google NMT's length penalty
+    # null ranks beams by sum log-prob / length; a float uses Google NMT's length penalty
     length_penalty: float | None = None
     # temperatures tried in order; the next is used when a window fails the thresholds below
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -112,12 +118,15 @@ class DecodeConfig:
     no_speech_threshold: float | None = 0.6
     # a window that failed at every temperature is silence when its no-speech probability is above this (tones, hum)
     failed_no_speech_threshold: float | None = 0.5
-    # a window whose loudest log10 mel power is below this (about -60 dBFS) is silence without running the model
+    # a window whose loudest log10 mel power is below this is silence without running the model (digital silence
+    # is -10; speech peaking at -60 dBFS reaches about -4.6)
     quiet_log_mel: float | None = -6.0
     # stop decoding a window as soon as its text is too repetitive to pass compression_ratio_threshold (a loop)
     stop_loops: bool = True
-    # the encoder sees a window's audio plus at least this many seconds of padding, rounded up to 5 s, not always
-    # 30 s (null: 30 s)
+    # null pads every window to 30 s, as the model was trained and the reference does. A number: each window's
+    # encoder pass is its audio plus at least this many seconds of silence, rounded up to 5 s (at most 30), so with
+    # 10 a 5 s utterance costs a 15 s pass; model calls then get rows of like lengths. configs/cpu-fast.yaml sets 10:
+    # the text changes on some rows, with accuracy kept by the yardstick (docs/accuracy.md).
     padding_seconds: float | None = None
     # decode text only, without timestamp tokens (segments then span whole windows)
     without_timestamps: bool = False
@@ -137,16 +146,17 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    # Ray cluster address ("auto", "ray://host:10001"); None starts a local Ray
+    # Ray cluster address (auto, ray://host:10001); null starts a local Ray
     address: str | None = None
     # CPU actors doing audio decode + log-mel features
     cpu_actors: int = 1
-    # model actors (one model copy each); 0: one per GPU, or on CPUs one per core (as many as half the memory holds)
+    # model actors (one model copy each); 0: one per GPU, or on CPUs one per core with one torch thread each (as
+    # many as half the memory holds)
     model_actors: int = 0
-    # GPUs per model actor; None means 1.0 when the cluster has GPUs, else 0
+    # GPUs per model actor; null means 1.0 when the cluster has GPUs, else 0
     gpus_per_model_actor: float | None = None
     # manifest rows (files) per model actor call; their windows are packed into model.batch_size batches.
-    # 0: 64 on GPUs, 4 on CPUs
+    # 0: 64 on GPUs (fill the device), 4 on CPUs (small calls spread a shard's long files over the actors)
     model_batch_size: int = 0
     # a run whose graph yields nothing for this many seconds stops with an error instead of hanging
     stall_timeout_seconds: float = 1800.0
@@ -161,13 +171,15 @@ class RayConfig:
     # shards per input block of the streaming graph (a block is read, decoded and transcribed as a unit of work)
     shards_per_block: int = 1
     # "module.function" that Ray calls in every worker process as it starts (Ray's worker_process_setup_hook), e.g.
-    # to set up logging; the fault tests install their hooks (pipeline/faults.py) with it. None: nothing
+    # to set up logging; the fault tests install their hooks (pipeline/faults.py) with it. null: nothing
     worker_setup_hook: str | None = None
 
 
 @dataclass(frozen=True)
 class StorageConfig:
-    # fsspec storage options for input and output (s3: endpoint_url, key, secret, profile, anon, client_kwargs)
+    # fsspec storage options for INPUT and OUTPUT, e.g. for s3:
+    #   storage_options: {endpoint_url: http://localhost:9000, profile: myprofile}
+    # Credentials here are never written to OUTPUT/run.json (they are masked); prefer a profile or env variables.
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -185,25 +197,14 @@ class RunConfig:
 SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)
 # fields of these sections can change transcripts, so a resume with different values is refused
 _RESULT_SECTIONS = ("model", "decode")
-_RESULT_KEYS = (
-    "audio.sample_rate",
-    "audio.max_window_seconds",
-    "audio.cut_search_seconds",
-    "audio.pack_max_seconds",
-    "audio.pack_gap_seconds",
-    "audio.vad",
-    "audio.vad_threshold",
-    "audio.vad_merge_gap_seconds",
-    "audio.vad_pad_seconds",
-)
+_RESULT_KEYS = ("audio.sample_rate", "audio.max_window_seconds", "audio.cut_search_seconds", "audio.pack_max_seconds",
+                "audio.pack_gap_seconds", "audio.vad", "audio.vad_threshold", "audio.vad_merge_gap_seconds",
+                "audio.vad_pad_seconds")
 _NO_RESULT_KEYS = ("model.device", "model.batch_size", "model.timeout_seconds")
 
 
-def load_config(
-    source: str | Mapping[str, Any] | None,
-    overrides: list[str] | tuple[str, ...] = (),
-    options: Mapping[str, Any] | None = None,
-) -> RunConfig:
+def load_config(source: str | Mapping[str, Any] | None, overrides: list[str] | tuple[str, ...] = (),
+                options: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults, then ``source`` (the path of a YAML file, or a mapping of sections), then `section.key=value`
     overrides, then ``options``: Python values by :func:`option_key` name (``beam_size=5``, ``decode.beam_size=5``);
     an option and an override of the same key with different values is an error."""
@@ -236,14 +237,9 @@ def load_config(
 
 
 # The options users know from openai-whisper's and faster-whisper's command lines, and the config keys they set
-SHORTCUTS: dict[str, str] = {
-    "model": "model.name",
-    "language": "decode.language",
-    "task": "decode.task",
-    "beam_size": "decode.beam_size",
-    "word_timestamps": "decode.word_timestamps",
-    "vad": "audio.vad",
-}
+SHORTCUTS: dict[str, str] = {"model": "model.name", "language": "decode.language", "task": "decode.task",
+                             "beam_size": "decode.beam_size", "word_timestamps": "decode.word_timestamps",
+                             "vad": "audio.vad"}
 
 
 def option_key(name: str) -> str:

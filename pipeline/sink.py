@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from whisper_batch.pipeline.layout import RunLayout
-from whisper_batch.pipeline.schema import error_cause, merge_output, output_schema, output_table
+from whisper_batch.pipeline.schema import error_cause, merge_output
 
 logger = logging.getLogger(__name__)
 
@@ -25,23 +25,6 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue().to_pybytes()
-
-
-def write_shard(
-    layout: RunLayout,
-    shard_id: int,
-    rows: list[dict[str, Any]],
-    extra_types: dict[str, str],
-    model_name: str,
-    stats: dict[str, Any] | None = None,
-    replace_failed: bool = False,
-) -> dict[str, Any]:
-    """Commits one shard from records or transcripts (see `schema.output_table`); `shard_id` defaults to this
-    shard. See :func:`commit_shard_table`."""
-    rows = [{**r, "shard_id": r.get("shard_id", shard_id)} for r in rows]
-    _check_rows(shard_id, rows)
-    table = output_table(rows, extra_types, model_name)
-    return commit_shard_table(layout, shard_id, table, extra_types, model_name, stats, replace_failed)
 
 
 def commit_shard_table(
@@ -76,14 +59,6 @@ def commit_shard_table(
     layout.write_json(layout.record_file(shard_id), record)
     logger.info("committed shard %d: %d rows, %d errors", shard_id, record["rows"], record["errors"])
     return record
-
-
-def _check_rows(shard_id: int, rows: list[dict[str, Any]]) -> None:
-    if bad := [r["row_index"] for r in rows if int(r["shard_id"]) != shard_id]:
-        raise ValueError(f"rows {bad[:5]} belong to another shard than {shard_id}")
-    indices = sorted(int(r["row_index"]) for r in rows)
-    if dups := sorted({i for i, j in zip(indices, indices[1:]) if i == j}):
-        raise ValueError(f"shard {shard_id}: row_index {dups[:5]} given more than once")
 
 
 def completion_record(
@@ -145,18 +120,6 @@ def iter_committed(layout: RunLayout, columns: list[str] | None = None) -> Itera
     """(shard_id, table) for each committed shard, ascending; files without a completion record are ignored."""
     for shard_id in sorted(layout.list_done_shards()):
         yield shard_id, read_shard(layout, shard_id, columns)
-
-
-def read_committed(layout: RunLayout, columns: list[str] | None = None) -> pa.Table:
-    """All committed rows as one table (empty, with the run's schema, when nothing is committed)."""
-    tables = [table for _, table in iter_committed(layout, columns)]
-    if tables:
-        return pa.concat_tables(tables, promote_options="default")
-    extra_types = layout.read_json(layout.plan_json).get("extra_types", {}) if layout.exists(layout.plan_json) else {}
-    schema = output_schema(extra_types)
-    if columns is not None:
-        schema = pa.schema([schema.field(c) for c in columns])
-    return schema.empty_table()
 
 
 def failed_rows(layout: RunLayout) -> dict[int, list[int]]:

@@ -12,7 +12,7 @@ import sys
 from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.plan import Plan, finish_run, start_run
-from whisper_batch.pipeline.sink import write_shard
+from tests.shards import write_shard
 
 MODEL = "tiny.en (synthetic)"
 CAUSES = ("not found", "decode failed", "timeout")

@@ -52,6 +52,7 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a `whisper-batch` subprocess: a private local Ray, no usage-stats upload."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join someone else's cluster
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # this environment's tools
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.update(extra or {})
     return env

@@ -163,6 +163,8 @@ class RayCluster:
         # a test node has nothing to drain: SIGTERM stops it at once
         self.env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
         self.env.pop("RAY_ADDRESS", None)
+        # a job's entrypoint runs `python` from the nodes' PATH: this interpreter's, as in an activated environment
+        self.env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), self.env.get("PATH", "")])
         if home is not None:
             self.env["HOME"] = str(home)
         self.nodes: list[Node] = []

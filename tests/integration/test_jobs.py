@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 
 from whisper_batch.pipeline.layout import RunLayout
-from whisper_batch.pipeline.sink import read_committed
 from whisper_batch.pipeline.storage import resolve_storage_options
 from tests.integration.conftest import job_server_missing
 from tests.servers import free_port, moto_s3
+from tests.shards import read_committed
 from tests.speech import have_espeak, make_speech
 
 

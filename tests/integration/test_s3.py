@@ -18,9 +18,10 @@ import pytest
 
 from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline.layout import RunLayout
-from whisper_batch.pipeline.sink import collect_stats, read_committed, write_shard
+from whisper_batch.pipeline.sink import collect_stats
 from whisper_batch.pipeline.storage import StorageError, preflight, resolve_storage_options
 from tests.servers import free_port, moto_s3
+from tests.shards import read_committed, write_shard
 from tests.speech import have_espeak, make_speech, requires_espeak
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from whisper_batch.jobs import cli
+from whisper_batch.jobs import cli_options
 from whisper_batch.jobs.cli import main
 from whisper_batch.pipeline.config import load_config
 
@@ -37,7 +37,7 @@ def resolved(monkeypatch):
         seen.append(load_config(*args, **kwargs))
         raise _Resolved
 
-    monkeypatch.setattr(cli, "load_config", spy)
+    monkeypatch.setattr(cli_options, "load_config", spy)
     return seen
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from whisper_batch.pipeline.config import (
+    SECTIONS,
     ConfigError,
     RunConfig,
     config_fingerprint_fields,
@@ -14,6 +15,7 @@ from whisper_batch.pipeline.config import (
     load_config,
     redacted,
 )
+from tests.config_yaml import base_yaml, field_comments, yaml_value
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -31,14 +33,40 @@ def test_defaults():
         cfg.decode.beam_size = 5
 
 
-def test_base_yaml_equals_defaults_and_comments_every_field():
+def test_base_yaml_is_written_from_the_field_comments():
+    # every field, its default and the comment above it in pipeline/config.py (which has one for every field)
+    text = base_yaml()
+    assert (CONFIGS / "base.yaml").read_text(encoding="utf-8") == text, (
+        "configs/base.yaml differs from pipeline/config.py: `python -m tests.config_yaml` rewrites it")
     assert load_config(str(CONFIGS / "base.yaml")) == RunConfig()
-    text = (CONFIGS / "base.yaml").read_text()
-    lines = text.splitlines()
+    comments = field_comments()
     for section, values in config_to_dict(RunConfig()).items():
         for key in values:
-            at = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{key}:"))
-            assert lines[at - 1].strip().startswith("#"), f"{section}.{key} has no comment above it"
+            assert f"\n  {key}: " in text and comments[SECTIONS[section].__name__][key], f"{section}.{key}"
+
+
+def test_base_yaml_marks_the_fields_that_change_results():
+    lines = base_yaml().splitlines()
+    results = set(config_fingerprint_fields(RunConfig()))
+    section = None
+    for i, line in enumerate(lines):
+        if not line.startswith((" ", "#")) and line.endswith(":"):
+            section = line[:-1]
+            marked_section = lines[i - 1] == f"# every {section} field is (results)"
+        elif line.startswith("  ") and not line.startswith("  #"):
+            key = f"{section}.{line.split(':')[0].strip()}"
+            first = i
+            while lines[first - 1].startswith("  #"):
+                first -= 1
+            marked = marked_section or lines[first].startswith("  # (results) ")
+            assert marked == (key in results), key
+
+
+def test_base_yaml_values_read_back_as_written():
+    assert yaml_value(None) == "null" and yaml_value(True) == "true" and yaml_value(30.0) == "30.0"
+    assert yaml_value("-1") == '"-1"' and yaml_value("auto") == "auto" and yaml_value("") == '""'
+    assert yaml_value((0.0, 0.2)) == "[0.0, 0.2]" and yaml_value({}) == "{}"
+    assert yaml_value(["yes", "null", "1.5"]) == '["yes", "null", "1.5"]'
 
 
 @pytest.mark.parametrize("name", ["cpu-tiny.yaml", "cpu-fast.yaml", "gpu-large-v3.yaml"])

@@ -12,7 +12,8 @@ import pytest
 
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.schema import output_schema, output_table
-from whisper_batch.pipeline.sink import collect_stats, failed_rows, iter_committed, read_committed, write_shard
+from whisper_batch.pipeline.sink import collect_stats, failed_rows, iter_committed
+from tests.shards import read_committed, write_shard
 
 EXTRA = {"speaker": "string", "age": "int64"}
 
@@ -89,13 +90,6 @@ def test_rerun_overwrites_without_duplicates(layout):
     assert ids == ["u0", "u1", "u2", "u3"]
 
 
-def test_rows_checked(layout):
-    with pytest.raises(ValueError, match="belong to another shard"):
-        write_shard(layout, 0, make_rows(1, [2]), EXTRA, "m")
-    with pytest.raises(ValueError, match="row_index \\[2\\] given more than once"):
-        write_shard(layout, 1, make_rows(1, [2, 2]), EXTRA, "m")
-
-
 def test_replace_failed_merges(layout):
     write_shard(layout, 0, make_rows(0, [0, 1, 2, 3], error_at={1, 3}), EXTRA, "tiny.en", stats={"model_seconds": 2.0})
     assert failed_rows(layout) == {0: [1, 3]}
@@ -136,11 +130,6 @@ def test_extra_column_clash_is_prefixed():
     table = output_table([row], {"model": "string"}, "tiny.en")
     assert table.column("model").to_pylist() == ["tiny.en"]
     assert table.column("extra_model").to_pylist() == ["from-manifest"]
-
-
-def test_empty_committed_table_has_schema(layout):
-    assert read_committed(layout).num_rows == 0
-    assert read_committed(layout, ["id", "text"]).column_names == ["id", "text"]
 
 
 def test_memory_filesystem():

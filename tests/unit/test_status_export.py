@@ -11,7 +11,8 @@ from whisper_batch.jobs.status import format_status, run_status
 from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.plan import build_plan, finish_run, iter_waves, start_run
-from whisper_batch.pipeline.sink import wall_seconds, write_shard
+from whisper_batch.pipeline.sink import wall_seconds
+from tests.shards import write_shard
 
 # id, reference, hypothesis, error, dataset
 ROWS = [
