@@ -25,10 +25,10 @@ from typing import Any, Collection, Iterator
 import numpy as np
 
 from whisper_batch.pipeline.config import ManifestConfig, RunConfig, config_fingerprint_fields, redacted
+from whisper_batch.pipeline.inputs import InputFormat
 from whisper_batch.pipeline.secrets import redact_uri
 from whisper_batch.pipeline.layout import RunLayout
-from whisper_batch.pipeline.manifest import CONTAINER_FORMATS, ManifestError, ManifestRow, manifest_format, read_manifest
-from whisper_batch.pipeline.sources import parse_ref
+from whisper_batch.pipeline.manifest import ManifestError, ManifestRow, input_format, read_manifest
 from whisper_batch.pipeline.sink import collect_stats
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ class PlanMismatch(RuntimeError):
 @dataclass(frozen=True)
 class Plan:
     input_uri: str
-    # "jsonl", "csv", "parquet", "audio-folder", "audio-glob" or "audio-file"
+    # the input format's name for the input: "jsonl", "csv", "parquet", "audio-folder", "audio-glob", "audio-file",
+    # "tar" or "parquet-audio" (see whisper_batch.pipeline.inputs)
     manifest_format: str
     n_rows: int
     shard_size: int
@@ -133,13 +134,12 @@ def build_plan(input_uri: str, cfg: RunConfig, storage_options: dict[str, Any] |
     digests = array("Q")  # 8 bytes per row, so a manifest of 10M rows costs 80 MB
     kinds: dict[str, set[str]] = {}
     n_rows = 0
-    fmt = _format_of(input_uri, storage_options, mcfg)
-    starts: list[int] | None = [] if fmt in CONTAINER_FORMATS else None
+    fmt, fmt_name = input_format(input_uri, storage_options, mcfg)
+    starts: list[int] | None = [] if fmt.shards_follow_files else None
     container, in_shard = None, 0
     for row in read_manifest(input_uri, storage_options, mcfg):
-        if starts is not None:  # a new shard at each container and every shard_size samples within one
-            ref = parse_ref(row.uri)
-            here = ref.container if ref is not None else row.uri
+        if starts is not None:  # a new shard at each file and every shard_size samples within one
+            here = fmt.file_of(row)
             if here != container or in_shard == mcfg.shard_size:
                 starts.append(n_rows)
                 container, in_shard = here, 0
@@ -156,23 +156,18 @@ def build_plan(input_uri: str, cfg: RunConfig, storage_options: dict[str, Any] |
             f"input {redact_uri(input_uri)!r} has no rows (for a folder or glob: no files ending in "
             f"{', '.join(mcfg.audio_extensions)})"
         )
-    _check_duplicates(digests, input_uri, storage_options, mcfg)
+    _check_duplicates(digests, input_uri, storage_options, mcfg, fmt)
     manifest_fields = {k: v for k, v in asdict(mcfg).items() if k != "shard_size"}
     manifest_fields["audio_extensions"] = list(manifest_fields["audio_extensions"])
     extra_types = {name: merge_kinds(seen) for name, seen in kinds.items()}
-    plan = Plan(input_uri, fmt, n_rows, mcfg.shard_size, hasher.hexdigest(), extra_types, manifest_fields, starts)
+    plan = Plan(input_uri, fmt_name, n_rows, mcfg.shard_size, hasher.hexdigest(), extra_types, manifest_fields, starts)
     logger.info("plan: %d rows in %d shards of %d", n_rows, plan.n_shards, plan.shard_size)
     return plan
 
 
-def _format_of(input_uri: str, storage_options: dict[str, Any] | None, mcfg: ManifestConfig) -> str:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(input_uri, **(storage_options or {}))
-    return manifest_format(input_uri, fs, path, mcfg.audio_extensions, mcfg.audio_field)
-
-
-def _check_duplicates(digests: array, input_uri: str, storage_options: dict | None, mcfg: ManifestConfig) -> None:
+def _check_duplicates(
+    digests: array, input_uri: str, storage_options: dict | None, mcfg: ManifestConfig, fmt: InputFormat
+) -> None:
     ordered = np.sort(np.frombuffer(digests, dtype=np.uint64))
     repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
     if not repeated:
@@ -184,8 +179,8 @@ def _check_duplicates(digests: array, input_uri: str, storage_options: dict | No
         digest = int.from_bytes(hashlib.blake2b(row.id.encode(), digest_size=8).digest(), "little")
         if digest in repeated:
             rows_by_id.setdefault(row.id, []).append(row.index)
-            if (ref := parse_ref(row.uri)) is not None:
-                files_by_id.setdefault(row.id, []).append(ref.container)
+            if fmt.shards_follow_files:
+                files_by_id.setdefault(row.id, []).append(fmt.file_of(row))
     dups = {k: v for k, v in rows_by_id.items() if len(v) > 1}
     if not dups:
         return  # 64-bit digest collision between distinct ids
@@ -209,13 +204,10 @@ def iter_waves(
     pending_shards: Collection[int],
     shards_per_wave: int,
     storage_options: dict[str, Any] | None = None,
-    only_rows: Collection[int] | None = None,
 ) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
     """Yields `(shard_ids, records)` per wave of up to `shards_per_wave` pending shards, ascending.
 
-    Streams the manifest again, holding at most one wave of rows. `only_rows` (row indices) restricts the records,
-    e.g. to the failed rows for --retry-failed; a wave then lists only the shards that kept rows, and a wave left
-    without rows is skipped.
+    Streams the manifest again, holding at most one wave of rows.
     """
     pending = sorted(set(pending_shards))
     if bad := [s for s in pending if not 0 <= s < plan.n_shards]:
@@ -223,7 +215,6 @@ def iter_waves(
     waves = [pending[i : i + shards_per_wave] for i in range(0, len(pending), shards_per_wave)]
     if not waves:
         return
-    wanted = None if only_rows is None else set(only_rows)
     wave_no, current, records = 0, set(waves[0]), []
     for row in read_manifest(input_uri, storage_options, plan.manifest_config()):
         shard = plan.shard_of(row.index)
@@ -234,14 +225,13 @@ def iter_waves(
             if wave_no == len(waves):
                 return  # past the last pending shard: stop reading
             current = set(waves[wave_no])
-        if shard in current and (wanted is None or row.index in wanted):
+        if shard in current:
             records.append(row.to_record(shard))
     if records:
         yield _wave_shards(records), records
 
 
 def _wave_shards(records: list[dict[str, Any]]) -> list[int]:
-    # the wave's shards that have rows (all of them, unless only_rows filtered some out)
     return sorted({r["shard_id"] for r in records})
 
 

@@ -8,7 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from whisper_batch.pipeline.config import load_config
+from whisper_batch.pipeline.inputs.base import InputFormat
 from whisper_batch.pipeline.manifest import ManifestError, ManifestRow, default_id, read_manifest
+from whisper_batch.pipeline.plan import build_plan
 
 ROWS = [
     {"audio_filepath": "audio/a.flac", "id": "utt-a", "duration": 2.5, "text": "hello there", "speaker": "s1"},
@@ -112,13 +115,38 @@ def test_glob(tmp_path):
     assert [r.uri for r in rows] == [str(tmp_path / "sub" / "c.MP3")]
 
 
-def test_record_round_trip(tmp_path):
+def test_record_is_flat_plain_types(tmp_path):
     row = next(read_manifest(write_jsonl(tmp_path / "m.jsonl", ROWS[1:2])))
     record = row.to_record(shard_id=4)
-    assert record["shard_id"] == 4 and record["row_index"] == 0
-    assert json.loads(record["extra_json"]) == {"speaker": "s2", "score": 7}
-    assert all(isinstance(v, (str, int, float, type(None))) for v in record.values())
-    assert ManifestRow.from_record(record) == row
+    assert record == {
+        "shard_id": 4, "row_index": 0, "id": row.id, "audio_filepath": "/abs/b.wav", "uri": "/abs/b.wav",
+        "offset": 3.0, "duration": None, "reference": None, "language": "de",
+        "extra_json": json.dumps({"speaker": "s2", "score": 7}),
+    }
+
+
+class LinesOfPaths(InputFormat):
+    """A format of the test's own: a .lst file of audio paths, one a line."""
+
+    def detect(self, loc, cfg):
+        return "lines" if loc.suffix == ".lst" else None
+
+    def iter_rows(self, loc, name, cfg):
+        with loc.fs.open(loc.path, "rt") as f:
+            for index, line in enumerate(f):
+                yield ManifestRow(index, f"line-{index}", line.strip(), line.strip())
+
+
+def test_a_format_added_to_the_list_reads_its_inputs(tmp_path, monkeypatch):
+    from whisper_batch.pipeline import inputs
+
+    (tmp_path / "m.lst").write_text("/a.wav\n/b.wav\n/c.wav\n")
+    with pytest.raises(ManifestError, match="cannot tell the format"):
+        list(read_manifest(str(tmp_path / "m.lst")))
+    monkeypatch.setattr(inputs, "INPUT_FORMATS", (*inputs.INPUT_FORMATS, LinesOfPaths()))
+    assert [r.uri for r in read_manifest(str(tmp_path / "m.lst"))] == ["/a.wav", "/b.wav", "/c.wav"]
+    plan = build_plan(str(tmp_path / "m.lst"), load_config(None, ["manifest.shard_size=2"]))
+    assert plan.manifest_format == "lines" and plan.shard_starts is None and plan.n_shards == 2
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from whisper_batch.pipeline.plan import (
     merge_kinds,
     start_run,
 )
-from whisper_batch.pipeline.sink import write_shard
+from tests.shards import write_shard
 
 
 def write_manifest(path, n, **extra_per_row):
@@ -103,13 +103,6 @@ def test_waves_hold_exactly_the_pending_shards(tmp_path):
     assert list(iter_waves(path, plan, set(), 2)) == []
     with pytest.raises(ValueError, match="outside the plan"):
         list(iter_waves(path, plan, {8}, 2))
-
-
-def test_waves_only_rows(tmp_path):
-    path = write_manifest(tmp_path / "m.jsonl", 12)
-    plan = build_plan(path, cfg_with(3))
-    waves = list(iter_waves(path, plan, {0, 1, 2, 3}, shards_per_wave=2, only_rows={1, 10}))
-    assert [(s, [r["row_index"] for r in recs]) for s, recs in waves] == [([0], [1]), ([3], [10])]
 
 
 def test_resume_fresh_then_done_shards(tmp_path):

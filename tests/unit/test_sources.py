@@ -13,7 +13,9 @@ from whisper_batch.pipeline.config import RunConfig
 from whisper_batch.pipeline.features import Featurizer
 from whisper_batch.pipeline.manifest import ManifestError, read_manifest
 from whisper_batch.pipeline.plan import build_plan, iter_waves
-from whisper_batch.pipeline.sources import SampleRef, expand_braces, iter_sample_audio, parse_ref, read_tar_members
+from whisper_batch.pipeline.inputs.containers import SampleRef, expand_braces, parse_ref
+from whisper_batch.pipeline.inputs.tar_shards import read_tar_members
+from whisper_batch.pipeline.sources import iter_sample_audio
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FOX = (EXAMPLES / "fox.flac").read_bytes()
@@ -178,13 +180,13 @@ def test_a_tar_changed_since_the_plan_gives_error_rows(tmp_path):
 
 
 def test_the_driver_reads_each_tar_once_per_run(tmp_path, monkeypatch):
-    import whisper_batch.pipeline.manifest as manifest
+    from whisper_batch.pipeline.inputs import containers
 
     write_tar(tmp_path / "a.tar", [sample(1), sample(2)])
     write_tar(tmp_path / "b.tar", [sample(3)])
     opened = []
-    real = manifest.open_container
-    monkeypatch.setattr(manifest, "open_container", lambda fs, p: opened.append(Path(p).name) or real(fs, p))
+    real = containers.open_container
+    monkeypatch.setattr(containers, "open_container", lambda fs, p: opened.append(Path(p).name) or real(fs, p))
     uri = str(tmp_path / "*.tar")
     first = records(uri, RunConfig())  # the plan pass streams the tars; staging replays what it read
     assert opened == ["a.tar", "b.tar"]
