@@ -346,10 +346,10 @@ def cli(manifest, engines, model_spec, repeat, times, threads, json_out, yardsti
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["child"]:
-        from whisper_batch.jobs.run import exit_process
-
         main(sys.argv[2:])
-        # every engine's child ends as `whisper-batch` does, without Python's module teardown: the clock measures the
-        # engines' work, not the interpreter's exit (the peers' children save their teardown too)
-        exit_process(0)
+        # every engine's child, ours and the peers', ends without Python's module teardown: the clock measures the
+        # engines' work, the same for each, not the interpreter's exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     cli()

@@ -89,23 +89,21 @@ def _count(folder: Path, pattern: str) -> int:
 
 def plan_and_stage(manifest: Path, shard_size: int, work: Path) -> tuple[float, float, int]:
     """build_plan's seconds, and the seconds to write every input block as the driver's stager does."""
-    from whisper_batch.jobs.run import InputStager
     from whisper_batch.pipeline.config import load_config
     from whisper_batch.pipeline.layout import RunLayout
     from whisper_batch.pipeline.plan import build_plan
+    from whisper_batch.pipeline.stager import InputStager
 
     cfg = load_config(None, [f"manifest.shard_size={shard_size}"])
     t0 = time.perf_counter()
     plan = build_plan(str(manifest), cfg)
     t_plan = time.perf_counter() - t0
     layout = RunLayout(str(work / "stage-only"))
-    stager = InputStager(layout, layout.staging_dir("bench"), str(manifest), plan, range(plan.n_shards), cfg, None,
-                         set(range(plan.n_shards)))
+    stager = InputStager(layout, "bench", str(manifest), plan, range(plan.n_shards), cfg, None, range(plan.n_shards))
     t0 = time.perf_counter()
-    stager.start(ahead_blocks=10**9)
-    stager.wait()
+    with stager.running(ahead_blocks=10**9):  # leaving it waits for the last block (and raises staging's error)
+        pass
     t_stage = time.perf_counter() - t0
-    stager.raise_error()
     layout.remove_tree(layout.path())
     return t_plan, t_stage, len(stager.files)
 

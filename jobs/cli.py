@@ -259,17 +259,8 @@ def export(output, fmt, out_dir, config, overrides, words) -> None:
 
 
 def entry() -> None:
-    """The console script: the command, then the process ends without Python's module teardown
-    (:func:`whisper_batch.jobs.run.exit_process`, about half a second of every run)."""
-    from whisper_batch.jobs.run import exit_process
-
-    try:
-        main()  # standalone: it ends in SystemExit, with click's message printed
-    except SystemExit as e:
-        code = e.code
-    else:
-        code = 0
-    exit_process(code)
+    """The console script (``whisper-batch``)."""
+    main()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ class RunLock:
     def __init__(self, layout: RunLayout, invocation: str, heartbeat: float = 30.0, stale_after: float = 120.0):
         self.layout, self.invocation = layout, invocation
         self.heartbeat, self.stale_after = heartbeat, stale_after
-        self.path = layout.path("lock.json")
+        self.path = layout.lock_json
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -28,10 +28,9 @@ import click
 import yaml
 
 from whisper_batch.pipeline.config import RunConfig, config_to_dict, load_config
+from whisper_batch.pipeline.ray_compat import auth_mode, enable_local_token, has_local_token, token_source
 from whisper_batch.pipeline.secrets import redact_uri, secret_option_names, without_secrets
 from whisper_batch.pipeline.storage import is_remote, resolve_storage_options
-
-from .ray_token import enable_local_token, token_source
 
 logger = logging.getLogger(__name__)
 
@@ -148,16 +147,11 @@ def use_token(url: str) -> None:
     Raises:
         JobError: ``RAY_AUTH_MODE=disabled`` here, or no token is found.
     """
-    from ray._private.authentication import authentication_token_setup as setup
-    from ray._raylet import AuthenticationTokenLoader
-
-    mode = os.environ.get(setup.AUTH_MODE_ENV_VAR, "")
-    if mode.lower() == "disabled":
+    if auth_mode() == "disabled":
         raise JobError(f"the Ray job server at {url} requires a token, but RAY_AUTH_MODE=disabled here: unset it "
                        f"(or set RAY_AUTH_MODE=token). {TOKEN_HELP}")
     enable_local_token()
-    if os.environ.get(setup.AUTH_MODE_ENV_VAR, "").lower() != "token" or not AuthenticationTokenLoader.instance(
-    ).has_token(ignore_auth_mode=True):
+    if auth_mode() != "token" or not has_local_token():
         raise JobError(f"the Ray job server at {url} requires a token and this machine has none (RAY_AUTH_TOKEN "
                        f"unset, no {token_source()}). {TOKEN_HELP}")
 

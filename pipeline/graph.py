@@ -1,12 +1,13 @@
 """The Ray Data graph: one streaming dataset over every pending shard, committed shard by shard.
 
-input block paths (the driver writes the pending manifest records to OUTPUT/_staging/<invocation>/input/) →
-``ArrowFeaturizer`` (CPU actor pool: reads an input block, then fetch, decode, windows, log-mel; one row per output
-block) → ``ArrowTranscriber`` (model actor pool, one Whisper replica each, a GPU each when the cluster has GPUs; a
-call gets ``rows_per_call`` consecutive rows and writes them as a part file per shard) → small part records stream
-back to the driver, which commits a shard (:func:`commit_shard`, in one of its threads) as soon as all its rows are
-written: the shard's parts merged into ``transcripts/shard-NNNNN.parquet`` (one atomic write) and its completion
-record. Rows and features never pass through the driver; actors live for the whole run.
+input block paths (the driver's :class:`~whisper_batch.pipeline.stager.InputStager` writes the pending manifest
+records as input blocks) → ``ArrowFeaturizer`` (CPU actor pool: reads an input block, then fetch, decode, windows,
+log-mel; one row per output block) → ``ArrowTranscriber`` (model actor pool, one Whisper replica each, a GPU each when
+the cluster has GPUs; a call gets ``rows_per_call`` consecutive rows and writes them as a part file per shard) → small
+part records stream back to the driver, whose :class:`~whisper_batch.pipeline.committer.ShardCommitter` commits a
+shard (in one of its threads) as soon as all its rows are written: the shard's parts merged into
+``transcripts/shard-NNNNN.parquet`` (one atomic write) and its completion record. Rows and features never pass
+through the driver; actors live for the whole run.
 """
 
 import logging
@@ -14,9 +15,7 @@ import queue
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import ray
@@ -33,18 +32,22 @@ from .cluster import (
     model_resources,
     start_failure,
 )
+from .committer import Incomplete, ShardCommitter  # noqa: F401 - Incomplete: raised by run_graph, for its callers
 from .config import RunConfig
 from .layout import RunLayout
-from .schema import RECORD_SCHEMA, features_table, transcripts_table
-from .sink import commit_shard_table
+from .ray_compat import set_blocks_ahead
+from .schema import features_table, transcripts_table
+from .stager import read_inputs
 
 logger = logging.getLogger(__name__)
+
 
 class ArrowFeaturizer:
     """Ray Data callable around :class:`~whisper_batch.pipeline.features.Featurizer` with a fixed output schema.
 
-    Given a ``layout``, its input is input block paths, which it reads itself (:func:`read_inputs`): a separate read
-    stage would start worker processes of its own, each importing Ray Data and pyarrow, on cores the actors need.
+    Given a ``layout`` and the ``invocation_id`` that staged them, its input is input block paths, which it reads
+    itself (:func:`~whisper_batch.pipeline.stager.read_inputs`): a separate read stage would start worker processes of
+    its own, each importing Ray Data and pyarrow, on cores the actors need.
     """
 
     @log_start_errors
@@ -54,12 +57,13 @@ class ArrowFeaturizer:
         n_mels: int,
         rows_per_call: int,
         layout: RunLayout | None = None,
+        invocation_id: str = "",
         wait_seconds: float = 0.0,
     ):
         from .features import Featurizer
 
         self.inner = Featurizer(cfg, n_mels)
-        self.layout, self.wait_seconds = layout, wait_seconds
+        self.layout, self.invocation_id, self.wait_seconds = layout, invocation_id, wait_seconds
         self.rows_per_call = rows_per_call
         self.padded = cfg.decode.padding_seconds is not None
 
@@ -70,7 +74,7 @@ class ArrowFeaturizer:
         """A block's features, yielded a few model calls' worth at a time: the model stage starts on the first rows
         instead of waiting for the whole block (with packing on, the packs come at the end, once a shard is read)."""
         if self.layout is not None:
-            batch = read_inputs(batch, self.layout, self.wait_seconds)
+            batch = read_inputs(batch, self.layout, self.invocation_id, self.wait_seconds)
         chunk, size = [], self.rows_per_call  # the first call's rows alone: the model actors are waiting
         for item in self.inner.iter_items(batch.to_pylist()):
             chunk.append(item)
@@ -112,9 +116,10 @@ def balance_order(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 
 class ArrowTranscriber:
-    """Ray Data callable around :class:`~whisper_batch.pipeline.transcriber.Transcriber` (loads the model once per actor).
+    """Ray Data callable around :class:`~whisper_batch.pipeline.transcriber.Transcriber` (loads the model once per
+    actor).
 
-    A call writes its rows as part files to ``sink`` (layout, staging folder, extra column types; :func:`write_parts`)
+    A call writes its rows as part files to ``sink`` (layout, invocation id, extra column types; :func:`write_parts`)
     and returns their part records, instead of handing every row's transcript to a write stage of its own tasks and
     processes. A retried call writes its parts again; the commit keeps a row once.
     """
@@ -137,32 +142,8 @@ class ArrowTranscriber:
         return write_parts(transcripts_table(rows), *self.sink)
 
 
-def read_inputs(batch: pa.Table, layout: RunLayout, wait_seconds: float = 0.0) -> pa.Table:
-    """Input block paths → the manifest records they hold.
-
-    The driver stages blocks while the graph runs (a few ahead of the commits): a block not written yet is waited
-    for, up to ``wait_seconds``.
-    """
-    import io
-
-    import pyarrow.parquet as pq
-
-    tables = []
-    for path in batch.column("path").to_pylist():
-        deadline = time.monotonic() + wait_seconds
-        while not layout.exists(path) and time.monotonic() < deadline:
-            abort = f"{path.rsplit('/', 1)[0]}/ABORT"  # the driver's staging failed: its error
-            if layout.exists(abort):
-                raise RuntimeError(layout.read_bytes(abort).decode())
-            time.sleep(0.2)
-        tables.append(pq.read_table(io.BytesIO(layout.read_bytes(path))))
-    return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
-
-
-def write_parts(batch: pa.Table, layout: RunLayout, staging: str, extra_types: dict[str, str]) -> pa.Table:
+def write_parts(batch: pa.Table, layout: RunLayout, invocation_id: str, extra_types: dict[str, str]) -> pa.Table:
     """Write the batch's rows as one part file per shard; return one small record per part."""
-    import uuid
-
     from .schema import error_cause, output_table
     from .sink import table_to_parquet_bytes
 
@@ -173,7 +154,7 @@ def write_parts(batch: pa.Table, layout: RunLayout, staging: str, extra_types: d
     out = {"shard_id": [], "path": [], "row_indices": [], "decode_s": [], "windows": [], "window_fallbacks": [],
            "audio_seconds": [], "error_causes": []}
     for shard_id, shard_rows in sorted(by_shard.items()):
-        path = f"{staging}/parts/{shard_id:05d}/{uuid.uuid4().hex}.parquet"
+        path = layout.new_part_file(invocation_id, shard_id)
         table = output_table(shard_rows, extra_types)
         layout.write_bytes(path, table_to_parquet_bytes(table))
         temps = [t for r in shard_rows for t in (r.get("window_temperatures") or [])]
@@ -189,52 +170,20 @@ def write_parts(batch: pa.Table, layout: RunLayout, staging: str, extra_types: d
     return pa.table(out)
 
 
-def commit_shard(
-    layout: RunLayout,
-    shard_id: int,
-    parts: list[str],
-    extra_types: dict[str, str],
-    stats: dict[str, Any],
-    replace_failed: bool,
-) -> dict[str, Any]:
-    """Merge a shard's part files (a row written twice by a retried task is kept once) and commit the shard.
-
-    The parts are output tables already: they are concatenated and de-duplicated, never converted again."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from .schema import merge_output
-
-    # read without Arrow's thread pool: commits run in the driver, and a process that used the pool can abort as
-    # the interpreter exits (apache/arrow#34314, seen in `whisper-batch eval`); a part is a few rows
-    table = merge_output(
-        [pq.read_table(io.BytesIO(layout.read_bytes(p)), use_threads=False) for p in parts], extra_types
-    )
-    model = next((m for m in table.column("model").to_pylist() if m), None)
-    record = commit_shard_table(layout, shard_id, table, extra_types, model, stats, replace_failed)
-    for path in parts:  # the shard is committed: its parts are garbage now
-        try:
-            layout.fs.rm(path)
-        except FileNotFoundError:
-            pass
-    return record
-
-
 def build_dataset(
     input_files: list[str],
     cfg: RunConfig,
     layout: RunLayout,
-    staging: str,
+    invocation_id: str,
     extra_types: dict[str, str],
     n_mels: int,
 ) -> "ray.data.Dataset":
     """The streaming dataset whose rows are part records; iterating it runs the whole graph.
 
-    Two stages, both actor pools: the feature actors (which read the input blocks) and the model actors (which
-    write the part files). Every block holds one row (:data:`ROWS_PER_BLOCK`), so that Ray's bundling gives each
-    model call the next ``rows_per_call`` rows in the featurizer's order, and a shard's calls spread over every
-    model actor, without a split stage (tasks and worker processes of its own) between the two.
+    Two stages, both actor pools: the feature actors (which read the input blocks ``invocation_id`` staged) and the
+    model actors (which write the part files). Every block holds one row (:data:`MAX_BLOCK_BYTES`), so that Ray's
+    bundling gives each model call the next ``rows_per_call`` rows in the featurizer's order, and a shard's calls
+    spread over every model actor, without a split stage (tasks and worker processes of its own) between the two.
     """
     plan = model_resources(cfg)
     check_cluster(cfg, plan)  # a clear error before any work
@@ -242,7 +191,7 @@ def build_dataset(
     ds = ds.map_batches(
         ArrowFeaturizer,
         fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels, "rows_per_call": plan.rows_per_call, "layout": layout,
-                               "wait_seconds": cfg.ray.stall_timeout_seconds},
+                               "invocation_id": invocation_id, "wait_seconds": cfg.ray.stall_timeout_seconds},
         compute=actor_pool(cfg.ray.cpu_actors, cfg.ray.max_cpu_actors or cfg.ray.cpu_actors),
         batch_size=None,  # a whole input block (whole shards) per call: containers read once, short rows packed
         batch_format="pyarrow",
@@ -250,29 +199,26 @@ def build_dataset(
     )
     ds = ds.map_batches(
         ArrowTranscriber,
-        fn_constructor_kwargs={"cfg": cfg, "torch_threads": plan.threads, "sink": (layout, staging, extra_types)},
+        fn_constructor_kwargs={"cfg": cfg, "torch_threads": plan.threads, "sink": (layout, invocation_id, extra_types)},
         compute=actor_pool(plan.actors, cfg.ray.max_model_actors or None),
         batch_size=plan.rows_per_call,
         batch_format="pyarrow",
         num_gpus=plan.gpus,
         num_cpus=plan.cpus,
     )
-    ds.context.target_max_block_size = ROWS_PER_BLOCK
-    ds.context._max_num_blocks_in_streaming_gen_buffer = FEATURE_BLOCKS_AHEAD
+    ds.context.target_max_block_size = MAX_BLOCK_BYTES
+    set_blocks_ahead(ds.context, FEATURE_BLOCKS_AHEAD)
     return ds
 
 
-# Ray Data gathers a map task's outputs into blocks of up to target_max_block_size bytes (default 128 MiB) before
-# the next stage sees any of them, and slices larger ones to that size: with 1 byte, every block is one row. The
-# featurizer's chunks go downstream as they are yielded, and the model stage's bundles (batch_size=rows_per_call)
-# are exactly the featurizer's calls, each to whichever model actor is free.
-ROWS_PER_BLOCK = 1
+# Bytes, not rows: Ray Data gathers a map task's outputs into blocks of up to target_max_block_size bytes (default
+# 128 MiB) before the next stage sees any of them, and slices larger ones to that size: with 1 byte, every block is
+# one row. The featurizer's chunks go downstream as they are yielded, and the model stage's bundles
+# (batch_size=rows_per_call) are exactly the featurizer's calls, each to whichever model actor is free.
+MAX_BLOCK_BYTES = 1
 
-# Blocks a map call may yield before the driver has taken them (Ray Data's default is 2): with one-row blocks the
-# featurizer, which yields a few model calls' rows at once, stopped after two rows until the driver's next round, and
-# the model actors waited for features. Measured on the manifest x4 with cpu-fast (`whisper-batch run`, three runs
-# each): idle CPU between the first model call and the end 1.21 CPU s with 2, 0.40 with 64. A row holds all the
-# windows of its file, so 64 rows are 64 files' log-mel (about 0.5 MB per 30 s window, float16).
+# One-row blocks a featurizer call may yield before the driver takes them (Ray Data's default, 2, stalled it after two
+# rows and left the model actors waiting: docs/performance.md); 64 rows are 64 files' log-mel, about 0.5 MB a window.
 FEATURE_BLOCKS_AHEAD = 64
 
 
@@ -281,105 +227,85 @@ def run_graph(
     expected: dict[int, int],
     cfg: RunConfig,
     layout: RunLayout,
-    staging: str,
+    invocation_id: str,
     extra_types: dict[str, str],
     n_mels: int,
+    on_commit: Callable[[dict[str, Any]], None],
     replace_failed: bool = False,
-    on_commit=None,
-    on_part=None,
-) -> list[dict[str, Any]]:
-    """Run the graph over ``input_files``; commit each shard once its ``expected`` number of rows is written.
+    on_part: Callable[[dict[str, Any], int], None] | None = None,
+) -> None:
+    """Run the graph over the input blocks ``input_files`` that ``invocation_id`` stages; commit each shard once its
+    ``expected`` number of rows is written, calling ``on_commit`` with its completion record.
 
-    Returns the completion records, or with ``on_commit`` nothing (a list that grows with the run): it is called
-    with each record as its shard commits; and
-    ``on_part(part, new_rows)`` as each part record arrives (``new_rows``: its rows not seen before). The driver only
-    holds the row indices of shards in flight, so its memory does not grow with the corpus.
+    ``on_part(part, new_rows)`` is called as each part record arrives (``new_rows``: its rows not seen before).
+
+    Raises:
+        Incomplete: the graph ended with a shard not committed.
+        Stalled: no progress for ``ray.stall_timeout_seconds`` (:class:`~whisper_batch.pipeline.cluster.NodeLost`
+            after a node was lost).
+        ActorStartError: the graph's actors keep dying as they start.
     """
-    # commits run in the driver's threads: it already writes the input blocks to the same storage, and a commit
-    # task would wait for a worker process to start and import pyarrow (the last shard's, after the last model call)
-    commits = ThreadPoolExecutor(max_workers=commit_threads(), thread_name_prefix="commit")
-    written: dict[int, set[int]] = {}
-    parts: dict[int, list[str]] = {}
-    stats: dict[int, dict[str, float]] = {}
-    committed: set[int] = set()
-    pending: list = []
-    records: list[dict[str, Any]] = []
-    n_records = 0
-
-    def collect(block: bool) -> None:
-        nonlocal n_records
-        ready, not_done = wait_futures(pending, timeout=None if block else 0)
-        pending[:] = not_done
-        for future in ready:
-            rec = future.result()  # a failed commit fails the run; the shard is redone by the next one
-            n_records += 1
-            if on_commit:
-                on_commit(rec)
-            else:
-                records.append(rec)
-
-    last_progress = time.monotonic()
-    gpus = cfg.ray.gpus_per_model_actor
-    gpus = (1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0) if gpus is None else gpus
-    nodes = NodeWatch(cfg.ray.lost_node_timeout_seconds, lambda: (len(committed), len(expected)), gpus)
-    starts = StartWatch(("ArrowFeaturizer", "ArrowTranscriber"))
+    committer = ShardCommitter(layout, expected, extra_types, on_commit, replace_failed, on_part, commit_threads())
+    watch = GraphWatch(cfg, committer.progress)
     try:
-        stream = _stream(build_dataset(input_files, cfg, layout, staging, extra_types, n_mels))
-        for part in nodes.guard(stream):
-            nodes.poll()
-            starts.check()  # raises ActorStartError when actors keep dying as they start
-            if part is None:  # no output yet: commits may still finish, and a stall must not go unnoticed
-                if pending:
-                    n = n_records
-                    collect(block=False)
-                    last_progress = time.monotonic() if n_records > n else last_progress
-                nodes.check(last_progress)  # raises NodeLost when a lost node's work is not redone in time
-                idle = time.monotonic() - last_progress
-                if idle > cfg.ray.stall_timeout_seconds:
-                    raise Stalled(
-                        f"no progress for {idle:.0f} s (ray.stall_timeout_seconds="
-                        f"{cfg.ray.stall_timeout_seconds:g}): no rows came out of the graph and no shard committed. "
-                        f"Committed shards are kept; rerun the same command to resume. Ray's logs "
-                        f"(/tmp/ray/session_latest/logs) show where workers are stuck."
-                    )
-                continue
-            last_progress = time.monotonic()
-            starts.progressed()
-            shard = int(part["shard_id"])
-            if shard in committed:  # a part re-sent by a retried task after its shard committed
-                continue
-            before = len(written.setdefault(shard, set()))
-            written[shard].update(part["row_indices"])
-            if on_part:  # the progress display: rows, audio and failures as they are written
-                on_part(part, len(written[shard]) - before)
-            parts.setdefault(shard, []).append(part["path"])
-            acc = stats.setdefault(shard, {})
-            for key, name in (("decode_s", "decode_seconds"), ("windows", "windows"),
-                              ("window_fallbacks", "window_fallbacks")):
-                acc[name] = acc.get(name, 0) + part[key]
-            if len(written[shard]) >= expected[shard]:
-                pending.append(commits.submit(
-                    commit_shard, layout, shard, parts.pop(shard), extra_types, stats.pop(shard), replace_failed))
-                committed.add(shard)
-                del written[shard]
-            if pending:
-                collect(block=False)
-        while pending:
-            collect(block=True)
+        with committer:
+            stream = _stream(build_dataset(input_files, cfg, layout, invocation_id, extra_types, n_mels))
+            for part in watch.guard(stream):
+                watch.check()  # raises ActorStartError when actors keep dying as they start
+                if part is None:  # no output yet: commits may still finish, and a stall must not go unnoticed
+                    watch.idle(commits=committer.collect())
+                    continue
+                watch.output()
+                committer.add_part(part)
+                committer.collect()
+            committer.drain()
     except ray.exceptions.ActorDiedError as e:
         if "creation task" not in str(e):  # died at work: Ray Data's own error
             raise
         # an actor whose class cannot even be loaded on its node: Ray Data stops at once, with a long message
         raise ActorStartError(start_failure(_class_of(e), 1, _pid_of(e))) from None
-    finally:  # a failed run does not wait for the commits queued behind it
-        commits.shutdown(wait=True, cancel_futures=True)
-    if missing := sorted(set(expected) - committed):
-        raise Incomplete(
-            f"the graph ended with {len(missing)} shard(s) not committed (e.g. shard {missing[0]}: "
-            f"{len(written.get(missing[0], ()))} of {expected[missing[0]]} rows written). Committed shards are "
-            f"kept; rerun the same command to do the rest."
-        )
-    return records
+    committer.check_complete()
+
+
+class GraphWatch:
+    """Whether a running graph still progresses: nodes lost (:class:`NodeWatch`), actors dying as they start
+    (:class:`StartWatch`), and time without output or commits (:class:`Stalled` after ``ray.stall_timeout_seconds``).
+    ``progress()`` returns (shards committed, shards given) for the messages."""
+
+    def __init__(self, cfg: RunConfig, progress: Callable[[], tuple[int, int]]):
+        self.stall_s = cfg.ray.stall_timeout_seconds
+        self.last_progress = time.monotonic()
+        gpus = cfg.ray.gpus_per_model_actor
+        gpus = (1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0) if gpus is None else gpus
+        self.nodes = NodeWatch(cfg.ray.lost_node_timeout_seconds, progress, gpus)
+        self.starts = StartWatch(("ArrowFeaturizer", "ArrowTranscriber"))
+
+    def guard(self, stream: Iterator[Any]) -> Iterator[Any]:
+        """``stream``, with a failure after a node loss explained."""
+        return self.nodes.guard(stream)
+
+    def check(self) -> None:
+        self.nodes.poll()
+        self.starts.check()
+
+    def output(self) -> None:
+        """A part record came out of the graph."""
+        self.last_progress = time.monotonic()
+        self.starts.progressed()
+
+    def idle(self, commits: int) -> None:
+        """Nothing came out of the graph for a while, but ``commits`` shards committed meanwhile; raises
+        :class:`~whisper_batch.pipeline.cluster.NodeLost` or :class:`Stalled` when that has lasted too long."""
+        if commits:
+            self.last_progress = time.monotonic()
+        self.nodes.check(self.last_progress)  # a lost node's work not redone in time
+        idle = time.monotonic() - self.last_progress
+        if idle > self.stall_s:
+            raise Stalled(
+                f"no progress for {idle:.0f} s (ray.stall_timeout_seconds={self.stall_s:g}): no rows came out of the "
+                f"graph and no shard committed. Committed shards are kept; rerun the same command to resume. Ray's "
+                f"logs (/tmp/ray/session_latest/logs) show where workers are stuck."
+            )
 
 
 def _pid_of(error: Exception) -> int:
@@ -390,10 +316,6 @@ def _pid_of(error: Exception) -> int:
 def _class_of(error: Exception) -> str:
     m = re.search(r"ray::(\S+?)\.__init__", re.sub(r"\x1b\[[0-9;]*m", "", str(error)))
     return m.group(1) if m else "an actor"
-
-
-class Incomplete(RuntimeError):
-    """The graph ended without every shard it was given committed."""
 
 
 def _stream(ds: "ray.data.Dataset", poll: float = 2.0):

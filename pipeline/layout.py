@@ -7,7 +7,11 @@ OUTPUT/transcripts/shard-NNNNN.parquet one complete file per shard, deterministi
 OUTPUT/shards/NNNNN.json               completion record: the shard is done iff this (and its file) exists
 OUTPUT/invocations/<start>-<tag>.json  one record per `run` invocation (start/finish time, for wall time)
 OUTPUT/stats.json                      run statistics, rewritten at the end of each invocation
-OUTPUT/_staging/<invocation>/          a run's inputs and part files; parts of a shard are deleted at its commit
+OUTPUT/lock.json                       the run lock: the live driver's heartbeat
+OUTPUT/_staging/<invocation>/input/block-NNNNNN.parquet  the graph's input: pending manifest records
+OUTPUT/_staging/<invocation>/input/ABORT                 the driver's staging failed: its error
+OUTPUT/_staging/<invocation>/parts/NNNNN/<uuid>.parquet  a model call's rows of one shard, deleted at its commit
+OUTPUT/_staging/.preflight-<uuid>      the storage preflight's write probe (object stores), deleted at once
 OUTPUT/_tmp/                           local temporaries only
 ```
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
 import uuid
 from typing import Any
@@ -34,6 +39,7 @@ logger = logging.getLogger(__name__)
 _RECORD_NAME = re.compile(r"^(\d+)\.json$")
 _SHARD_NAME = re.compile(r"^shard-(\d+)\.parquet$")
 _INVOCATION_ID = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{6}$")  # plan.start_run's ids: UTC start time + random tag
+STAGING = "_staging"
 
 
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
@@ -98,6 +104,13 @@ class RunLayout:
     def tmp_dir(self) -> str:
         return self.path("_tmp")
 
+    @property
+    def lock_json(self) -> str:
+        return self.path("lock.json")
+
+    def invocation_file(self, invocation_id: str) -> str:
+        return self.path("invocations", f"{invocation_id}.json")
+
     def remove_tree(self, path: str) -> None:
         try:
             self.fs.rm(path, recursive=True)
@@ -106,12 +119,30 @@ class RunLayout:
 
     def staging_dir(self, invocation_id: str) -> str:
         """Worker-visible scratch of one invocation: input blocks and per-shard part files (never read as output)."""
-        return self.path("_staging", invocation_id)
+        return self.path(STAGING, invocation_id)
+
+    def input_block(self, invocation_id: str, block: int) -> str:
+        """An input block of the graph: manifest records of whole pending shards, written by the driver."""
+        return self.path(STAGING, invocation_id, "input", f"block-{block:06d}.parquet")
+
+    def staging_abort(self, invocation_id: str) -> str:
+        """Written beside the input blocks when the driver's staging fails (its error): readers stop waiting."""
+        return self.path(STAGING, invocation_id, "input", "ABORT")
+
+    def new_part_file(self, invocation_id: str, shard_id: int) -> str:
+        """A fresh name for a part file: some rows of one shard, written by a model actor, merged at the commit."""
+        return self.path(STAGING, invocation_id, "parts", f"{shard_id:05d}", f"{uuid.uuid4().hex}.parquet")
+
+    @staticmethod
+    def preflight_probe(root: str) -> str:
+        """A fresh name for the storage preflight's write probe under the OUTPUT path ``root`` (on the preflight's own
+        filesystem, before any layout exists)."""
+        return posixpath.join(root.rstrip("/"), STAGING, f".preflight-{uuid.uuid4().hex}")
 
     def list_staged_invocations(self) -> list[str]:
         """Invocation ids that have a folder under ``_staging/`` (not the storage preflight's ``.preflight-*``
         probes), in start order."""
-        return sorted(n for n in self._list_names(self.path("_staging")) if _INVOCATION_ID.match(n))
+        return sorted(n for n in self._list_names(self.path(STAGING)) if _INVOCATION_ID.match(n))
 
     @staticmethod
     def shard_file_name(shard_id: int) -> str:

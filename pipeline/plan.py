@@ -327,7 +327,7 @@ def start_run(layout: RunLayout, plan: Plan, cfg: RunConfig, model_name: str) ->
         # throughput settings may change between invocations; run.json keeps the first one's
         "config": redacted(cfg),
     }
-    layout.write_json(_invocation_path(layout, invocation), invocation)
+    layout.write_json(layout.invocation_file(invocation["id"]), invocation)
     return invocation
 
 
@@ -338,14 +338,10 @@ def _user() -> str | None:
         return None
 
 
-def _invocation_path(layout: RunLayout, invocation: dict[str, Any]) -> str:
-    return f"{layout.invocations_dir}/{invocation['id']}.json"
-
-
 def finish_run(layout: RunLayout, invocation: dict[str, Any], status: str = "ok", **info: Any) -> dict[str, Any]:
     """Marks the invocation finished and rewrites stats.json from all completion records; returns the stats."""
     invocation = {**invocation, **info, "finished_at": _now(), "status": status}
-    layout.write_json(_invocation_path(layout, invocation), invocation)
+    layout.write_json(layout.invocation_file(invocation["id"]), invocation)
     stats = collect_stats(layout)
     layout.write_json(layout.stats_json, stats)
     return stats

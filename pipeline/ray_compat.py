@@ -1,15 +1,26 @@
 """Ray's private internals that whisper-batch uses, in one place, each with a test on the installed Ray
-(tests/unit/test_ray_compat.py); pyproject.toml pins Ray to the range those tests have passed on.
+(tests/unit/test_ray_compat.py); pyproject.toml pins Ray to the range those tests have passed on. One is kept only
+where it is needed for a function or is worth more than 1 % of a run (start-up and shutdown shortcuts were not:
+docs/performance.md).
 
 - :func:`actor_restarts`: the GCS actor table (``ray._private.state``). Ray Data's actor pools restart an actor that
   dies without end, and no public API tells a driver without a dashboard how often that happened.
+- :func:`session_logs_dir`: this node's session logs (``ray._private.worker``), where a dead actor's error is.
+- :func:`set_blocks_ahead`: how many blocks a map task may yield before its consumer takes them
+  (``DataContext._max_num_blocks_in_streaming_gen_buffer``); Ray Data has no public setting for it, and the graph's
+  one-row blocks need more than its default to keep the model actors fed all through a run.
+- :func:`enable_local_token`, :func:`token_source`, :func:`auth_mode`, :func:`has_local_token`: Ray's token
+  authentication (``ray._private.authentication``, ``ray._raylet.AuthenticationTokenLoader``): a client joins or
+  submits to a token-authenticated cluster only with the token, found here as Ray's own CLI finds it.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -69,3 +80,50 @@ def _is_error_line(line: str) -> bool:
     head, sep, _ = line.partition(": ")
     name = head.rsplit(".", 1)[-1]
     return bool(sep) and name.isidentifier() and (name.endswith("Error") or name.endswith("Exception"))
+
+
+def set_blocks_ahead(context: Any, blocks: int) -> None:
+    """Lets a map task of a dataset with this ``DataContext`` yield ``blocks`` blocks before its consumer has taken
+    them (Ray Data's default: 2)."""
+    context._max_num_blocks_in_streaming_gen_buffer = blocks
+
+
+AUTH_MODE_ENV_VAR = "RAY_AUTH_MODE"
+
+
+def auth_mode() -> str:
+    """This process's ``RAY_AUTH_MODE``, lower case ("" when unset)."""
+    return os.environ.get(AUTH_MODE_ENV_VAR, "").lower()
+
+
+def enable_local_token() -> None:
+    """Makes Ray's clients in this process send this machine's token, when it has one and ``RAY_AUTH_MODE`` is not
+    set (Ray's ``maybe_enable_token_auth_if_token_available``), as Ray's CLI finds it: ``RAY_AUTH_TOKEN``, then the
+    file ``RAY_AUTH_TOKEN_PATH`` names, then ``~/.ray/auth_token``."""
+    from ray._private.authentication import authentication_token_setup as setup
+
+    quiet = logging.getLogger(setup.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning speaks to a cluster's owner ("set RAY_AUTH_MODE=disabled to opt out")
+    try:
+        setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        quiet.setLevel(level)
+
+
+def has_local_token() -> bool:
+    """Whether Ray finds a token on this machine, whatever ``RAY_AUTH_MODE`` says."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+
+
+def token_source() -> str:
+    """Where Ray takes this machine's token from (for messages)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    return str(_get_default_token_path())

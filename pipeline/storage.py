@@ -17,13 +17,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import posixpath
-import uuid
 from typing import Any
 
 import fsspec
 
 from whisper_batch.pipeline.config import RunConfig, StorageConfig
+from whisper_batch.pipeline.layout import RunLayout, is_local_fs
 from whisper_batch.pipeline.secrets import redact_uri, scrub, secret_option_names
 
 logger = logging.getLogger(__name__)
@@ -172,8 +171,6 @@ def _is_connection_error(error: BaseException) -> bool:
 
 def _bucket_of(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     """The bucket (first path component) on object stores; None on local disk."""
-    from whisper_batch.pipeline.layout import is_local_fs
-
     return None if is_local_fs(fs) else path.lstrip("/").split("/", 1)[0]
 
 
@@ -230,7 +227,7 @@ def _check_writable(role: str, uri: str, fs, path: str, options: dict[str, Any])
         if not os.access(parent, os.W_OK | os.X_OK):
             raise StorageError(f"{role} {uri}: cannot create or write files in {parent} (permission denied)")
         return
-    probe = posixpath.join(path.rstrip("/"), "_staging", f".preflight-{uuid.uuid4().hex}")
+    probe = RunLayout.preflight_probe(path)
     try:
         fs.pipe_file(probe, b"")
     except FileNotFoundError:

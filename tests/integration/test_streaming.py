@@ -1,7 +1,7 @@
 """The graph streams from the feature stage to the model stage on a CPU-only Ray whose actors hold every CPU slot.
 
 A real local Ray with 2 CPUs: a one-actor stage taking 1 CPU (as the feature actors do), then two actors of 0.5 CPU
-(as the CPU model actors do), with the graph's block setting (``ROWS_PER_BLOCK``: one row per block) and no stage
+(as the CPU model actors do), with the graph's block setting (``MAX_BLOCK_BYTES``: one row per block) and no stage
 between them. The second stage must start on the first stage's early rows, not once the first stage has processed
 all of them; each of its calls must get the next rows in the first stage's order (the featurizer orders its rows
 into calls), and the calls must spread over both actors.
@@ -16,7 +16,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from whisper_batch.pipeline.graph import ROWS_PER_BLOCK  # noqa: E402
+from whisper_batch.pipeline.graph import MAX_BLOCK_BYTES  # noqa: E402
 
 ROWS = 32  # one input block, as the featurizer gets a whole input block of many shards per call
 PER_CALL = 2
@@ -57,7 +57,7 @@ def test_model_stage_starts_early_and_gets_the_featurizer_calls(two_cpu_ray):
     ds = ray.data.from_items([{"x": i} for i in range(ROWS)], override_num_blocks=1)
     ds = ds.map_batches(Slow, compute=ray.data.ActorPoolStrategy(size=1), batch_size=None, num_cpus=1)
     ds = ds.map_batches(Stamp, compute=ray.data.ActorPoolStrategy(size=2), batch_size=PER_CALL, num_cpus=0.5)
-    ds.context.target_max_block_size = ROWS_PER_BLOCK
+    ds.context.target_max_block_size = MAX_BLOCK_BYTES
     rows = list(ds.iter_rows())
     assert sorted(r["x"] for r in rows) == list(range(ROWS))  # every row once
     first_stage_end = max(r["first_done"] for r in rows)

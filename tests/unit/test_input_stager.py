@@ -7,14 +7,14 @@ import json
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from whisper_batch.jobs.run import InputStager
 from whisper_batch.pipeline.config import load_config
-from whisper_batch.pipeline.graph import read_inputs
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.plan import build_plan
+from whisper_batch.pipeline.stager import InputStager, read_inputs
 
 
 def _setup(tmp_path: Path, rows: int = 50, shard_size: int = 4):
@@ -40,22 +40,19 @@ def _wait(predicate, timeout: float = 10.0) -> bool:
 def test_stages_ahead_of_commits_only_and_every_row_once(tmp_path: Path):
     manifest, cfg, plan, layout = _setup(tmp_path)
     pending = list(range(plan.n_shards))  # 13 shards, one per block
-    stager = InputStager(layout, layout.staging_dir("x"), str(manifest), plan, pending, cfg, None, set(pending))
+    stager = InputStager(layout, "x", str(manifest), plan, pending, cfg, None, pending)
     assert len(stager.files) == 13 and sum(stager.expected.values()) == 50 and stager.expected[12] == 2
+    assert stager.files[0] == layout.input_block("x", 0)
     assert not _staged(layout, stager)  # nothing written before the graph starts
-    stager.start(ahead_blocks=3)
-    try:
+    with stager.running(ahead_blocks=3):
         assert _wait(lambda: len(_staged(layout, stager)) == 3)
         time.sleep(0.3)
         assert len(_staged(layout, stager)) == 3  # no commit yet: it waits
         stager.committed(2)
         assert _wait(lambda: len(_staged(layout, stager)) == 5)
         stager.committed(100)
-        stager.wait()
-    finally:
-        stager.stop()
-    stager.raise_error()
-    rows = [r for p in stager.files for r in pq.read_table(p).to_pylist()]
+    assert len(_staged(layout, stager)) == 13  # leaving the block waited for the last one
+    rows = read_inputs(pa.table({"path": stager.files}), layout, "x").to_pylist()
     assert [r["row_index"] for r in rows] == list(range(50))
     assert [r["shard_id"] for r in rows] == [i // 4 for i in range(50)]
 
@@ -63,11 +60,10 @@ def test_stages_ahead_of_commits_only_and_every_row_once(tmp_path: Path):
 def test_retry_failed_stages_only_those_rows(tmp_path: Path):
     manifest, cfg, plan, layout = _setup(tmp_path)
     # shard 1 committed with rows 5 and 6 failed; shard 3 never committed
-    stager = InputStager(layout, layout.staging_dir("x"), str(manifest), plan, [1, 3], cfg, [5, 6], {3})
+    stager = InputStager(layout, "x", str(manifest), plan, [1, 3], cfg, [5, 6], {3})
     assert stager.expected == {1: 2, 3: 4}
-    stager.start(ahead_blocks=8)
-    stager.wait()
-    stager.raise_error()
+    with stager.running(ahead_blocks=8):
+        pass
     rows = [r["row_index"] for p in stager.files for r in pq.read_table(p).to_pylist()]
     assert rows == [5, 6, 12, 13, 14, 15]
 
@@ -75,18 +71,16 @@ def test_retry_failed_stages_only_those_rows(tmp_path: Path):
 def test_a_failed_staging_aborts_the_waiting_reads(tmp_path: Path):
     manifest, cfg, plan, layout = _setup(tmp_path)
     pending = list(range(plan.n_shards))
-    stager = InputStager(layout, layout.staging_dir("x"), str(manifest), plan, pending, cfg, None, set(pending))
+    stager = InputStager(layout, "x", str(manifest), plan, pending, cfg, None, pending)
     manifest.write_text("")  # the manifest emptied between planning and staging
-    stager.start(ahead_blocks=3)
-    stager.wait()
     with pytest.raises(ValueError, match="the manifest changed while the run was reading it: shard 0 has 0 rows"):
-        stager.raise_error()
-    import pyarrow as pa
-
-    t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match="staging the input blocks failed"):
-        read_inputs(pa.table({"path": [stager.files[0]]}), layout, wait_seconds=30)
-    assert time.monotonic() - t0 < 5  # the read gave up at once instead of waiting 30 s
+        with stager.running(ahead_blocks=3):  # the graph's read fails; leaving the block raises the cause
+            t0 = time.monotonic()
+            with pytest.raises(RuntimeError, match="staging the input blocks failed"):
+                read_inputs(pa.table({"path": [stager.files[0]]}), layout, "x", wait_seconds=30)
+            assert time.monotonic() - t0 < 5  # the read gave up at once instead of waiting 30 s
+            raise RuntimeError("the graph failed")
+    assert Path(layout.staging_abort("x")).exists()
     assert not Path(stager.files[0]).exists()  # no empty block passed for the shards' rows
 
 
@@ -100,10 +94,9 @@ def test_rows_of_a_shard_are_staged_longest_first(tmp_path: Path):
     cfg = load_config(None, ["manifest.shard_size=4", "ray.shards_per_block=2"])
     plan = build_plan(str(manifest), cfg)
     layout = RunLayout(str(tmp_path / "out"))
-    stager = InputStager(layout, layout.staging_dir("x"), str(manifest), plan, [0, 1], cfg, None, {0, 1})
-    stager.start(ahead_blocks=8)
-    stager.wait()
-    stager.raise_error()
+    stager = InputStager(layout, "x", str(manifest), plan, [0, 1], cfg, None, {0, 1})
+    with stager.running(ahead_blocks=8):
+        pass
     [block] = stager.files
     rows = pq.read_table(block).to_pylist()
     # shard by shard; within a shard the longest first, a row without a duration after those with one

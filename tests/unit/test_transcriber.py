@@ -10,8 +10,8 @@ import torch
 
 from whisper_batch.model.audio import SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
 from whisper_batch.model.decoding import DecodingResult
-from whisper_batch.model.timing import Word
-from whisper_batch.model.transcribe import Segment, TranscribeOptions, WindowResult, is_quiet, is_silence, transcribe_windows
+from whisper_batch.model.results import Segment, WindowResult, Word
+from whisper_batch.model.transcribe import TranscribeOptions, is_quiet, is_silence, transcribe_windows
 from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline import faults
 from whisper_batch.pipeline.device import cpu_has_bf16, is_out_of_memory, pick_device
@@ -197,83 +197,6 @@ def test_every_decode_setting_reaches_the_model_options():
     assert opts.decoding.temperature == 0.0  # the pass's temperature comes from `temperatures`, not the config
     base = transcribe_options(default)
     assert (base.quiet_log_mel, base.failed_no_speech_threshold, base.stop_loops) == (-6.0, 0.5, True)
-
-
-def test_each_model_call_holds_one_of_the_longest_rows():
-    from whisper_batch.pipeline.graph import balance_order
-
-    # (windows, seconds) per row: three long files among short ones, the longest last as in the eval manifest
-    shapes = [(1, 5), (1, 3), (1, 7), (1, 2), (1, 9), (1, 4), (1, 6), (2, 60), (4, 100), (3, 89)]
-    items = [{"id": i, "mel_frames": [3000] * n, "audio_seconds": float(s)} for i, (n, s) in enumerate(shapes)]
-    out = balance_order(items, 4)
-    assert sorted(r["id"] for r in out) == list(range(10))  # every row once
-    calls = [[r["id"] for r in out[k : k + 4]] for k in range(0, len(out), 4)]
-    assert [c[0] for c in calls] == [8, 9, 7]  # the three longest lead a call each, longest first
-    assert all(not {7, 8, 9} & set(c[1:]) for c in calls)
-    assert [r["id"] for r in balance_order(items, 16)][:3] == [8, 9, 7]
-
-
-def test_model_stage_plan_from_the_cluster(monkeypatch):
-    import whisper_batch.pipeline.cluster as cluster
-
-    def plan(resources, *sets):
-        monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: resources)
-        return cluster.model_resources(load_config(None, list(sets)))
-
-    # CPUs: one single-threaded actor per core, sharing the cores the feature actor leaves; small calls
-    assert plan({"CPU": 2.0, "memory": 16e9}) == cluster.ModelPlan(2, 0.0, 0.5, 1, 4)
-    assert plan({"CPU": 16.0, "memory": 64e9}) == cluster.ModelPlan(16, 0.0, 15 / 16, 1, 4)
-    # one core, held by the feature actor: the model actor still gets a (small) logical share, so it is scheduled
-    assert plan({"CPU": 1.0, "memory": 16e9}) == cluster.ModelPlan(1, 0.0, 0.01, 1, 4)
-    # ... as many as half the memory holds
-    small = plan({"CPU": 16.0, "memory": 4 * 2**30})
-    assert 1 <= small.actors < 16 and small.actors * cluster.actor_memory(load_config(None, [])) <= 2 * 2**30
-    # the config wins
-    assert plan({"CPU": 2.0, "memory": 16e9}, "ray.model_actors=1", "ray.model_batch_size=16") == cluster.ModelPlan(
-        1, 0.0, 1.0, 2, 16
-    )
-    # GPUs: one actor per GPU, calls that fill it
-    assert plan({"CPU": 16.0, "GPU": 4.0, "memory": 64e9}) == cluster.ModelPlan(4, 1.0, 1.0, None, 64)
-    assert plan({"CPU": 16.0, "GPU": 4.0}, "ray.gpus_per_model_actor=0.5").actors == 8
-
-
-def test_the_featurizer_yields_a_block_a_few_model_calls_at_a_time(tmp_path):
-    """The model stage starts on a block's first rows: the first table is one model call's rows, then a few calls'
-    at a time, every row once, each table ordered for its calls."""
-    import wave
-
-    import pyarrow as pa
-
-    from whisper_batch.pipeline.graph import FEATURE_CHUNK_CALLS, ArrowFeaturizer
-    from whisper_batch.pipeline.schema import RECORD_SCHEMA
-
-    rows = []
-    for i in range(11):
-        path = tmp_path / f"{i}.wav"
-        with wave.open(str(path), "wb") as f:
-            f.setnchannels(1), f.setsampwidth(2), f.setframerate(16000)
-            t = np.arange(int(16000 * (0.5 + 0.1 * i))) / 16000
-            f.writeframes((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
-        rows.append({"shard_id": 0, "row_index": i, "id": f"r{i}", "audio_filepath": str(path), "uri": str(path),
-                     "offset": 0.0, "duration": None, "reference": None, "language": None, "extra_json": "{}"})
-    featurizer = ArrowFeaturizer(load_config(None, []), 80, rows_per_call=2)
-    tables = list(featurizer(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)))
-    assert [t.num_rows for t in tables] == [2, 2 * FEATURE_CHUNK_CALLS, 11 - 2 - 2 * FEATURE_CHUNK_CALLS]
-    got = [r for t in tables for r in t.column("row_index").to_pylist()]
-    assert sorted(got) == list(range(11))
-    assert all(len(r) == 1 for t in tables for r in t.column("mel_frames").to_pylist())
-
-
-def test_with_padding_seconds_a_model_call_gets_rows_of_like_lengths():
-    from whisper_batch.pipeline.graph import ArrowFeaturizer
-
-    shapes = [(1, 5), (1, 3), (4, 100), (1, 7), (1, 2), (3, 89), (1, 9), (1, 4)]
-    items = [{"id": i, "mel_frames": [3000] * n, "audio_seconds": float(s)} for i, (n, s) in enumerate(shapes)]
-    padded = ArrowFeaturizer(load_config(None, ["decode.padding_seconds=10"]), 80, rows_per_call=4)
-    # longest first: the short rows share calls, so their encoder pass is short
-    assert [r["id"] for r in padded.order(items)] == [2, 5, 6, 3, 0, 7, 1, 4]
-    plain = ArrowFeaturizer(load_config(None, []), 80, rows_per_call=4)
-    assert [r["id"] for r in plain.order(items)][::4] == [2, 5]  # else each call leads with one of the longest
 
 
 def test_window_features_equal_the_reference_padding_of_30_seconds():

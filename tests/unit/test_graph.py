@@ -1,0 +1,203 @@
+"""The graph's own rules (pipeline/graph.py): the order of rows over model calls, the model stage's plan, the
+featurizer's output tables, part files; and the driver's shard commits (pipeline/committer.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from whisper_batch.pipeline.config import load_config
+
+# --- the model stage: its plan and the order of rows over its calls ------------------------------------------------
+
+
+def test_each_model_call_holds_one_of_the_longest_rows():
+    from whisper_batch.pipeline.graph import balance_order
+
+    # (windows, seconds) per row: three long files among short ones, the longest last as in the eval manifest
+    shapes = [(1, 5), (1, 3), (1, 7), (1, 2), (1, 9), (1, 4), (1, 6), (2, 60), (4, 100), (3, 89)]
+    items = [{"id": i, "mel_frames": [3000] * n, "audio_seconds": float(s)} for i, (n, s) in enumerate(shapes)]
+    out = balance_order(items, 4)
+    assert sorted(r["id"] for r in out) == list(range(10))  # every row once
+    calls = [[r["id"] for r in out[k : k + 4]] for k in range(0, len(out), 4)]
+    assert [c[0] for c in calls] == [8, 9, 7]  # the three longest lead a call each, longest first
+    assert all(not {7, 8, 9} & set(c[1:]) for c in calls)
+    assert [r["id"] for r in balance_order(items, 16)][:3] == [8, 9, 7]
+
+
+def test_model_stage_plan_from_the_cluster(monkeypatch):
+    import whisper_batch.pipeline.cluster as cluster
+
+    def plan(resources, *sets):
+        monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: resources)
+        return cluster.model_resources(load_config(None, list(sets)))
+
+    # CPUs: one single-threaded actor per core, sharing the cores the feature actor leaves; small calls
+    assert plan({"CPU": 2.0, "memory": 16e9}) == cluster.ModelPlan(2, 0.0, 0.5, 1, 4)
+    assert plan({"CPU": 16.0, "memory": 64e9}) == cluster.ModelPlan(16, 0.0, 15 / 16, 1, 4)
+    # one core, held by the feature actor: the model actor still gets a (small) logical share, so it is scheduled
+    assert plan({"CPU": 1.0, "memory": 16e9}) == cluster.ModelPlan(1, 0.0, 0.01, 1, 4)
+    # ... as many as half the memory holds
+    small = plan({"CPU": 16.0, "memory": 4 * 2**30})
+    assert 1 <= small.actors < 16 and small.actors * cluster.actor_memory(load_config(None, [])) <= 2 * 2**30
+    # the config wins
+    assert plan({"CPU": 2.0, "memory": 16e9}, "ray.model_actors=1", "ray.model_batch_size=16") == cluster.ModelPlan(
+        1, 0.0, 1.0, 2, 16
+    )
+    # GPUs: one actor per GPU, calls that fill it
+    assert plan({"CPU": 16.0, "GPU": 4.0, "memory": 64e9}) == cluster.ModelPlan(4, 1.0, 1.0, None, 64)
+    assert plan({"CPU": 16.0, "GPU": 4.0}, "ray.gpus_per_model_actor=0.5").actors == 8
+
+
+# --- the featurizer -----------------------------------------------------------------------------------------------
+
+
+def test_the_featurizer_yields_a_block_a_few_model_calls_at_a_time(tmp_path):
+    """The model stage starts on a block's first rows: the first table is one model call's rows, then a few calls'
+    at a time, every row once, each table ordered for its calls."""
+    import wave
+
+    import pyarrow as pa
+
+    from whisper_batch.pipeline.graph import FEATURE_CHUNK_CALLS, ArrowFeaturizer
+    from whisper_batch.pipeline.schema import RECORD_SCHEMA
+
+    rows = []
+    for i in range(11):
+        path = tmp_path / f"{i}.wav"
+        with wave.open(str(path), "wb") as f:
+            f.setnchannels(1), f.setsampwidth(2), f.setframerate(16000)
+            t = np.arange(int(16000 * (0.5 + 0.1 * i))) / 16000
+            f.writeframes((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
+        rows.append({"shard_id": 0, "row_index": i, "id": f"r{i}", "audio_filepath": str(path), "uri": str(path),
+                     "offset": 0.0, "duration": None, "reference": None, "language": None, "extra_json": "{}"})
+    featurizer = ArrowFeaturizer(load_config(None, []), 80, rows_per_call=2)
+    tables = list(featurizer(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)))
+    assert [t.num_rows for t in tables] == [2, 2 * FEATURE_CHUNK_CALLS, 11 - 2 - 2 * FEATURE_CHUNK_CALLS]
+    got = [r for t in tables for r in t.column("row_index").to_pylist()]
+    assert sorted(got) == list(range(11))
+    assert all(len(r) == 1 for t in tables for r in t.column("mel_frames").to_pylist())
+
+
+def test_with_padding_seconds_a_model_call_gets_rows_of_like_lengths():
+    from whisper_batch.pipeline.graph import ArrowFeaturizer
+
+    shapes = [(1, 5), (1, 3), (4, 100), (1, 7), (1, 2), (3, 89), (1, 9), (1, 4)]
+    items = [{"id": i, "mel_frames": [3000] * n, "audio_seconds": float(s)} for i, (n, s) in enumerate(shapes)]
+    padded = ArrowFeaturizer(load_config(None, ["decode.padding_seconds=10"]), 80, rows_per_call=4)
+    # longest first: the short rows share calls, so their encoder pass is short
+    assert [r["id"] for r in padded.order(items)] == [2, 5, 6, 3, 0, 7, 1, 4]
+    plain = ArrowFeaturizer(load_config(None, []), 80, rows_per_call=4)
+    assert [r["id"] for r in plain.order(items)][::4] == [2, 5]  # else each call leads with one of the longest
+
+
+
+# --- part files and shard commits --------------------------------------------------------------------------------
+
+
+def _layout(tmp_path: Path):
+    from whisper_batch.pipeline.layout import RunLayout
+
+    return RunLayout(str(tmp_path / "out"))
+
+
+def _part(layout, shard: int, rows: list[int]) -> dict:
+    """A model call's part record for ``rows`` of ``shard``, its part file written as a model actor writes it."""
+    from whisper_batch.pipeline.graph import write_parts
+    from whisper_batch.pipeline.schema import transcripts_table
+
+    table = transcripts_table([
+        {"shard_id": shard, "row_index": i, "id": f"r{i}", "text": f"text {i}", "model": "tiny.en", "duration": 1.5,
+         "window_temperatures": [0.0], "decode_s": 0.25}
+        for i in rows
+    ])
+    [part] = write_parts(table, layout, "inv", {}).to_pylist()
+    return part
+
+
+def _committer(layout, expected: dict[int, int], records: list, parts: list | None = None):
+    from whisper_batch.pipeline.committer import ShardCommitter
+
+    on_part = (lambda part, new: parts.append((part["shard_id"], new))) if parts is not None else None
+    return ShardCommitter(layout, expected, {}, records.append, on_part=on_part)
+
+
+def test_a_model_call_writes_a_part_file_per_shard_under_the_invocations_staging(tmp_path):
+    import pyarrow.parquet as pq
+
+    from whisper_batch.pipeline.graph import write_parts
+    from whisper_batch.pipeline.schema import transcripts_table
+
+    layout = _layout(tmp_path)
+    rows = [{"shard_id": s, "row_index": i, "id": f"r{i}", "duration": 2.0,
+             "error": "timeout: 60 s" if i == 3 else None} for s, i in ((1, 3), (0, 0), (1, 2))]
+    parts = write_parts(transcripts_table(rows), layout, "inv", {}).to_pylist()
+    assert [(p["shard_id"], p["row_indices"], p["audio_seconds"], p["error_causes"]) for p in parts] == [
+        (0, [0], 2.0, []), (1, [3, 2], 4.0, ["timeout"])]
+    for p in parts:
+        assert p["path"].startswith(f"{layout.staging_dir('inv')}/parts/{p['shard_id']:05d}/")
+        assert pq.read_table(p["path"]).column("row_index").to_pylist() == p["row_indices"]
+
+
+def test_a_shard_commits_once_its_expected_rows_are_all_written(tmp_path):
+    import pyarrow.parquet as pq
+
+    layout = _layout(tmp_path)
+    records, seen = [], []
+    first, second = _part(layout, 0, [0, 1]), _part(layout, 0, [1, 2])  # row 1 again: a retried task's part
+    with _committer(layout, {0: 3, 1: 1}, records, seen) as committer:
+        committer.add_part(first)
+        committer.drain()
+        assert not records and not Path(layout.shard_file(0)).exists()  # 2 of 3 rows: not yet
+        committer.add_part(_part(layout, 1, [7]))
+        committer.add_part(second)
+        committer.drain()
+    assert sorted(r["shard_id"] for r in records) == [0, 1]
+    assert seen == [(0, 2), (1, 1), (0, 1)]  # each part's rows not seen before
+    assert pq.read_table(layout.shard_file(0)).column("row_index").to_pylist() == [0, 1, 2]  # each row once
+    assert Path(layout.record_file(0)).exists() and Path(layout.record_file(1)).exists()
+    assert not Path(first["path"]).exists() and not Path(second["path"]).exists()  # parts gone at the commit
+    assert committer.progress() == (2, 2)
+    committer.check_complete()
+
+
+def test_a_part_re_sent_after_its_shard_committed_is_ignored(tmp_path):
+    layout = _layout(tmp_path)
+    records, seen = [], []
+    part = _part(layout, 0, [0])
+    with _committer(layout, {0: 1}, records, seen) as committer:
+        committer.add_part(part)
+        committer.drain()
+        committer.add_part(_part(layout, 0, [0]))  # a retried task's copy, after the commit
+        committer.drain()
+    assert len(records) == 1 and seen == [(0, 1)]
+
+
+def test_a_failed_commit_fails_the_run(tmp_path, monkeypatch):
+    from whisper_batch.pipeline import committer as committer_module
+
+    def fail(*args, **kwargs):
+        raise OSError("the store refused the write")
+
+    monkeypatch.setattr(committer_module, "commit_shard_table", fail)
+    layout = _layout(tmp_path)
+    records: list = []
+    with _committer(layout, {0: 1}, records) as committer:
+        committer.add_part(_part(layout, 0, [0]))
+        with pytest.raises(OSError, match="the store refused the write"):
+            committer.drain()
+    assert not records and not Path(layout.record_file(0)).exists()
+
+
+def test_a_shard_not_all_written_when_the_graph_ends_is_reported(tmp_path):
+    from whisper_batch.pipeline.committer import Incomplete
+
+    layout = _layout(tmp_path)
+    with _committer(layout, {0: 3, 1: 1}, []) as committer:
+        committer.add_part(_part(layout, 0, [0]))
+        committer.add_part(_part(layout, 1, [5]))
+        committer.drain()
+    with pytest.raises(Incomplete, match=r"1 shard\(s\) not committed \(e.g. shard 0: 1 of 3 rows written\)"):
+        committer.check_complete()
