@@ -55,10 +55,12 @@ demo: install
 	$(BIN)/whisper-batch status $(OUT)
 	$(BIN)/whisper-batch eval $(OUT)
 
-# Command two: the whole test suite (real Ray, real S3 server on 127.0.0.1, real weights; no GPU needed).
+# Command two: the linter (ruff, configured in pyproject.toml), then the whole test suite (real Ray, real S3 server
+# on 127.0.0.1, real weights; no GPU needed).
 # The environment's bin first on PATH, as when it is activated: the cluster tests' `ray start` and the jobs they run
 # (`python -m whisper_batch.jobs.cli ...`) must find this environment's python, not the system's.
 test: install-test
+	$(PYTHON) -m ruff check .
 	PATH="$(abspath $(BIN)):$$PATH" $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-fast: install-test

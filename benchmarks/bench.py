@@ -13,8 +13,8 @@ skipped.
 from __future__ import annotations
 
 import json
-import platform
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -28,10 +28,14 @@ import click
 REPO = Path(__file__).resolve().parents[1]  # `benchmarks` runs from a checkout, not an install
 
 ENGINES = {
-    "whisper-batch": "our whole pipeline: local Ray, feature + model actors, windows of many files batched, Parquet commit",
+    "whisper-batch": (
+        "our whole pipeline: local Ray, feature + model actors, windows of many files batched, Parquet commit"
+    ),
     "whisper-batch-int8": "the same with model.quantize=int8",
     "whisper-batch-pad10": "the same with decode.padding_seconds=10 (short windows get a shorter encoder pass)",
-    "whisper-batch-fast": "the same with configs/cpu-fast.yaml (padding_seconds=10, temperatures to 0.4, calls of 8 rows)",
+    "whisper-batch-fast": (
+        "the same with configs/cpu-fast.yaml (padding_seconds=10, temperatures to 0.4, calls of 8 rows)"
+    ),
     "openai": "openai-whisper transcribe(), greedy, fp32",
     "faster-int8": "faster-whisper WhisperModel.transcribe, greedy, int8",
     "faster-fp32": "faster-whisper WhisperModel.transcribe, greedy, float32",
@@ -42,7 +46,8 @@ DEFAULT_ENGINES = ("whisper-batch", "whisper-batch-int8", "openai", "faster-int8
 
 
 def repeat_manifest(manifest: str, times: int, folder: str) -> str:
-    """A JSONL manifest in ``folder`` holding ``manifest``'s rows ``times`` times over (ids ``ID#k``, paths resolved)."""
+    """A JSONL manifest in ``folder`` holding ``manifest``'s rows ``times`` times over (ids ``ID#k``, paths
+    resolved)."""
     from whisper_batch.pipeline.manifest import read_manifest
 
     rows = list(read_manifest(manifest))
@@ -158,7 +163,9 @@ def run_engine(engine: str, manifest: str, model: str | None, threads: int) -> d
     if engine == "openai":
         return _run_openai(rows, model, threads)
     if engine.startswith("faster"):
-        return _run_faster(rows, model, threads, engine.rsplit("-", 1)[1].replace("fp32", "float32"), "batched" in engine)
+        return _run_faster(
+            rows, model, threads, engine.rsplit("-", 1)[1].replace("fp32", "float32"), "batched" in engine
+        )
     raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
 
 
@@ -188,7 +195,8 @@ def measure(engine: str, manifest: str, model: str | None, threads: int) -> dict
         cmd = [sys.executable, "-m", "benchmarks.bench", "child", engine, os.path.abspath(manifest), str(out),
                str(threads), model or ""]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
         peak = [0]
 
         def sample() -> None:
@@ -316,7 +324,8 @@ def cli(manifest, engines, model_spec, repeat, times, threads, json_out, yardsti
     """Side-by-side throughput/WER/memory of whisper-batch and its peers on MANIFEST, in one run."""
 
     if yardstick:
-        from benchmarks.yardstick import format_report, parse_configs, yardstick as run_yardstick
+        from benchmarks.yardstick import format_report, parse_configs
+        from benchmarks.yardstick import yardstick as run_yardstick
 
         try:
             chosen_configs = parse_configs(configs)

@@ -1,7 +1,7 @@
 """Scale and storage-latency figures (a command that prints tables; not a test).
 
-``python -m benchmarks.scale_bench --rows 10000,100000,1000000``: for each manifest size, a manifest of that many rows of
-one short silent clip (quiet windows skip the model: the figures measure the graph, not Whisper), run through
+``python -m benchmarks.scale_bench --rows 10000,100000,1000000``: for each manifest size, a manifest of that many rows
+of one short silent clip (quiet windows skip the model: the figures measure the graph, not Whisper), run through
 ``whisper-batch run`` as a user runs it, and measured from outside:
 
 - plan s: ``build_plan`` over the manifest (the driver's first pass), in this process;
@@ -114,8 +114,8 @@ def scale_run(rows: int, shard_size: int, clip: Path, work: Path, max_seconds: f
     out = work / f"out{rows}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "whisper_batch.jobs.cli", "run", str(manifest), "-o", str(out), "--progress-interval", "30",
-           "--set", f"manifest.shard_size={shard_size}", *extra]
+    cmd = [sys.executable, "-m", "whisper_batch.jobs.cli", "run", str(manifest), "-o", str(out),
+           "--progress-interval", "30", "--set", f"manifest.shard_size={shard_size}", *extra]
     log = open(work / f"run{rows}.log", "w")
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -159,8 +159,8 @@ def scale_run(rows: int, shard_size: int, clip: Path, work: Path, max_seconds: f
         commits, t_last = n, time.monotonic() - t0
     rate = (commits - commits_at_first) / (t_last - first_commit) if first_commit and t_last > first_commit else None
     t1 = time.monotonic()
-    status = subprocess.run([sys.executable, "-m", "whisper_batch.jobs.cli", "status", str(out), "--json"], cwd=REPO, env=env,
-                            capture_output=True, text=True)
+    status = subprocess.run([sys.executable, "-m", "whisper_batch.jobs.cli", "status", str(out), "--json"], cwd=REPO,
+                            env=env, capture_output=True, text=True)
     t_status = time.monotonic() - t1
     done_rows = json.loads(status.stdout)["rows_done"] if status.returncode == 0 else None
     return {

@@ -1,11 +1,12 @@
 """The accuracy yardstick: WER per set for candidate configurations, and a paired comparison against fp32.
 
-``python -m benchmarks.bench --yardstick`` transcribes every set built by :mod:`benchmarks.make_yardstick` (the two dev manifests
-plus noisy, reverberant, telephone and synthetic-voice copies: 12,851 reference words) once per configuration,
+``python -m benchmarks.bench --yardstick`` transcribes every set built by :mod:`benchmarks.make_yardstick` (the two dev
+manifests plus noisy, reverberant, telephone and synthetic-voice copies: 12,851 reference words) once per configuration,
 through the quick in-process path of ``pipeline/`` (:class:`~whisper_batch.pipeline.features.Featurizer` and
-:class:`~whisper_batch.pipeline.transcriber.Transcriber`, as ``whisper-batch transcribe`` uses), and compares each candidate with the
-fp32 reference on the same rows: rows better, rows worse, and a bootstrap 95 % interval of the WER difference
-(rows resampled with a fixed seed). A change keeps accuracy when that interval contains zero or lies below it.
+:class:`~whisper_batch.pipeline.transcriber.Transcriber`, as ``whisper-batch transcribe`` uses), and compares each
+candidate with the fp32 reference on the same rows: rows better, rows worse, and a bootstrap 95 % interval of the
+WER difference (rows resampled with a fixed seed). A change keeps accuracy when that interval contains zero or lies
+below it.
 
 :func:`paired_compare` and :func:`row_errors` are pure (numpy, jiwer); transcription results are cached per
 configuration and set under the yardstick's cache folder, so an interrupted run resumes where it stopped.
@@ -16,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 

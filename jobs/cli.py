@@ -159,11 +159,11 @@ def run(input_uri, output, config, overrides, shortcuts, retry_failed, progress_
     Progress shows as one bar in a terminal, or as a line every --progress-interval seconds elsewhere; Ray's own
     output goes to a log file (its path is printed) unless -v.
     """
+    from whisper_batch.jobs.lock import LockHeld
     from whisper_batch.jobs.progress import quiet_screen
     from whisper_batch.jobs.run import run as run_job
     from whisper_batch.jobs.run import stop_ray
     from whisper_batch.jobs.status import format_status, run_status
-    from whisper_batch.jobs.lock import LockHeld
     from whisper_batch.pipeline.cluster import ActorStartError
     from whisper_batch.pipeline.graph import Incomplete, Stalled
     from whisper_batch.pipeline.manifest import ManifestError
@@ -187,14 +187,16 @@ def run(input_uri, output, config, overrides, shortcuts, retry_failed, progress_
     click.echo("")
     click.echo(format_status(run_status(RunLayout(output, cfg.storage.storage_options))))
     click.echo(f"\ntranscripts: {summary.output}/transcripts/*.parquet — read them with e.g.")
-    click.echo(f"  python -c \"import pandas as pd; print(pd.read_parquet('{summary.output}/transcripts')[['id','text','error']])\"")
+    click.echo(f"  python -c \"import pandas as pd; print(pd.read_parquet('{summary.output}/transcripts')"
+               "[['id','text','error']])\"")
     click.echo(f"  whisper-batch export {summary.output} --format srt -o subs/")
 
 
 @main.command()
 @click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config (storage options).")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML config (storage options).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def status(output, as_json, config, overrides) -> None:
     """Progress of the run in OUTPUT: shards, rows, failures, audio hours, RTFx."""
@@ -207,7 +209,8 @@ def status(output, as_json, config, overrides) -> None:
 @main.command(name="eval")
 @click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config (storage options).")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML config (storage options).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def eval_(output, as_json, config, overrides) -> None:
     """WER of the committed rows that have a reference text (Whisper's English normalizer)."""
@@ -219,9 +222,12 @@ def eval_(output, as_json, config, overrides) -> None:
 
 @main.command()
 @click.argument("output")
-@click.option("-o", "--out", "target", default=None, help="Where to write the page (a path or URI; default: OUTPUT/report.html).")
-@click.option("--by", "by", multiple=True, metavar="FIELD", help="Also group by this manifest field (repeatable), e.g. --by dataset.")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config (storage options).")
+@click.option("-o", "--out", "target", default=None,
+              help="Where to write the page (a path or URI; default: OUTPUT/report.html).")
+@click.option("--by", "by", multiple=True, metavar="FIELD",
+              help="Also group by this manifest field (repeatable), e.g. --by dataset.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML config (storage options).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def report(output, target, by, config, overrides) -> None:
     """One self-contained HTML page about OUTPUT's committed rows: languages, failures, confidence signals and what
@@ -237,7 +243,8 @@ def report(output, target, by, config, overrides) -> None:
     except (OSError, ValueError) as e:  # storage refused or unreachable, a damaged run record
         raise click.ClickException(f"cannot read the run in {output}: {type(e).__name__}: {scrub(str(e))}") from None
     agg = data["agg"]
-    state = "complete" if data["complete"] else f"in progress: {data['shards_done']}/{data['shards_total']} shards committed"
+    state = ("complete" if data["complete"]
+             else f"in progress: {data['shards_done']}/{data['shards_total']} shards committed")
     click.echo(f"wrote {target}: {agg.rows} rows, {agg.failed} failed ({state})")
 
 
@@ -245,7 +252,8 @@ def report(output, target, by, config, overrides) -> None:
 @click.argument("output")
 @click.option("--format", "fmt", type=click.Choice(["srt", "vtt", "txt", "jsonl"]), required=True)
 @click.option("-o", "--out-dir", required=True, type=click.Path(file_okay=False), help="Local folder to write into.")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config (storage options).")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML config (storage options).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @click.option("--words", is_flag=True, help="srt/vtt: one cue per word (needs a run with decode.word_timestamps=true).")
 def export(output, fmt, out_dir, config, overrides, words) -> None:

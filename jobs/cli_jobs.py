@@ -13,7 +13,6 @@ import click
 
 from whisper_batch.jobs.cli_options import SET_HELP, load_cli_config, shortcut_options
 
-
 _ADDRESS_HELP = "Ray job server (the head's dashboard), e.g. http://HEAD:8265; default $RAY_API_SERVER_ADDRESS."
 
 
@@ -38,7 +37,8 @@ def _finish(client, submission_id: str, wait: bool) -> None:
     if wait:
         status = follow(client, submission_id, echo=click.echo)
         message = describe_job(client, submission_id)["message"] or ""
-        click.echo(f"\njob {submission_id} {status}" + (f": {message.strip().splitlines()[0][:300]}" if message else ""))
+        click.echo(f"\njob {submission_id} {status}"
+                   + (f": {message.strip().splitlines()[0][:300]}" if message else ""))
     click.echo(submission_id)
     if wait and status != "SUCCEEDED":
         sys.exit(1)
@@ -74,7 +74,8 @@ def submit(input_uri, output, address, config, overrides, shortcuts, wait, pip) 
 @click.command()
 @click.argument("output")
 @_address_option
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Change a throughput setting, e.g. ray.model_actors=8.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Change a throughput setting, e.g. ray.model_actors=8.")
 @click.option("--wait", is_flag=True, help="Follow the job's logs to the end; exit 0 only if it SUCCEEDED.")
 @click.option("--pip", "pip", is_flag=True, help="Also install the project's dependencies on the nodes (virtualenv).")
 def resume(output, address, overrides, wait, pip) -> None:

@@ -7,7 +7,8 @@ import functools
 import click
 
 from whisper_batch.pipeline.config import SHORTCUTS, ConfigError, load_config
-from whisper_batch.pipeline.secrets import register as register_secrets, scrub
+from whisper_batch.pipeline.secrets import register as register_secrets
+from whisper_batch.pipeline.secrets import scrub
 
 
 def load_cli_config(config: str | None, overrides: tuple[str, ...], shortcuts: dict | None = None):
@@ -64,7 +65,8 @@ def shortcut_options(f):
         if spelled is not None:
             if given["word_timestamps"] not in (None, spelled):
                 raise click.UsageError(f"--word_timestamps {spelled} contradicts "
-                                       f"--{'' if given['word_timestamps'] else 'no-'}word-timestamps: give one of them")
+                                       f"--{'' if given['word_timestamps'] else 'no-'}word-timestamps: "
+                                       "give one of them")
             given["word_timestamps"] = spelled
         return f(*args, shortcuts={k: v for k, v in given.items() if v is not None}, **kwargs)
 

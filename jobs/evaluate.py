@@ -16,7 +16,6 @@ from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.schema import extra_column_name
 from whisper_batch.pipeline.sink import iter_committed
 
-
 _COUNTS = ("hits", "substitutions", "deletions", "insertions")
 
 

@@ -108,7 +108,7 @@ class RunLock:
             if mine:  # never delete a lock another run took over
                 self.layout.remove_tree(self.path)
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

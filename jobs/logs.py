@@ -2,9 +2,9 @@
 
 Two guards. Storage clients (botocore, aiobotocore, s3fs, fsspec, urllib3, gcsfs, …) stay at INFO or above even
 under ``-vv``: at DEBUG botocore logs each request's headers, whose ``Authorization`` value names the access key id.
-And every line is scrubbed on its way out (:func:`whisper_batch.pipeline.secrets.scrub`): known secret values (the config's storage
-options and the standard credential environment variables) and anything shaped like an AWS signature or access key
-id become ``***``.
+And every line is scrubbed on its way out (:func:`whisper_batch.pipeline.secrets.scrub`): known secret values (the
+config's storage options and the standard credential environment variables) and anything shaped like an AWS signature or
+access key id become ``***``.
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ def histogram(plot_id: str, caption: str, counts: Sequence[int], lo: float, hi: 
         drops = x1 <= threshold if direction == "below" else x0 >= threshold
         h = plot_h * c / peak
         body.append(f'<rect class="bar" x="{left + plot_w * i / n:.1f}" y="{top_pad + plot_h - h:.1f}" '
-                    f'width="{max(plot_w / n - 1, 1):.1f}" height="{h:.1f}" fill="{DROP_COLOR if drops else BAR_COLOR}">'
+                    f'width="{max(plot_w / n - 1, 1):.1f}" height="{h:.1f}" '
+                    f'fill="{DROP_COLOR if drops else BAR_COLOR}">'
                     f'<title>{x0:.2f} to {x1:.2f}: {c} segments</title></rect>')
     for k in range(5):
         v = lo + (hi - lo) * k / 4
@@ -193,8 +194,8 @@ def _wer(agg: Aggregate, by: list[str]) -> str:
     for name in ["language", *by]:
         for key, counts in agg.groups[name].wer.items():
             items.append((f"{name}={key}", wer_of(counts)))
-    return hbars("wer", "WER by group (Whisper's English normaliser)", [(k, 100 * v) for k, v in items if v is not None],
-                 lambda v: f"{v:.2f}%", "#54a24b", ordered=True)
+    return hbars("wer", "WER by group (Whisper's English normaliser)",
+                 [(k, 100 * v) for k, v in items if v is not None], lambda v: f"{v:.2f}%", "#54a24b", ordered=True)
 
 
 def _temperatures(agg: Aggregate) -> str:

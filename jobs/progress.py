@@ -24,8 +24,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 logger = logging.getLogger(__name__)
@@ -244,7 +244,8 @@ class Progress:
 
             self._bar = tqdm(
                 total=self.counts.rows_total, unit="row", desc="rows", file=self.screen.stream, dynamic_ncols=True,
-                mininterval=0.5, smoothing=0.1, bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} rows{postfix}",
+                mininterval=0.5, smoothing=0.1,
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} rows{postfix}",
             )
             self._bar.set_postfix_str(self.counts.summary(time.monotonic(), with_rows=False), refresh=True)
         else:

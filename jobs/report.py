@@ -1,9 +1,9 @@
 """``whisper-batch report OUTPUT``: one self-contained HTML page about a run, with plots, from its committed shards.
 
-The page (drawn by :mod:`whisper_batch.jobs.plots`) shows rows and audio hours by language and by manifest fields, failures by
-cause with example rows, per-segment distributions of the confidence signals with the share of rows and hours that
-common pseudo-labelling filters would drop, WER by group where references exist, fallback temperatures, throughput
-over the run's invocations and the run's identity.
+The page (drawn by :mod:`whisper_batch.jobs.plots`) shows rows and audio hours by language and by manifest fields,
+failures by cause with example rows, per-segment distributions of the confidence signals with the share of rows and
+hours that common pseudo-labelling filters would drop, WER by group where references exist, fallback temperatures,
+throughput over the run's invocations and the run's identity.
 
 It streams: one shard at a time, reading only the leaf columns it needs (the segments' numbers, not their text or
 words), into fixed-size histograms and counters, so memory stays flat at a million rows. Groups of a manifest field
@@ -27,7 +27,6 @@ from whisper_batch.jobs.report_model import SIGNALS, Aggregate
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.schema import error_cause, extra_column_name
 from whisper_batch.pipeline.secrets import redact_uri
-
 
 SEGMENT_COLUMNS = [f"segments.list.element.{name}" for name, *_ in SIGNALS] + ["segments.list.element.temperature"]
 EXAMPLES_PER_CAUSE = 3

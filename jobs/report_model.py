@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-
 # (signal, histogram range, threshold, "below"|"above" drops): what Whisper's fallback and pseudo-labelling
 # pipelines filter on (Whisper's logprob_threshold, no_speech_threshold and compression_ratio_threshold)
 SIGNALS = (

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from whisper_batch.pipeline.config import RunConfig
 from whisper_batch.pipeline.layout import RunLayout
@@ -106,8 +106,8 @@ def run(
 ) -> RunSummary:
     """Transcribe ``input_uri`` into ``output_uri``, skipping shards already committed there.
 
-    With a ``screen`` (see ``whisper_batch.jobs.progress.quiet_screen``) the graph's progress is drawn there, as a bar or as a
-    line every ``progress_interval`` seconds; without one, ``echo`` gets a line per committed shard.
+    With a ``screen`` (see ``whisper_batch.jobs.progress.quiet_screen``) the graph's progress is drawn there, as a bar
+    or as a line every ``progress_interval`` seconds; without one, ``echo`` gets a line per committed shard.
     """
     cfg = preflight(input_uri, output_uri, cfg)  # raises StorageError (a ValueError) before any work
     so = cfg.storage.storage_options
@@ -165,7 +165,7 @@ class RunDriver:
             if self.pending:
                 self._transcribe(invocation["id"], only_rows, retry_failed)
             remove_staging(self.layout, invocation["id"])
-        except BaseException:
+        except BaseException:  # any exit by an exception, Ctrl-C included, records a failed run; re-raised
             status = "failed"
             raise
         finally:

@@ -2,8 +2,9 @@
 
 Everything goes through ``ray.job_submission.JobSubmissionClient`` (the job server's REST API on the dashboard port,
 8265 by default). A submission ships the project's code (the ``whisper_batch`` package: ``model``, ``pipeline``,
-``jobs``) and the resolved config as the job's ``working_dir``; the job's entrypoint is ``python -m whisper_batch.jobs.cli run INPUT -o OUTPUT --config
-.whisper-batch/config.yaml``, the same command a KubeRay ``RayJob`` runs (configs/cluster/).
+``jobs``) and the resolved config as the job's ``working_dir``; the job's entrypoint is
+``python -m whisper_batch.jobs.cli run INPUT -o OUTPUT --config .whisper-batch/config.yaml``, the same command a
+KubeRay ``RayJob`` runs (configs/cluster/).
 
 Credentials never leave this machine: they are removed from the shipped config and are in neither the job's
 metadata nor its runtime environment. The job's processes take them from their own environment (instance or pod
@@ -22,7 +23,8 @@ import shlex
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 import yaml
@@ -51,7 +53,8 @@ class JobError(RuntimeError):
 
 
 def build_entrypoint(input_uri: str, output_uri: str, config_path: str, overrides: tuple[str, ...] = ()) -> str:
-    """The shell command a job runs: ``python -m whisper_batch.jobs.cli run INPUT -o OUTPUT --config CONFIG [--set K=V]...``."""
+    """The shell command a job runs:
+    ``python -m whisper_batch.jobs.cli run INPUT -o OUTPUT --config CONFIG [--set K=V]...``."""
     args = [*ENTRYPOINT, input_uri, "-o", output_uri, "--config", config_path]
     for item in overrides:
         args += ["--set", item]
@@ -304,7 +307,8 @@ def format_job(d: dict[str, Any]) -> str:
     if d["message"]:
         lines.append(f"message    {d['message'].strip().splitlines()[0][:300]}")
     lines += [f"input      {d['input'] or '-'}", f"output     {d['output'] or '-'}"]
-    lines += [f"entrypoint {d['entrypoint']}", f"started    {when(d['start_time'])}", f"ended      {when(d['end_time'])}"]
+    lines += [f"entrypoint {d['entrypoint']}", f"started    {when(d['start_time'])}",
+              f"ended      {when(d['end_time'])}"]
     return "\n".join(lines)
 
 

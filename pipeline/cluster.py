@@ -116,7 +116,7 @@ def commit_threads() -> int:
     return max(2, int(ray.cluster_resources().get("CPU", 2)) // 2)
 
 
-def actor_pool(initial: int, most: int | None) -> "ray.data.ActorPoolStrategy":
+def actor_pool(initial: int, most: int | None) -> ray.data.ActorPoolStrategy:
     """An autoscaling actor pool that starts with ``initial`` actors and grows to ``most`` (None: no limit) as nodes
     join and work queues up.
 
@@ -202,7 +202,7 @@ class NodeWatch:
             yield from stream
         except Stalled:
             raise
-        except Exception as e:
+        except Exception as e:  # any failure of the graph: re-raised, as NodeLost when a node was lost
             self.poll(force=True)
             if not self.lost:
                 raise
@@ -227,7 +227,7 @@ def log_start_errors(init):
     def wrapped(self, *args, **kwargs):
         try:
             init(self, *args, **kwargs)
-        except BaseException:
+        except BaseException:  # any failure to start is logged, then re-raised
             print(f"{type(self).__name__} failed to start:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             raise
 

@@ -4,9 +4,10 @@ committed (:func:`commit_shard`) in one of the driver's threads while the graph 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 

@@ -13,15 +13,15 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import yaml
 
 from whisper_batch.model.constants import SAMPLE_RATE, TASKS
 
 from .secrets import redact_options, redact_uri
-
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZE = ("none", "int8")

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -116,7 +117,9 @@ class DatasetFeaturizer:
         cells = batch.column(audio_field).to_pylist()
         kind = batch.schema.field(audio_field).type
         # a path column is the user's data too; bytes are not carried (a struct keeps its path)
-        keep = batch if pa.types.is_string(kind) or pa.types.is_large_string(kind) else batch.drop_columns([audio_field])
+        keep = (
+            batch if pa.types.is_string(kind) or pa.types.is_large_string(kind) else batch.drop_columns([audio_field])
+        )
         if pa.types.is_struct(kind) and kind.get_field_index("path") >= 0:
             keep = keep.append_column(audio_field, batch.column(audio_field).combine_chunks().field("path"))
         rows, inline = [], {}
@@ -170,7 +173,7 @@ class DatasetTranscriber:
 FEATURE_BATCH_CALLS = 4  # model calls' rows per featurizer call: several feature actors share a user's large block
 
 
-def transcribe_dataset(ds: "ray.data.Dataset", cfg: RunConfig, n_mels: int) -> "ray.data.Dataset":
+def transcribe_dataset(ds: ray.data.Dataset, cfg: RunConfig, n_mels: int) -> ray.data.Dataset:
     """``ds`` (rows with audio in ``cfg.manifest.audio_field``) → a dataset of the same rows with transcripts.
 
     Lazy, as Ray Data is: nothing runs until the result is consumed (``write_parquet``, ``iter_batches``, ...).

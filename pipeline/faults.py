@@ -8,7 +8,7 @@ empty-list check.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 # called as hook(ids, n_windows) on the model thread, before a batch of windows is decoded: a hook may raise (an
 # error, MemoryError for out of memory) or block (a hung model call, ended by model.timeout_seconds)

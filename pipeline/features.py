@@ -11,11 +11,12 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,8 @@ def load_features(
     """Stream one manifest row's audio from storage into windows and features; raises AudioError with the cause.
 
     ``data`` is the audio of a sample read from its container (tar member, Parquet cell: see
-    :func:`whisper_batch.pipeline.sources.iter_sample_audio`), or the error that stopped reading it; None opens ``row["uri"]``.
+    :func:`whisper_batch.pipeline.sources.iter_sample_audio`), or the error that stopped reading it; None opens
+    ``row["uri"]``.
 
     Decoding is chunked, so at most one chunk plus one window of audio is held however long the file is. A row
     short enough to share a window with others (``audio.pack_max_seconds``) comes back as its raw audio instead,
@@ -96,7 +98,8 @@ def load_features(
         chunks = iter_audio_chunks(
             f, a.streaming_chunk_seconds, offset=float(row.get("offset") or 0.0), duration=duration, name=name
         )
-        if a.vad:  # windows around speech only (whisper_batch.pipeline.vad); not packed: a window's start is not the row's
+        # windows around speech only (whisper_batch.pipeline.vad); not packed: a window's start is not the row's
+        if a.vad:
             windows = speech_windows(chunks, a)
             w = featurize_windows(windows, n_mels)
             w.duration = windows.samples / SAMPLE_RATE
@@ -109,7 +112,8 @@ def load_features(
 
 
 def speech_windows(chunks: Iterable[np.ndarray], a: AudioConfig):
-    """``audio.vad``: windows of ≤ ``max_window_seconds`` around the speech Silero VAD finds (:mod:`whisper_batch.pipeline.vad`)."""
+    """``audio.vad``: windows of ≤ ``max_window_seconds`` around the speech Silero VAD finds
+    (:mod:`whisper_batch.pipeline.vad`)."""
     from .vad import VadOptions, VadWindows
 
     opts = VadOptions(

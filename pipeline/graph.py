@@ -15,7 +15,8 @@ import queue
 import re
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -329,7 +330,7 @@ def _stream(ds: "ray.data.Dataset", poll: float = 2.0):
             for row in ds.iter_rows():
                 q.put(row)
             q.put(done)
-        except BaseException as e:  # surfaced in the driver's thread
+        except BaseException as e:  # noqa: BLE001 - surfaced in the driver's thread, which raises it
             q.put(e)
 
     threading.Thread(target=produce, name="graph-output", daemon=True).start()

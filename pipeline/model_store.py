@@ -12,8 +12,9 @@ import os
 import posixpath
 import shutil
 import tempfile
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 

@@ -16,19 +16,20 @@ import os
 import platform
 import socket
 import uuid
-from bisect import bisect_right
 from array import array
+from bisect import bisect_right
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Collection, Iterator
+from typing import Any
 
 import numpy as np
 
 from whisper_batch.pipeline.config import ManifestConfig, RunConfig, config_fingerprint_fields, redacted
 from whisper_batch.pipeline.inputs import InputFormat
-from whisper_batch.pipeline.secrets import redact_uri
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.manifest import ManifestError, ManifestRow, input_format, read_manifest
+from whisper_batch.pipeline.secrets import redact_uri
 from whisper_batch.pipeline.sink import collect_stats
 
 logger = logging.getLogger(__name__)

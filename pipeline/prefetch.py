@@ -9,14 +9,14 @@ most ``max_bytes`` (a larger file is not kept: it is streamed by the decoder as 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 
 from .audio import AudioError
-
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -58,7 +58,7 @@ def prefetch(
         except FutureTimeout:
             future.cancel()
             result = TimeoutError(f"fetching took more than {timeout:g} s")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - handed to the caller with its item
             result = e
         yield item, result
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
-
 
 WORD_TYPE = pa.struct(
     [("word", pa.string()), ("start", pa.float64()), ("end", pa.float64()), ("probability", pa.float64())]
@@ -67,7 +67,8 @@ BASE_FIELDS = [
 BASE_NAMES = frozenset(f.name for f in BASE_FIELDS)
 
 # the causes an `error` value may start with
-# the causes of a row that could not be read or decoded (whisper_batch.pipeline.audio.AudioError), then those of the model stage
+# the causes of a row that could not be read or decoded (whisper_batch.pipeline.audio.AudioError), then those of the
+# model stage
 DECODE_CAUSES = ("not found", "empty", "no audio stream", "decode failed")
 ERROR_CAUSES = DECODE_CAUSES + ("timeout", "model failed")
 EXTRA_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
@@ -197,7 +198,9 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def output_table(rows: Iterable[dict[str, Any]], extra_types: dict[str, str], model_name: str | None = None) -> pa.Table:
+def output_table(
+    rows: Iterable[dict[str, Any]], extra_types: dict[str, str], model_name: str | None = None
+) -> pa.Table:
     """Records or transcripts → the output table: the one conversion into the output form.
 
     A row holds the fixed columns by name (missing ones are null; `model` falls back to `model_name`) and the

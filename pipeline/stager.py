@@ -11,7 +11,8 @@ import io
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,7 +92,7 @@ class InputStager:
         thread.start()
         try:
             yield self
-        except BaseException:
+        except BaseException:  # any exit by an exception stops the staging, then is re-raised
             self._halt(thread)
             self._raise_error()
             raise
@@ -145,7 +146,7 @@ class InputStager:
             logger.error("staging the input blocks failed: %s", e)
             try:
                 self.layout.write_bytes(self.abort_path, f"staging the input blocks failed: {e}".encode())
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - ABORT only spares the readers' wait; the driver raises the error
                 pass
 
     def _stage(self) -> None:

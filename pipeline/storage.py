@@ -127,7 +127,7 @@ def _credential_source(options: dict[str, Any], fs: fsspec.AbstractFileSystem | 
             fs.connect()
             creds = sync(fs.loop, fs.session.get_credentials)
             method = getattr(creds, "method", None) if creds is not None else "none"
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - only describes an error: any failure means the default chain
             logger.debug("cannot resolve the credential source: %s", e)
     if method == "none":
         return (

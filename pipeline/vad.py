@@ -28,7 +28,6 @@ from whisper_batch.model.constants import SAMPLE_RATE
 from .config import AudioConfig
 from .windows import plan_windows
 
-
 _MODEL = None
 _MODEL_LOCK = threading.Lock()
 

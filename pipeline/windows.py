@@ -17,7 +17,6 @@ import numpy as np
 
 from whisper_batch.model.constants import SAMPLE_RATE
 
-
 FRAME_SECONDS = 0.025  # energy frame (25 ms: a few pitch periods, shorter than a phoneme)
 HOP_SECONDS = 0.010
 SMOOTH_FRAMES = 5  # moving average over 50 ms, so one quiet frame inside a word does not win

@@ -9,10 +9,10 @@ import json
 import random
 import sys
 
+from tests.shards import write_shard
 from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.plan import Plan, finish_run, start_run
-from tests.shards import write_shard
 
 MODEL = "tiny.en (synthetic)"
 CAUSES = ("not found", "decode failed", "timeout")

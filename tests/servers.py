@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
 

@@ -10,7 +10,8 @@ ones.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from whisper_batch.pipeline.config import RunConfig, config_to_dict
 from whisper_batch.pipeline.config import load_config as _load_config
@@ -31,7 +32,7 @@ def load_config(config: Config = None, **options: Any) -> RunConfig:
 
 
 def run(input: str, output: str, config: Config = None, *, retry_failed: bool = False, progress: bool = True,
-        **options: Any) -> "RunSummary":
+        **options: Any) -> RunSummary:
     """Transcribe ``input`` (a manifest, a folder or glob of audio, tar shards, Parquet with audio; local or a URI)
     into Parquet shards under ``output``, as ``whisper-batch run`` does: every row committed exactly once; calling it
     again with the same arguments resumes.
@@ -73,7 +74,7 @@ def transcribe(files: str | Iterable[str], config: Config = None, **options: Any
     return [{k: r.get(k) for k in keys} for r in rows]
 
 
-def transcribe_dataset(ds: "ray.data.Dataset", config: Config = None, **options: Any) -> "ray.data.Dataset":
+def transcribe_dataset(ds: ray.data.Dataset, config: Config = None, **options: Any) -> ray.data.Dataset:
     """Whisper as stages of a Ray Data pipeline: ``ds``'s rows with their transcripts, as a new (lazy) dataset.
 
     The audio of a row is its ``audio_field`` column (default ``audio_filepath``): a path or URI, bytes, or a

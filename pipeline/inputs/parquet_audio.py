@@ -86,7 +86,8 @@ def audio_column(schema, audio_field: str, container: str) -> str | None:
         kind = _audio_type(schema.field(audio_field).type)
         if kind is not None:
             return audio_field
-        if pa.types.is_string(schema.field(audio_field).type) or pa.types.is_large_string(schema.field(audio_field).type):
+        if (pa.types.is_string(schema.field(audio_field).type)
+                or pa.types.is_large_string(schema.field(audio_field).type)):
             return None  # a manifest: the column holds paths
         raise SourceError(_wrong_type(audio_field, schema.field(audio_field).type, container))
     if DEFAULT_AUDIO_COLUMN in names:

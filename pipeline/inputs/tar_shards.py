@@ -73,10 +73,14 @@ class TarSample:
     def check(self, container: str) -> None:
         """Set ``error`` for a sample without exactly one audio member."""
         if self.error is None and not self.audio:
-            self.error = f"not found: sample {self.key!r} in {container} has no audio member ({', '.join(self.members)})"
+            self.error = (
+                f"not found: sample {self.key!r} in {container} has no audio member ({', '.join(self.members)})"
+            )
         elif self.error is None and len(self.audio) > 1:
             names = ", ".join(n for n, _ in self.audio)
-            self.error = f"decode failed: sample {self.key!r} in {container} has {len(self.audio)} audio members ({names})"
+            self.error = (
+                f"decode failed: sample {self.key!r} in {container} has {len(self.audio)} audio members ({names})"
+            )
 
 
 def split_key(name: str) -> tuple[str, str] | None:

@@ -1,7 +1,7 @@
 """Shared helpers and fixtures of the end-to-end tests: the CLI as a subprocess, reading OUTPUT, real speech.
 
-The tests drive `whisper-batch` only through its command line (``python -m whisper_batch.jobs.cli``) and read the output folder
-with pyarrow, so they check the product's contract (CLI, exit codes, output layout), not its internals.
+The tests drive `whisper-batch` only through its command line (``python -m whisper_batch.jobs.cli``) and read the output
+folder with pyarrow, so they check the product's contract (CLI, exit codes, output layout), not its internals.
 Real speech comes from ``../shared/data/eval`` beside the project; tests that need it skip when it is absent.
 Derived manifests and audio go to pytest's tmp dirs; nothing is copied into the repository.
 
@@ -20,8 +20,9 @@ import sys
 import time
 import wave
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pytest

@@ -224,7 +224,8 @@ class RayCluster:
         args = ["--head", f"--port={self.port}"]
         if dashboard:
             self.dashboard_port = dashboard_port
-            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={self.dashboard_port}"]
         else:
             args += ["--include-dashboard=false"]
         node = self._start("head", [*args, *extra], ports, num_cpus, num_gpus, timeout)
@@ -266,11 +267,11 @@ class RayCluster:
         for node in reversed(self.nodes):
             try:
                 node.stop()
-            except Exception:  # noqa: BLE001 - keep stopping the others
+            except (OSError, subprocess.TimeoutExpired):  # keep stopping the others
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "RayCluster":
+    def __enter__(self) -> RayCluster:
         return self
 
     def __exit__(self, *exc: Any) -> None:

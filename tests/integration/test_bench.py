@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
-import subprocess
-import sys
 
 from tests.integration.conftest import REPO, cli_env, write_manifest
 
@@ -50,7 +49,8 @@ def test_bench_refuses_an_unknown_engine(tmp_path: Path):
 
 
 def test_time_split_accounts_for_the_model_stage(capsys):
-    """`python -m benchmarks.time_split`: the encoder, the decoding passes and the rest add up to the model's seconds."""
+    """`python -m benchmarks.time_split`: the encoder, the decoding passes and the rest add up to the model's
+    seconds."""
     from benchmarks.time_split import main, model_split
 
     examples = str(Path(__file__).resolve().parents[2] / "examples" / "manifest.jsonl")

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from tests.faults import GATE_ENV
 from tests.integration.conftest import (
     RUN_TIMEOUT_S,
     completion_records,
@@ -41,7 +42,6 @@ from tests.integration.conftest import (
     whisper_batch,
     write_manifest,
 )
-from tests.faults import GATE_ENV
 from tests.integration.ray_cluster import RayCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

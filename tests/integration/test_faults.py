@@ -19,12 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
+from tests.faults import HANG_TAG
 from tests.integration.conftest import (
     RUN_TIMEOUT_S,
     alive,
@@ -34,20 +36,18 @@ from tests.integration.conftest import (
     descendants,
     output_of,
     read_rows,
+    sigkill,
     start_whisper_batch,
     status_json,
     stop_processes,
-    sigkill,
     wait_until,
     whisper_batch,
     whisper_batch_ok,
     write_manifest,
 )
-from tests.faults import HANG_TAG
-from tests.servers import free_port, moto_s3
 from tests.integration.tcp_proxy import TcpProxy
+from tests.servers import free_port, moto_s3
 from tests.speech import have_espeak
-
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -337,7 +337,7 @@ def test_driver_killed_at_ten_moments_then_rerun_gives_the_clean_result(
         a = Attempt(out, proc, time.monotonic(), before, _names(out, "invocations/*.json"),
                     _names(out, "_staging/*/input/*.parquet"), _names(out, "_staging/*/parts/*/*.parquet"))
         try:
-            hit = wait_until(lambda: ready(a), proc, poll=0.02)
+            hit = wait_until(lambda ready=ready, a=a: ready(a), proc, poll=0.02)
         finally:
             running = sigkill(proc)
         history.append((moment, hit and running, round(a.elapsed(), 1), before, len(completion_records(out))))

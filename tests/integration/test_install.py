@@ -131,7 +131,8 @@ def _locked_python(root: Path) -> Path:
     (lib / "EXTERNALLY-MANAGED").write_text(
         "[externally-managed]\nError=This Python is locked for a test (PEP 668): use a virtual environment.\n")
     probe = subprocess.run([str(root / "bin" / "python3"), "-c",
-                            "import sys, sysconfig; print(sys.prefix == sys.base_prefix, sysconfig.get_path('stdlib'))"],
+                            "import sys, sysconfig; "
+                            "print(sys.prefix == sys.base_prefix, sysconfig.get_path('stdlib'))"],
                            check=False, capture_output=True, text=True, timeout=60, env=_clean_env())
     if probe.returncode != 0:
         pytest.skip(f"the copied interpreter does not start: {probe.stderr.strip()[-2000:]}")
@@ -239,7 +240,8 @@ def test_the_wheel_holds_one_import_name_and_runs_beside_shadowing_files(tmp_pat
     # .pth there is not processed, so its finder is not active)
     code, out = python_c("import sys, torch, ray, pyarrow\n"
                          "try:\n    import whisper_batch\nexcept ModuleNotFoundError:\n    pass\n"
-                         "else:\n    sys.exit('whisper_batch importable before the install: ' + whisper_batch.__file__)\n"
+                         "else:\n"
+                         "    sys.exit('whisper_batch importable before the install: ' + whisper_batch.__file__)\n"
                          "assert not [m for m in sys.modules if 'editable' in m], sys.modules.keys()")
     assert code == 0, out
 
@@ -261,7 +263,8 @@ def test_the_wheel_holds_one_import_name_and_runs_beside_shadowing_files(tmp_pat
     assert (venv / "bin" / "whisper-batch").is_file()
 
     code, out = python_c(
-        "import importlib, json, whisper_batch, whisper_batch.jobs.cli, whisper_batch.model.dims, whisper_batch.pipeline\n"
+        "import importlib, json, whisper_batch, whisper_batch.jobs.cli, "
+        "whisper_batch.model.dims, whisper_batch.pipeline\n"
         "failed = {}\n"
         f"for name in {TOP_LEVEL_NAMES!r}:\n"
         "    try:\n        importlib.import_module(name)\n"

@@ -23,19 +23,19 @@ from pathlib import Path
 
 import pytest
 
-from whisper_batch.pipeline.layout import RunLayout
-from whisper_batch.pipeline.storage import resolve_storage_options
 from tests.integration.conftest import job_server_missing
 from tests.servers import free_port, moto_s3
 from tests.shards import read_committed
 from tests.speech import have_espeak, make_speech
-
+from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.storage import resolve_storage_options
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(not have_espeak(), reason="espeak-ng and ffmpeg are needed to make speech"),
-    pytest.mark.skipif(job_server_missing(), reason="the Ray job server needs ray[default]: pip install 'ray[default]'"),
+    pytest.mark.skipif(job_server_missing(),
+                       reason="the Ray job server needs ray[default]: pip install 'ray[default]'"),
 ]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,8 +163,8 @@ def _auth(token: str) -> dict[str, str]:
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "whisper_batch.jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "whisper_batch.jobs.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.speech import have_espeak, make_speech
 from whisper_batch.model.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
 from whisper_batch.model.decoding import DecodingOptions, decode
 from whisper_batch.model.transcribe import TranscribeOptions, transcribe_windows
 from whisper_batch.pipeline.audio import decode_audio
-from tests.speech import have_espeak, make_speech
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
 jiwer = pytest.importorskip("jiwer")

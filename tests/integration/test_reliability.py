@@ -40,7 +40,6 @@ from tests.integration.conftest import (
 )
 from tests.speech import make_speech
 
-
 pytestmark = pytest.mark.integration
 
 SR = 16000

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from whisper_batch.jobs.plots import PLOT_IDS
 from tests.integration.conftest import whisper_batch_ok
 from tests.report_data import make_run
+from whisper_batch.jobs.plots import PLOT_IDS
 
 pytestmark = pytest.mark.integration
 

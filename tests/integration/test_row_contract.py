@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from whisper_batch.pipeline.schema import BASE_NAMES, extra_column_name
 from tests.integration.conftest import count_ids, read_rows, whisper_batch_ok, write_manifest
+from whisper_batch.pipeline.schema import BASE_NAMES, extra_column_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import free_port, moto_s3
+from tests.shards import read_committed, write_shard
+from tests.speech import have_espeak, make_speech, requires_espeak
 from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.sink import collect_stats
 from whisper_batch.pipeline.storage import StorageError, preflight, resolve_storage_options
-from tests.servers import free_port, moto_s3
-from tests.shards import read_committed, write_shard
-from tests.speech import have_espeak, make_speech, requires_espeak
 
 pytestmark = pytest.mark.integration
 
@@ -99,8 +99,8 @@ def corpus(endpoint, tmp_path_factory):
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "whisper_batch.jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "whisper_batch.jobs.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _words(text: str) -> set[str]:
@@ -220,11 +220,14 @@ def test_wrong_credentials_stop_the_cli_before_any_work(aws_env, iam_user, monke
 @pytest.mark.parametrize(
     "inp, out, model, expected",
     [
-        ("s3://nobucket/m.jsonl", "s3://runs/bad", None, r"input s3://nobucket/m.jsonl: bucket 'nobucket' does not exist"),
+        ("s3://nobucket/m.jsonl", "s3://runs/bad", None,
+         r"input s3://nobucket/m.jsonl: bucket 'nobucket' does not exist"),
         ("s3://corpus/missing/m.jsonl", "s3://runs/bad", None,
          r"input s3://corpus/missing/m.jsonl: bucket 'corpus' exists but holds no object or prefix 'missing/m.jsonl'"),
-        ("s3://corpus/nothing-here/*.flac", "s3://runs/bad", None, r"bucket 'corpus' exists but holds no object or prefix 'nothing-here'"),
-        ("s3://corpus/manifest.jsonl", "s3://nobucket/out", None, r"output s3://nobucket/out: bucket 'nobucket' does not exist"),
+        ("s3://corpus/nothing-here/*.flac", "s3://runs/bad", None,
+         r"bucket 'corpus' exists but holds no object or prefix 'nothing-here'"),
+        ("s3://corpus/manifest.jsonl", "s3://nobucket/out", None,
+         r"output s3://nobucket/out: bucket 'nobucket' does not exist"),
         ("s3://corpus/manifest.jsonl", "s3://runs/bad", "s3://models/nope",
          r"model checkpoint s3://models/nope: bucket 'models' exists but holds no object or prefix 'nope'"),
     ],

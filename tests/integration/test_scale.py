@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from whisper_batch.jobs.procs import ray_workers
 from tests.integration.conftest import (
     RUN_TIMEOUT_S,
     completion_records,
@@ -29,6 +28,7 @@ from tests.integration.conftest import (
     write_manifest,
     write_wav,
 )
+from whisper_batch.jobs.procs import ray_workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -19,21 +19,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from whisper_batch.pipeline.config import load_config
 from tests.integration.conftest import (
     RUN_TIMEOUT_S,
     completion_records,
     count_ids,
+    descendants,
     output_of,
     read_rows,
     sigkill,
     start_whisper_batch,
     stop_processes,
-    descendants,
     wait_until,
     whisper_batch,
 )
 from tests.servers import moto_s3
+from whisper_batch.pipeline.config import load_config
 
 pytestmark = pytest.mark.integration
 

@@ -26,11 +26,11 @@ import pytest
 from tests.integration.conftest import count_ids, job_server_missing, read_jsonl, read_rows
 from tests.integration.ray_cluster import RayCluster
 
-
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.skipif(job_server_missing(), reason="the Ray job server needs ray[default]: pip install 'ray[default]'"),
+    pytest.mark.skipif(job_server_missing(),
+                       reason="the Ray job server needs ray[default]: pip install 'ray[default]'"),
 ]
 
 REPO = Path(__file__).resolve().parents[2]

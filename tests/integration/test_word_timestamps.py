@@ -20,7 +20,6 @@ from whisper_batch.pipeline.audio import decode_audio
 from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline.schema import output_table
 
-
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
 
 pytestmark = pytest.mark.integration
@@ -116,7 +115,9 @@ def test_words_are_ordered_and_inside_their_segment(ours, windows):
 def test_batched_pass_equals_one_window_alone(real_model, ours, windows):
     model, tokenizer, _ = real_model
     for k in (0, len(ours) - 1):
-        (alone,) = transcribe_windows(model, tokenizer, windows["mel"][k : k + 1], windows["frames"][k : k + 1], OPTIONS)
+        (alone,) = transcribe_windows(
+            model, tokenizer, windows["mel"][k : k + 1], windows["frames"][k : k + 1], OPTIONS
+        )
         assert alone.text == ours[k].text
         times = lambda r: [(w.word, w.start, w.end) for s in r.segments for w in s.words]  # noqa: E731
         assert times(alone) == times(ours[k])

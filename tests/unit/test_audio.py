@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.speech import make_speech, requires_espeak
 from whisper_batch.model import audio as ma
 from whisper_batch.pipeline import audio as pa
 from whisper_batch.pipeline.audio import AudioError, decode_audio, iter_audio_chunks, open_stream, read_bytes
-from tests.speech import make_speech, requires_espeak
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
 

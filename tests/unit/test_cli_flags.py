@@ -69,7 +69,8 @@ def test_each_flag_sets_its_config_key(command, resolved):
         "decode.word_timestamps": True, "audio.vad": True,
     }
     # one at a time: each flag changes its own key and nothing else
-    for argv, key, value in [(["--model", "m.pt"], "model.name", "m.pt"), (["--language", "de"], "decode.language", "de"),
+    for argv, key, value in [(["--model", "m.pt"], "model.name", "m.pt"),
+                             (["--language", "de"], "decode.language", "de"),
                              (["--task", "translate"], "decode.task", "translate"),
                              (["--beam_size", "2"], "decode.beam_size", 2),
                              (["--word_timestamps", "True"], "decode.word_timestamps", True),

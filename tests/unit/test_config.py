@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.config_yaml import base_yaml, field_comments, yaml_value
 from whisper_batch.pipeline.config import (
     SECTIONS,
     ConfigError,
@@ -15,7 +16,6 @@ from whisper_batch.pipeline.config import (
     load_config,
     redacted,
 )
-from tests.config_yaml import base_yaml, field_comments, yaml_value
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.gpu_check import StaticStep, check, decode_eager, decode_static, random_model, SELF_TEST
+from benchmarks.gpu_check import SELF_TEST, StaticStep, check, decode_eager, decode_static, random_model
 
 
 def test_self_test_runs_every_check_without_failures():

@@ -19,7 +19,8 @@ from whisper_batch.pipeline.stager import InputStager, read_inputs
 
 def _setup(tmp_path: Path, rows: int = 50, shard_size: int = 4):
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text("".join(json.dumps({"id": f"r{i}", "audio_filepath": f"/a/{i}.wav"}) + "\n" for i in range(rows)))
+    manifest.write_text("".join(json.dumps({"id": f"r{i}", "audio_filepath": f"/a/{i}.wav"}) + "\n"
+                                for i in range(rows)))
     cfg = load_config(None, [f"manifest.shard_size={shard_size}"])
     plan = build_plan(str(manifest), cfg)
     layout = RunLayout(str(tmp_path / "out"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from whisper_batch.jobs.logs import QUIET_LOGGERS, configure_logging
-from whisper_batch.pipeline.secrets import register as register_secrets, scrub
+from whisper_batch.pipeline.secrets import register as register_secrets
+from whisper_batch.pipeline.secrets import scrub
 
 
 def test_signatures_access_key_ids_and_registered_secrets_are_masked():

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.shards import write_shard
 from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.manifest import ManifestError
@@ -18,7 +19,6 @@ from whisper_batch.pipeline.plan import (
     merge_kinds,
     start_run,
 )
-from tests.shards import write_shard
 
 
 def write_manifest(path, n, **extra_per_row):

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.integration.conftest import write_wav
 from whisper_batch.pipeline.audio import AudioError
 from whisper_batch.pipeline.config import RunConfig
 from whisper_batch.pipeline.features import Featurizer
 from whisper_batch.pipeline.prefetch import fetch_small, prefetch
-from tests.integration.conftest import write_wav
 
 
 class Tracker:

@@ -89,7 +89,8 @@ def test_relative_links_resolve(page):
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
         if not dest.exists():
-            broken.append(f"[{label}]({target}): no file {dest.relative_to(REPO) if dest.is_relative_to(REPO) else dest}")
+            broken.append(f"[{label}]({target}): no file "
+                          f"{dest.relative_to(REPO) if dest.is_relative_to(REPO) else dest}")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"[{label}]({target}): no heading #{anchor} in {dest.name}")
     assert not broken, broken

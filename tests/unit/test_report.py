@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.report_data import make_run
+from tests.servers import moto_s3
 from whisper_batch.jobs.cli import main
 from whisper_batch.jobs.plots import PLOT_IDS
 from whisper_batch.jobs.progress import Counts, Progress, Screen
 from whisper_batch.jobs.report import build_report
-from tests.report_data import make_run
-from tests.servers import moto_s3
 
 
 def _report(tmp_path, *args):

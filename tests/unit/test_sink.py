@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.shards import read_committed, write_shard
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.schema import output_schema, output_table
 from whisper_batch.pipeline.sink import collect_stats, failed_rows, iter_committed
-from tests.shards import read_committed, write_shard
 
 EXTRA = {"speaker": "string", "age": "int64"}
 

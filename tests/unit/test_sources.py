@@ -11,10 +11,10 @@ import pytest
 
 from whisper_batch.pipeline.config import RunConfig
 from whisper_batch.pipeline.features import Featurizer
-from whisper_batch.pipeline.manifest import ManifestError, read_manifest
-from whisper_batch.pipeline.plan import build_plan, iter_waves
 from whisper_batch.pipeline.inputs.containers import SampleRef, expand_braces, parse_ref
 from whisper_batch.pipeline.inputs.tar_shards import read_tar_members
+from whisper_batch.pipeline.manifest import ManifestError, read_manifest
+from whisper_batch.pipeline.plan import build_plan, iter_waves
 from whisper_batch.pipeline.sources import iter_sample_audio
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -53,7 +53,8 @@ def test_expand_braces():
 
 
 def test_ref_round_trip():
-    for ref in [SampleRef("tar", "s3://b/x #1.tar", 1536, "dir/a b.flac"), SampleRef("parquet", "/d/t.parquet", 7, "audio"),
+    for ref in [SampleRef("tar", "s3://b/x #1.tar", 1536, "dir/a b.flac"),
+                SampleRef("parquet", "/d/t.parquet", 7, "audio"),
                 SampleRef("error", "/d/x.tar", 0, "not found: sample 'k' in /d/x.tar has no audio member")]:
         assert parse_ref(ref.to_uri()) == ref
     assert parse_ref("/data/a#b.flac") is None and parse_ref("s3://b/a.flac") is None
@@ -115,12 +116,14 @@ def test_parquet_with_embedded_audio(tmp_path):
         "n": [1, 2, 3],
     })
     pq.write_table(table, tmp_path / "train-0.parquet", row_group_size=2)
-    pq.write_table(table.drop_columns(["n"]).append_column("id", pa.array(["x", "y", "z"])), tmp_path / "train-1.parquet")
+    pq.write_table(table.drop_columns(["n"]).append_column("id", pa.array(["x", "y", "z"])),
+                   tmp_path / "train-1.parquet")
     cfg = RunConfig()
     recs = records(str(tmp_path / "train-*.parquet"), cfg)
     assert [r["id"] for r in recs] == ["train-0-000000", "train-0-000001", "train-0-000002", "x", "y", "z"]
     assert [r["shard_id"] for r in recs] == [0, 0, 0, 1, 1, 1]
-    assert recs[0]["reference"] == "a fox" and recs[0]["language"] == "en" and json.loads(recs[0]["extra_json"]) == {"n": 1}
+    assert (recs[0]["reference"] == "a fox" and recs[0]["language"] == "en"
+            and json.loads(recs[0]["extra_json"]) == {"n": 1})
     got = [(r["id"], d) for r, d in iter_sample_audio(recs)]
     assert [d for _, d in got[:2]] == [FOX, COFFEE]
     # an empty struct is that row's error, the other rows go on
@@ -164,7 +167,8 @@ def test_bad_samples_become_error_rows(tmp_path):
     errors = {k: r["error"] for k, r in out.items() if r["error"]}
     assert set(errors) == {"0001", "0002", "0003", "0012"}
     assert errors["0001"].startswith("not found: sample '0001'") and "no audio member (0001.json)" in errors["0001"]
-    assert errors["0002"].startswith("decode failed: sample '0002'") and "2 audio members (0002.flac, 0002.wav)" in errors["0002"]
+    assert (errors["0002"].startswith("decode failed: sample '0002'")
+            and "2 audio members (0002.flac, 0002.wav)" in errors["0002"])
     assert errors["0003"].startswith("decode failed:")
     assert errors["0012"].startswith("decode failed: tar") and "truncated" in errors["0012"]
     for k in ("0000", "0004", "0010", "0011"):

@@ -5,6 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from tests.shards import write_shard
 from whisper_batch.jobs.evaluate import evaluate, format_evaluation
 from whisper_batch.jobs.export import export, format_timestamp, safe_name, to_srt, to_vtt
 from whisper_batch.jobs.status import format_status, run_status
@@ -12,7 +13,6 @@ from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.plan import build_plan, finish_run, iter_waves, start_run
 from whisper_batch.pipeline.sink import wall_seconds
-from tests.shards import write_shard
 
 # id, reference, hypothesis, error, dataset
 ROWS = [

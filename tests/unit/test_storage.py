@@ -79,7 +79,9 @@ def test_preflight_local_paths(tmp_path):
     out = preflight(str(manifest), str(tmp_path / "new" / "out"), cfg)
     assert out.storage.storage_options == {"use_listings_cache": False} and out.decode == cfg.decode
     assert not (tmp_path / "new").exists()  # a check, not a write
-    with pytest.raises(StorageError, match=rf"input {tmp_path}/nope.jsonl does not exist \(nearest existing folder: {tmp_path}\)"):
+    with pytest.raises(
+        StorageError, match=rf"input {tmp_path}/nope.jsonl does not exist \(nearest existing folder: {tmp_path}\)"
+    ):
         preflight(str(tmp_path / "nope.jsonl"), str(tmp_path / "out"), cfg)
     with pytest.raises(StorageError, match=rf"output {manifest}/out: {manifest} is a file, expected a folder"):
         preflight(str(manifest), str(manifest / "out"), cfg)

@@ -12,8 +12,8 @@ from whisper_batch.model.audio import SAMPLE_RATE, log_mel_spectrogram, pad_or_t
 from whisper_batch.model.decoding import DecodingResult
 from whisper_batch.model.results import Segment, WindowResult, Word
 from whisper_batch.model.transcribe import TranscribeOptions, is_quiet, is_silence, transcribe_windows
-from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline import faults
+from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline.device import cpu_has_bf16, is_out_of_memory, pick_device
 from whisper_batch.pipeline.features import Featurizer, featurize_windows, mel_windows
 from whisper_batch.pipeline.packing import member_share, pack_ok

@@ -79,9 +79,9 @@ def test_silero_finds_the_speech_between_silence_and_noise():
 
 def test_the_feature_stage_with_vad_sends_speech_windows_at_absolute_times(tmp_path):
     pytest.importorskip("silero_vad")
+    from tests.integration.conftest import write_wav
     from whisper_batch.pipeline.config import load_config
     from whisper_batch.pipeline.features import load_features
-    from tests.integration.conftest import write_wav
 
     speech = decode_audio((EXAMPLES / "fox.flac").read_bytes())
     audio = np.concatenate([np.zeros(40 * SR, np.float32), speech, np.zeros(10 * SR, np.float32)])
@@ -102,4 +102,5 @@ def test_pauses_inside_a_window_are_muted():
     [(start, window)] = list(VadWindows([audio], VadOptions(pad_seconds=0.0), detect=fake_detector(truth)))
     assert start == 5 * SR and len(window) == 15 * SR
     assert not window[7 * SR : 8 * SR].any()  # the 1 s pause between the two segments: zeros
-    assert np.array_equal(window[: 7 * SR], audio[5 * SR : 12 * SR]) and np.array_equal(window[8 * SR :], audio[13 * SR : 20 * SR])
+    assert (np.array_equal(window[: 7 * SR], audio[5 * SR : 12 * SR])
+            and np.array_equal(window[8 * SR :], audio[13 * SR : 20 * SR]))

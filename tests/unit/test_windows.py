@@ -27,7 +27,7 @@ def _bursts(total_s: float, pauses: list[tuple[float, float]], seed: int = 0) ->
 
 def _assert_tiling(windows: list[tuple[int, int]], n: int, max_len: int = 30 * SR) -> None:
     assert windows[0][0] == 0 and windows[-1][1] == n
-    for (s0, e0), (s1, _) in zip(windows, windows[1:]):
+    for (_s0, e0), (s1, _) in zip(windows, windows[1:]):
         assert e0 == s1  # contiguous: no gap, no overlap
     assert all(0 < e - s <= max_len for s, e in windows)
 
@@ -101,7 +101,7 @@ def test_streaming_equals_in_memory(chunk):
     windows = plan_windows(audio)
     streamed = list(iter_windows(audio[i : i + chunk] for i in range(0, len(audio), chunk)))
     assert [(s, s + len(w)) for s, w in streamed] == windows
-    for (s, w), (a, b) in zip(streamed, windows):
+    for (_s, w), (a, b) in zip(streamed, windows):
         np.testing.assert_array_equal(w, audio[a:b])
 
 

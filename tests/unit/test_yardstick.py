@@ -85,7 +85,8 @@ def test_bench_needs_a_manifest_unless_yardstick():
 
 
 def test_the_cpu_fast_configuration_is_the_shipped_file(tmp_path):
-    """The yardstick's "cpu-fast" judges exactly configs/cpu-fast.yaml: its fields as overrides give the file's config."""
+    """The yardstick's "cpu-fast" judges exactly configs/cpu-fast.yaml: its fields as overrides give the file's
+    config."""
     from pathlib import Path
 
     from benchmarks.yardstick import CONFIGS, file_overrides
@@ -95,5 +96,6 @@ def test_the_cpu_fast_configuration_is_the_shipped_file(tmp_path):
     assert load_config(None, CONFIGS["cpu-fast"]) == load_config(str(shipped)) != RunConfig()
     other = tmp_path / "c.yaml"
     other.write_text("decode:\n  temperatures: [0.0, 0.5]\n  language: en\nmodel:\n  dtype: float32\n")
-    assert file_overrides(other) == ['decode.temperatures=[0.0, 0.5]', 'decode.language="en"', "model.dtype=\"float32\""]
+    assert file_overrides(other) == ['decode.temperatures=[0.0, 0.5]', 'decode.language="en"',
+                                     "model.dtype=\"float32\""]
     assert load_config(None, file_overrides(other)) == load_config(str(other))
