@@ -25,8 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -225,9 +225,9 @@ def bench_shapes(report: Report, dims: ModelDimensions, device: str, dtype: torc
                 sync(device)
                 t_enc = time.perf_counter() - t0
                 # one after the other, each mode's cache freed before the next allocates its own
-                modes = [("eager decode_step", lambda: lambda: decode_eager(model, feats, n_tokens, 0)),
+                modes = [("eager decode_step", lambda f=feats: lambda: decode_eager(model, f, n_tokens, 0)),
                          ("static cache" + (" + CUDA graph" if graph else ", no graph"),
-                          lambda: static_decoder(model, feats, n_tokens, 0, graph))]
+                          lambda f=feats: static_decoder(model, f, n_tokens, 0, graph))]
                 for name, make in modes:
                     fn = make()  # the CUDA graph is captured here, outside the timing
                     sync(device)
@@ -274,7 +274,8 @@ def bench_hf(dims: ModelDimensions, device: str, dtype: torch.dtype, batch: int,
         try:
             gen = lambda: model.generate(feats, **kwargs)  # noqa: E731
             gen()
-        except Exception:  # Whisper's own generate wants a real generation config: the plain one does the same work
+        except Exception:  # noqa: BLE001 - Whisper's own generate wants a real generation config (its error type
+            # varies by transformers version): the plain one does the same work
             gen = lambda: GenerationMixin.generate(model, input_features=feats, **kwargs)  # noqa: E731
             gen()
         sync(device)

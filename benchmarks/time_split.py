@@ -21,8 +21,9 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 @contextmanager
@@ -203,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         manifest = repeat_manifest(args.manifest, args.times, folder) if args.times > 1 else args.manifest
         r = pipeline_split(manifest, args.sets)
     print(f"pipeline (local Ray, {os.cpu_count()} cores, the manifest x{args.times}):")
-    print(f"  Ray start {r['ray_start_s']:.2f} s; run {r['run_s']:.2f} s: first model call at {r['first_model_call_s']:.2f}"
-          f" s, the last call ends {r['after_last_call_s']:.2f} s before the run does")
+    print(f"  Ray start {r['ray_start_s']:.2f} s; run {r['run_s']:.2f} s: first model call at "
+          f"{r['first_model_call_s']:.2f} s, the last call ends {r['after_last_call_s']:.2f} s before the run does")
     print(f"  actor start-ups (s): {r['actor_init_s']}; model calls per actor (s): {r['model_call_s']}")
     print("  CPU seconds by process: " + ", ".join(f"{name} {s:.1f}" for s, name in r["process_cpu_s"][:8]))
 

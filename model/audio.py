@@ -5,12 +5,11 @@ No I/O here: waveforms arrive as float32 arrays at 16 kHz (see ``pipeline/audio.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 
 # the audio hyper-parameters, importable from here as in the reference implementation (defined in constants.py)
 from .constants import (  # noqa: E402,F401
@@ -48,7 +47,7 @@ def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     return np.where(mel >= _MIN_LOG_MEL, log_part, linear)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mel_filters_np(n_mels: int) -> np.ndarray:
     """Triangular filters on the Slaney scale, area-normalised; float64 math, float32 result."""
     fft_freqs = np.linspace(0.0, SAMPLE_RATE / 2, 1 + N_FFT // 2)  # (201,)
@@ -64,7 +63,7 @@ def _mel_filters_np(n_mels: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mel_filters_cached(n_mels: int, device: str) -> torch.Tensor:
     return torch.from_numpy(_mel_filters_np(n_mels)).to(device)
 

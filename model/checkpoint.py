@@ -15,8 +15,9 @@ import gzip
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from whisper_batch.model.ct2 import ct2_to_reference, read_ct2_model, read_ct2_n_mels, read_ct2_variables
 from whisper_batch.model.dims import ModelDimensions
@@ -286,7 +287,9 @@ def load_checkpoint(spec: str | None = None, cache_dir: str | None = None, fetch
     return dataclasses.replace(ckpt, name=name, source=spec or path)
 
 
-def describe_model(spec: str | None = None, cache_dir: str | None = None, fetch: Fetch | None = None) -> tuple[str, int]:
+def describe_model(
+    spec: str | None = None, cache_dir: str | None = None, fetch: Fetch | None = None
+) -> tuple[str, int]:
     """(display name, n_mels) of a checkpoint from its metadata, without loading the weights.
 
     The name is ``load_checkpoint(spec).name``. The driver of a run calls this, so a large model is not

@@ -1,15 +1,16 @@
 """Batched decoding of 30 s windows that may come from many files: greedy, sampling (best-of) and beam search.
 
 The reference ``DecodingTask`` is kept in spirit — logit filters, a token decoder, a sequence ranker — but every
-rule works on the whole batch at once, the kv-cache is explicit (:class:`~whisper_batch.model.kv_cache.KVCache`), and an audio leaves
-the active batch as soon as its result is fixed, so its cost stops. Results equal the reference's ``whisper.decode``.
+rule works on the whole batch at once, the kv-cache is explicit (:class:`~whisper_batch.model.kv_cache.KVCache`), and
+an audio leaves the active batch as soon as its result is fixed, so its cost stops. Results equal the reference's
+``whisper.decode``.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -9,8 +9,8 @@ with ``torch.cat`` every step. Here the cache is a plain object the decoder writ
 - ``length`` is the next write position and therefore the positional-embedding offset;
 - on the CPU in bf16/fp16 the self-attention keys are stored transposed, (..., d_head, max_len) in memory, and
   ``self_k`` is the (..., max_len, d_head) view of them: a step's ``q @ k^T`` (plain matmuls there, see
-  ``whisper_batch.model.whisper.attention``) then reads the written prefix as it lies, where the plain layout made torch copy it
-  out first (tiny.en, 8 rows, 125 positions: 0.23 -> 0.13 ms a layer, the same bits).
+  ``whisper_batch.model.whisper.attention``) then reads the written prefix as it lies, where the plain layout made
+  torch copy it out first (tiny.en, 8 rows, 125 positions: 0.23 -> 0.13 ms a layer, the same bits).
 
 Rows are kept audio-major: row ``r`` decodes audio ``r // group``.
 """
@@ -43,7 +43,7 @@ class KVCache:
         group: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-    ) -> "KVCache":
+    ) -> KVCache:
         shape = (n_layer, n_rows, n_head, max_len, d_head)
         return cls(
             self_k=empty_keys(shape, device, dtype),

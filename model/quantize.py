@@ -20,7 +20,8 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from .whisper import Linear, MultiHeadAttention, Whisper, pack_weight, packed_linear
+from .torch_compat import int_mm, int_mm_works, pack_linear_weight, packed_linear
+from .whisper import Linear, MultiHeadAttention, Whisper
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +33,6 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     scale = x.abs().amax(dim=-1).float().clamp_min(1e-12) / QMAX
     q = torch.round(x.float() / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale
-
-
-def _int_mm_works() -> bool:
-    """Whether ``torch._int_mm`` runs on this machine's CPU (it exists since torch 2.2)."""
-    try:
-        a, b = torch.ones(4, 32, dtype=torch.int8), torch.ones(32, 8, dtype=torch.int8)
-        return bool(torch._int_mm(a, b).sum().item() == 4 * 8 * 32)
-    except (AttributeError, RuntimeError):
-        return False
 
 
 class Int8Linear(nn.Module):
@@ -73,7 +65,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         q, scale = self._quantized_input(x)
         if self.use_int_mm:
-            acc = torch._int_mm(q, self.weight_t).float()
+            acc = int_mm(q, self.weight_t).float()
         else:  # exact while a row's sum stays below 2^24 (K * 127^2): K <= 1040; above, off by float rounding
             acc = q.float() @ self.weight_t.float()
         # the order of these roundings is the one the yardstick measured (a different order flips a few greedy tokens)
@@ -92,7 +84,7 @@ class FloatProjection(nn.Module):
     def __init__(self, weight: Tensor):
         super().__init__()
         self.register_buffer("weight", weight.detach().float().clone())
-        self.packed = pack_weight(self.weight)
+        self.packed = pack_linear_weight(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is not None:
@@ -110,7 +102,7 @@ def quantize_int8(model: Whisper, projection: str = "int8") -> Whisper:
         raise ValueError(f"int8 quantisation is for fp32 models on the CPU, not {model.dtype} on {model.device}")
     if projection not in ("int8", "float"):
         raise ValueError(f"projection must be 'int8' or 'float', not {projection!r}")
-    use_int_mm = _int_mm_works()
+    use_int_mm = int_mm_works()
     if not use_int_mm:
         logger.warning("torch._int_mm does not run here: int8 layers multiply their int8 values in fp32 (same "
                        "numbers up to rounding, not faster)")

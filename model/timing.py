@@ -11,8 +11,9 @@ agree with it; DTW is plain numpy, vectorised along anti-diagonals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,10 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .constants import TOKENS_PER_SECOND
+from .results import Segment, Word
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from .transcribe import Segment
     from .whisper import Whisper
 
 
@@ -44,17 +45,6 @@ class WordTiming:
     start: float
     end: float
     probability: float
-
-
-@dataclass
-class Word:
-    """A word of a segment's output (times in seconds, on the same clock as the segment)."""
-
-    word: str
-    start: float
-    end: float
-    probability: float
-    tokens: list[int] = field(default_factory=list, repr=False)  # its text tokens (punctuation merged in)
 
 
 def median_filter(x: Tensor, width: int) -> Tensor:

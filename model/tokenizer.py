@@ -16,7 +16,6 @@ import tokenizers
 
 from .constants import TASKS, TIME_PRECISION
 
-
 N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|>
 MULTILINGUAL_MIN_VOCAB = 51865
 # Scripts written without spaces between words: split words at unicode-point boundaries instead.

@@ -1,22 +1,25 @@
 """Windows in, transcripts out: temperature fallback on the rows that fail, the no-speech rule, and segments.
 
 Each 30 s window is decoded independently (as in faster-whisper's batched mode), so windows of many files share one
-batch. A window's tokens are split into segments at timestamp pairs; text after the last timestamp pair becomes a last
-segment that ends where the window's audio ends, so no words are dropped between windows.
+batch. A window's tokens are split into segments at timestamp pairs, as the reference's ``transcribe`` does: tokens
+that end on a lone timestamp close a last segment there; text after a final timestamp pair is not trusted, and the
+window is decoded again from that timestamp in a further pass (so no words are dropped within a window); tokens
+without any timestamp pair make one segment, up to the last timestamp or else to the end of the window's audio.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .constants import FRAMES_PER_SECOND, N_FRAMES, TIME_PRECISION
-
 from .decoding import DecodingOptions, DecodingResult, decode
-from .timing import Word, add_word_timestamps, find_alignments, speech_end, tidy_words
+from .results import Segment, WindowResult
+from .timing import add_word_timestamps, find_alignments, speech_end, tidy_words
 from .tokenizer import Tokenizer
 from .whisper import Whisper
 
@@ -28,60 +31,44 @@ FRAMES_PER_TIMESTAMP = 2  # mel frames per timestamp step (the encoder halves th
 
 @dataclass(frozen=True)
 class TranscribeOptions:
-    # options of every decoding pass; temperature is taken from `temperatures`
+    # options of every decoding pass, except three that each pass sets (options_at): the temperature, from
+    # `temperatures`; above 0, best_of candidates instead of beams (beam_size and patience dropped); and with
+    # stop_loops, stop_compression_ratio = compression_ratio_threshold
     decoding: DecodingOptions = DecodingOptions()
-    # tried in order on the windows that fail the thresholds below
+    # every window is decoded at the first; only the windows that fail the thresholds below, at the next, and so on
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    # above this gzip compression ratio the text is too repetitive: decode again hotter
+    # a decode whose text's gzip compression ratio is above this is too repetitive: decoded again hotter
     compression_ratio_threshold: float | None = 2.4
-    # below this average logprob the decode failed: decode again hotter
+    # a decode whose average logprob is below this failed: decoded again hotter (unless the no-speech rule holds)
     logprob_threshold: float | None = -1.0
-    # above this no-speech probability (and with a failed logprob) the window is silence: empty text, no fallback
+    # the no-speech rule: above this no-speech probability, a decode whose average logprob is below
+    # logprob_threshold is silence: no text, and not decoded again (at exactly logprob_threshold, or at any logprob
+    # when that is None, the window gets no text too, but only after its fallback has run)
     no_speech_threshold: float | None = 0.6
-    # a window that failed at every temperature is no speech when its no-speech probability is above this (a tone,
-    # a hum: the model half thinks it is silence, and what it samples at the hottest temperature is invented)
+    # a window that still fails the thresholds at the last temperature is silence (no text) when its no-speech
+    # probability is above this (a tone, a hum: the model half thinks it is silence, and what it samples at the
+    # hottest temperature is invented)
     failed_no_speech_threshold: float | None = 0.5
-    # a window whose loudest log10 mel power is below this is no speech, without running the model (digital silence
-    # is -10, a -100 dBFS hiss -8.4, speech at -60 dBFS -4.8): Whisper hears "you" in plain silence
+    # a window (or the rest of one, to be continued) whose loudest log10 mel power is below this is no speech, and
+    # the model does not run on it (digital silence is -10, a -100 dBFS hiss -8.4, speech at -60 dBFS -4.8):
+    # Whisper hears "you" in plain silence
     quiet_log_mel: float | None = -6.0
-    # candidates sampled per window at temperatures above 0
+    # candidates sampled per window at temperatures above 0; the best ranked is kept
     best_of: int | None = 5
-    # stop sampling a row as soon as its text is too repetitive to pass compression_ratio_threshold (a loop) rather
-    # than at sample_len: it falls back to the next temperature as it would have, hundreds of steps sooner
+    # stop a greedy or sampled row (not beam search) as soon as its text is too repetitive to pass
+    # compression_ratio_threshold (a loop; checked every 8 tokens from the 32nd) rather than at sample_len: it falls
+    # back to the next temperature as it would have, hundreds of steps sooner
     stop_loops: bool = True
-    # time each word from the alignment heads' cross-attention (one extra batched decoder pass per decoding pass)
+    # time each word from the alignment heads' cross-attention: per decoding pass, one extra teacher-forced decoder
+    # pass over the pass's timed windows (in chunks of rows when large); a pass that does not end on a lone
+    # timestamp is then continued from its last word's end
     word_timestamps: bool = False
-    # None: every window is padded to 30 s, as the model was trained. A number: the encoder sees a batch's longest
-    # window plus at least this many seconds of padding (whole seconds, at most 30 s), so that a short window costs
-    # a shorter encoder pass and fewer cross-attention positions per decoded token
+    # None: every window is padded to 30 s, as the model was trained. A number: each window's encoder pass is its
+    # audio (from where the pass starts) plus at least this many seconds of padding, rounded up to a multiple of 5 s
+    # and at most 30 s (encoder_frames); the length depends on the window alone, never on its batch, and windows of
+    # the same length share an encoder pass. A short window costs a shorter encoder pass and fewer cross-attention
+    # positions per decoded token
     padding_seconds: float | None = None
-
-
-@dataclass
-class Segment:
-    start: float  # seconds from the window's start
-    end: float
-    text: str
-    tokens: list[int]
-    avg_logprob: float
-    compression_ratio: float
-    no_speech_prob: float
-    temperature: float
-    words: list[Word] | None = None  # with word_timestamps; times on the same clock as start/end
-
-
-@dataclass
-class WindowResult:
-    text: str
-    segments: list[Segment]
-    language: str
-    tokens: list[int]
-    avg_logprob: float
-    compression_ratio: float
-    no_speech_prob: float
-    temperature: float
-    no_speech: bool = False  # skipped by the no-speech rule
-    language_probs: dict[str, float] | None = field(default=None, repr=False)
 
 
 def is_silence(r: DecodingResult, opts: TranscribeOptions) -> bool:
@@ -106,12 +93,11 @@ def is_quiet(mel: Tensor, opts: TranscribeOptions) -> bool:
 
 
 def needs_fallback(r: DecodingResult, opts: TranscribeOptions) -> bool:
-    failed = (opts.compression_ratio_threshold is not None and r.compression_ratio > opts.compression_ratio_threshold) or (
-        opts.logprob_threshold is not None and r.avg_logprob < opts.logprob_threshold
-    )
+    cr, lp = opts.compression_ratio_threshold, opts.logprob_threshold
+    failed = (cr is not None and r.compression_ratio > cr) or (lp is not None and r.avg_logprob < lp)
     # a silent window with a low logprob is silence, not a failure worth re-decoding
     silent = opts.no_speech_threshold is not None and r.no_speech_prob > opts.no_speech_threshold
-    return failed and not (silent and opts.logprob_threshold is not None and r.avg_logprob < opts.logprob_threshold)
+    return failed and not (silent and lp is not None and r.avg_logprob < lp)
 
 
 def options_at(opts: TranscribeOptions, temperature: float) -> DecodingOptions:
@@ -193,6 +179,27 @@ def split_segments(r: DecodingResult, tokenizer: Tokenizer, frames: int) -> tupl
     return segments, consumed if 0 < consumed < frames else frames
 
 
+class Seek(NamedTuple):
+    """A window still to decode: its index in the batch and its first mel frame not yet decoded."""
+
+    window: int
+    frame: int
+
+
+@dataclass
+class Pass:
+    """What one decoding pass gives a window.
+
+    ``segments`` are in seconds from the window's start; ``consumed`` counts the mel frames, from the pass's first
+    frame, that they account for (a rest long enough is decoded in a further pass); ``silent``: the no-speech rule
+    took the pass for silence (no segments, everything consumed).
+    """
+
+    segments: list[Segment]
+    consumed: int
+    silent: bool
+
+
 @torch.no_grad()
 def transcribe_windows(
     model: Whisper,
@@ -220,69 +227,131 @@ def transcribe_windows(
     frames = list(content_frames) if content_frames is not None else [N_FRAMES] * n
     langs = list(languages) if languages is not None else [None] * n
     timed = list(timed) if timed is not None else [opts.word_timestamps] * n
-    out: list[WindowResult | None] = [None] * n
-    todo = [(i, 0) for i in range(n)]  # (window, first frame still to decode)
-    last_speech: dict[int, float] = {}  # window -> end of its last timed word (word_timestamps only)
-    while todo:
+    return WindowBatch(model, tokenizer, opts, mel, frames, langs, timed).run()
+
+
+class WindowBatch:
+    """The windows of one :func:`transcribe_windows` call, and what its decoding passes learn about them.
+
+    Read only: the model, tokenizer and options; ``mel`` (n, n_mels, 3000); per window ``frames`` (mel frames of
+    audio) and ``timed`` (whether to time its words). Per window, updated by every pass over it: ``langs`` (as given,
+    or detected by its first pass and reused by the later ones), ``results`` (each pass folded in by :func:`merge`)
+    and ``last_speech`` (the end of its last timed word, seconds from the window's start; timed windows only).
+    """
+
+    def __init__(
+        self,
+        model: Whisper,
+        tokenizer: Tokenizer,
+        opts: TranscribeOptions,
+        mel: Tensor,
+        frames: list[int],
+        langs: list[str | None],
+        timed: list[bool],
+    ):
+        self.model, self.tokenizer, self.opts = model, tokenizer, opts
+        self.mel, self.frames, self.timed = mel, frames, timed
+        self.langs = langs
+        self.results: list[WindowResult | None] = [None] * len(frames)
+        self.last_speech: dict[int, float] = {}
+
+    def run(self) -> list[WindowResult]:
+        """Every window from its first frame, then the windows to continue, pass after pass, until none is left."""
+        todo = [Seek(i, 0) for i in range(len(self.frames))]
+        while todo:
+            heard = self.skip_quiet(todo)
+            todo = []
+            for length, group in self.by_encoder_length(heard):
+                todo += self.decode_pass(group, length)
+        for r, n, t in zip(self.results, self.frames, self.timed):
+            if t:  # the first-word rules of a continued pass may reach into the one before
+                tidy_words(r.segments, n / FRAMES_PER_SECOND)
+        return self.results
+
+    def skip_quiet(self, todo: list[Seek]) -> list[Seek]:
+        """The windows with something to hear from their first frame on; a window quiet from the start is no
+        speech, and no model time is spent on it."""
         heard = []
         for i, seek in todo:
-            if not is_quiet(mel[i, :, seek : frames[i]], opts):
-                heard.append((i, seek))
-            elif out[i] is None:  # nothing to hear: no speech, and no model time spent on it
-                out[i] = WindowResult("", [], langs[i] or "en", [], 0.0, 0.0, 1.0, 0.0, no_speech=True)
-        todo = []
-        # windows whose encoder passes have the same length share a batch (all of them, unless padding_seconds)
-        groups: dict[int, list[tuple[int, int]]] = {}
-        for i, seek in heard:
-            groups.setdefault(encoder_frames(frames[i] - seek, opts), []).append((i, seek))
-        for length, group in sorted(groups.items(), reverse=True):
-            todo += decode_pass(model, tokenizer, mel, group, length, frames, langs, timed, out, last_speech, opts)
-    for r, n, t in zip(out, frames, timed):  # the first-word rules of a continued pass may reach into the one before
-        if t:
-            tidy_words(r.segments, n / FRAMES_PER_SECOND)
-    return out
+            if not is_quiet(self.mel[i, :, seek : self.frames[i]], self.opts):
+                heard.append(Seek(i, seek))
+            elif self.results[i] is None:
+                self.results[i] = WindowResult("", [], self.langs[i] or "en", [], 0.0, 0.0, 1.0, 0.0, no_speech=True)
+        return heard
 
+    def by_encoder_length(self, todo: list[Seek]) -> list[tuple[int, list[Seek]]]:
+        """``todo`` grouped by the length of their encoder passes (one group unless padding_seconds), longest first:
+        windows whose passes have the same length share a batch."""
+        groups: dict[int, list[Seek]] = {}
+        for s in todo:
+            groups.setdefault(encoder_frames(self.frames[s.window] - s.frame, self.opts), []).append(s)
+        return sorted(groups.items(), reverse=True)
 
-def decode_pass(
-    model: Whisper,
-    tokenizer: Tokenizer,
-    mel: Tensor,
-    todo: list[tuple[int, int]],
-    length: int,
-    frames: list[int],
-    langs: list[str | None],
-    timed: list[bool],
-    out: list[WindowResult | None],
-    last_speech: dict[int, float],
-    opts: TranscribeOptions,
-) -> list[tuple[int, int]]:
-    """One batched encoder pass and decode over ``todo`` (window, first frame), each encoded at ``length`` frames;
-    folds the results into ``out`` and returns the windows to continue (window, new first frame)."""
-    batch = torch.zeros(len(todo), mel.shape[1], length, dtype=mel.dtype)
-    for k, (i, seek) in enumerate(todo):  # length >= the window's audio (encoder_frames)
-        batch[k, :, : frames[i] - seek] = mel[i, :, seek : frames[i]]
-    features = model.embed_audio(batch.to(model.device, model.dtype))
-    decoded = decode_with_fallback(model, tokenizer, features, opts, [langs[i] for i, _ in todo])
-    passes = []  # (segments, frames consumed, silent) per window of this pass
-    for (i, seek), r in zip(todo, decoded):
-        langs[i] = r.language
-        silent = is_silence(r, opts)
-        segments, consumed = ([], frames[i] - seek) if silent else split_segments(r, tokenizer, frames[i] - seek)
-        for s in segments:
-            s.start, s.end = s.start + seek / FRAMES_PER_SECOND, s.end + seek / FRAMES_PER_SECOND
-        passes.append((segments, consumed, silent))
-    sel = [k for k, (i, _) in enumerate(todo) if timed[i]]
-    if sel:
-        picked = ([xs[k] for k in sel] for xs in (todo, decoded, passes))
-        words = time_words(model, tokenizer, features[sel], *picked, frames, last_speech, opts)
-        for k, p in zip(sel, words):
-            passes[k] = p
-    later = []
-    for (i, seek), r, (segments, consumed, silent) in zip(todo, decoded, passes):
-        out[i] = merge(out[i], r, segments, silent)
-        if frames[i] - seek - consumed >= MIN_CONTINUATION_FRAMES:
-            later.append((i, seek + consumed))
-    return later
+    def decode_pass(self, todo: list[Seek], length: int) -> list[Seek]:
+        """One batched encoder pass and decode over ``todo``, each window encoded at ``length`` mel frames; folds
+        the results into ``results`` and returns the windows to continue, from their new first frame."""
+        features = self.encode(todo, length)
+        langs = [self.langs[s.window] for s in todo]
+        decoded = decode_with_fallback(self.model, self.tokenizer, features, self.opts, langs)
+        passes = []
+        for s, r in zip(todo, decoded):
+            self.langs[s.window] = r.language
+            passes.append(self.cut(s, r))
+        sel = [k for k, s in enumerate(todo) if self.timed[s.window]]
+        if sel:
+            self.time_words(features[sel], *([xs[k] for k in sel] for xs in (todo, decoded, passes)))
+        later = []
+        for (i, seek), r, p in zip(todo, decoded, passes):
+            self.results[i] = merge(self.results[i], r, p.segments, p.silent)
+            if self.frames[i] - seek - p.consumed >= MIN_CONTINUATION_FRAMES:
+                later.append(Seek(i, seek + p.consumed))
+        return later
+
+    def encode(self, todo: list[Seek], length: int) -> Tensor:
+        """Encoder output (len(todo), length // 2, n_audio_state) of each window's audio from its first frame on,
+        zero-padded to ``length`` frames (at least the audio's: :func:`encoder_frames`)."""
+        batch = torch.zeros(len(todo), self.mel.shape[1], length, dtype=self.mel.dtype)
+        for k, (i, seek) in enumerate(todo):
+            batch[k, :, : self.frames[i] - seek] = self.mel[i, :, seek : self.frames[i]]
+        return self.model.embed_audio(batch.to(self.model.device, self.model.dtype))
+
+    def cut(self, s: Seek, r: DecodingResult) -> Pass:
+        """A window's decode as segments on the window's clock (none where the no-speech rule says silence)."""
+        size = self.frames[s.window] - s.frame
+        if is_silence(r, self.opts):
+            return Pass([], size, True)
+        segments, consumed = split_segments(r, self.tokenizer, size)
+        for seg in segments:
+            seg.start, seg.end = seg.start + s.frame / FRAMES_PER_SECOND, seg.end + s.frame / FRAMES_PER_SECOND
+        return Pass(segments, consumed, False)
+
+    def time_words(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass]) -> None:
+        """Word timestamps for one decoding pass over many windows, in place: one batched alignment pass, then per
+        window the words go into its pass's segments.
+
+        As in the reference, a pass that does not end on a lone timestamp resumes at its last word's end (the text
+        after the last word is not trusted), so the pass's ``consumed`` may change.
+
+        Args:
+            features: (len(todo), n_audio_ctx, n_audio_state) encoder output of the windows.
+        """
+        tk, frames = self.tokenizer, self.frames
+        texts = [[t for seg in p.segments for t in seg.tokens if t < tk.eot] for p in passes]
+        sizes = [frames[i] - seek for i, seek in todo]
+        langs = [r.language for r in decoded]
+        alignments = find_alignments(self.model, tk, features, texts, sizes, langs, self.opts.decoding.task)
+        for (i, seek), r, alignment, p in zip(todo, decoded, alignments, passes):
+            if not p.segments:
+                continue
+            offset = seek / FRAMES_PER_SECOND
+            add_word_timestamps(p.segments, alignment, tk.eot, offset, self.last_speech.get(i, 0.0))
+            tidy_words(p.segments, frames[i] / FRAMES_PER_SECOND)
+            end = self.last_speech[i] = speech_end(p.segments)
+            tb = tk.timestamp_begin
+            single_ending = len(r.tokens) >= 2 and r.tokens[-1] >= tb and r.tokens[-2] < tb
+            resume = round(end * FRAMES_PER_SECOND) - seek
+            if not single_ending and end > offset and resume > 0:
+                p.consumed = min(resume, frames[i] - seek)
 
 
 PADDING_STEP_SECONDS = 5  # with padding_seconds, encoder passes are a multiple of this long
@@ -300,47 +369,6 @@ def encoder_frames(content: int, opts: TranscribeOptions) -> int:
         return N_FRAMES
     step = PADDING_STEP_SECONDS * FRAMES_PER_SECOND
     return min(N_FRAMES, -(-(content + round(opts.padding_seconds * FRAMES_PER_SECOND)) // step) * step)
-
-
-def time_words(
-    model: Whisper,
-    tokenizer: Tokenizer,
-    features: Tensor,
-    todo: list[tuple[int, int]],
-    decoded: list[DecodingResult],
-    passes: list[tuple[list[Segment], int, bool]],
-    frames: list[int],
-    last_speech: dict[int, float],
-    opts: TranscribeOptions,
-) -> list[tuple[list[Segment], int, bool]]:
-    """Word timestamps for one decoding pass over many windows: one batched alignment pass, then per window the
-    words go into its segments (in place).
-
-    As in the reference, a pass that does not end on a lone timestamp resumes at its last word's end (the text
-    after the last word is not trusted), so the frames consumed may change.
-
-    Args:
-        features: (len(todo), n_audio_ctx, n_audio_state) encoder output of the pass.
-        todo: (window, first frame) of each row of ``features``.
-        last_speech: per window, the end of its last word so far (seconds from the window's start); updated.
-    """
-    texts = [[t for s in segments for t in s.tokens if t < tokenizer.eot] for segments, _, _ in passes]
-    sizes = [frames[i] - seek for i, seek in todo]
-    langs = [r.language for r in decoded]
-    alignments = find_alignments(model, tokenizer, features, texts, sizes, langs, opts.decoding.task)
-    tb, out = tokenizer.timestamp_begin, []
-    for (i, seek), r, alignment, (segments, consumed, silent) in zip(todo, decoded, alignments, passes):
-        if segments:
-            offset = seek / FRAMES_PER_SECOND
-            add_word_timestamps(segments, alignment, tokenizer.eot, offset, last_speech.get(i, 0.0))
-            tidy_words(segments, frames[i] / FRAMES_PER_SECOND)
-            end = last_speech[i] = speech_end(segments)
-            single_ending = len(r.tokens) >= 2 and r.tokens[-1] >= tb and r.tokens[-2] < tb
-            resume = round(end * FRAMES_PER_SECOND) - seek
-            if not single_ending and end > offset and resume > 0:
-                consumed = min(resume, frames[i] - seek)
-        out.append((segments, consumed, silent))
-    return out
 
 
 def merge(prev: WindowResult | None, r: DecodingResult, segments: list[Segment], silent: bool) -> WindowResult:

@@ -7,7 +7,7 @@ writes keys/values into a :class:`~whisper_batch.model.kv_cache.KVCache` instead
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .dims import ModelDimensions
 from .kv_cache import KVCache
+from .torch_compat import pack_linear_weight, packed_linear, version_counter
 
 
 class LayerNorm(nn.LayerNorm):
@@ -30,7 +31,7 @@ class LayerNorm(nn.LayerNorm):
         """The weight and bias in fp32, converted once and kept until a parameter moves or changes (a decoding
         step has 13 layer norms: converting their parameters on every call cost about a tenth of a tiny.en step)."""
         params = (self.weight, self.bias)
-        key = tuple((p.data_ptr(), p.dtype, p._version) if p is not None else None for p in params)
+        key = tuple((p.data_ptr(), p.dtype, version_counter(p)) if p is not None else None for p in params)
         if key != self._float_key:
             self._float_params = tuple(p.detach().float() if p is not None else None for p in params)
             self._float_key = key
@@ -48,28 +49,11 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
-def pack_weight(weight: Tensor) -> Tensor | None:
-    """``weight`` (out, in) reordered once into oneDNN's blocked layout, or None where this torch or CPU cannot.
-
-    torch's CPU ``linear`` hands oneDNN a plain weight and oneDNN reorders it on every call; for the few rows of a
-    decoding step that reorder is most of the work (tiny.en's vocabulary projection, 4 rows: 5.5 ms plain, 2.2 ms
-    packed — the same bits). This is what torch.compile's CPU freezing does to linear layers.
-    """
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4)
-    except (AttributeError, RuntimeError):  # a torch without mkldnn, or a CPU without the dtype's kernels
-        return None
-
-
-def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
 class Conv1d(nn.Conv1d):
-    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return super()._conv_forward(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    def forward(self, x: Tensor) -> Tensor:
+        # the weights in the activations' dtype, as the reference does (torch's Conv1d.forward, padding_mode zeros)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv1d(x, self.weight.to(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> Tensor:
@@ -406,11 +390,12 @@ class Whisper(nn.Module):
 
         Call it once the model has its final device and dtype: the packed copies do not follow ``.to()`` (a layer
         whose dtype no longer matches falls back to the plain weight). Returns whether the weights were packed; off
-        the CPU, or on a torch or CPU that cannot pack, nothing changes. The packed copies take as much memory as the weights.
+        the CPU, or on a torch or CPU that cannot pack (model/torch_compat.py), nothing changes. The packed copies
+        take as much memory as the weights.
         """
         layers = [m for m in self.modules() if isinstance(m, Linear)]
-        packed = [pack_weight(m.weight) for m in layers]
-        projection = pack_weight(self.decoder.token_embedding.weight)
+        packed = [pack_linear_weight(m.weight) for m in layers]
+        projection = pack_linear_weight(self.decoder.token_embedding.weight)
         if projection is None or any(p is None for p in packed):
             return False
         for layer, p in zip(layers, packed):

@@ -10,16 +10,18 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 
 from whisper_batch.model.constants import FRAMES_PER_SECOND, N_FRAMES
 from whisper_batch.model.decoding import DecodingOptions
-from whisper_batch.model.transcribe import TranscribeOptions, WindowResult, transcribe_windows
+from whisper_batch.model.results import WindowResult
+from whisper_batch.model.transcribe import TranscribeOptions, transcribe_windows
 
 from . import faults
 from .config import DecodeConfig, RunConfig

@@ -260,7 +260,8 @@ def test_incomplete_or_foreign_pt_files_are_clear_errors(tmp_path, ref_sd):
         load_checkpoint(str(tmp_path / "foreign.pt"))
     partial = {k: v for k, v in ref_sd.items() if k != "decoder.blocks.1.cross_attn.key.weight"}
     torch.save({"dims": SMALL.to_dict(), "model_state_dict": partial}, tmp_path / "partial.pt")
-    with pytest.raises(ValueError, match=r"does not match Whisper.*missing \['decoder.blocks.1.cross_attn.key.weight'\]"):
+    missing = r"does not match Whisper.*missing \['decoder.blocks.1.cross_attn.key.weight'\]"
+    with pytest.raises(ValueError, match=missing):
         load_checkpoint(str(tmp_path / "partial.pt"))
 
 

@@ -6,6 +6,8 @@ A tiny random model (2 layers, 64 wide, real contexts and vocabulary) shares one
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -18,6 +20,9 @@ from whisper_batch.model.whisper import ATTENTION_CHUNK, Whisper, attention, chu
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
 
 ATOL = 1e-4
+# the kv-cache tests run on the CPU, and on a CUDA device where there is one (`pytest -m gpu`, `make gpu-check`)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
 
 
 def random_mel(n: int, seed: int = 1, n_mels: int = 80, frames: int = 3000) -> torch.Tensor:
@@ -35,6 +40,28 @@ def features(random_model) -> torch.Tensor:
     """Encoder output of 3 random windows: (3, 1500, 64)."""
     with torch.no_grad():
         return random_model.embed_audio(random_mel(3))
+
+
+@pytest.fixture(scope="module")
+def copies() -> dict:
+    return {}
+
+
+@pytest.fixture
+def on_device(random_model, features, copies, monkeypatch):
+    """``on_device(device)``: (the random model, ``features``) on ``device``, fp32; off the CPU a copy, made once,
+    and without TF32 (cuDNN's convolutions take it by default), so that the CPU's tolerances hold."""
+
+    def get(device: str) -> tuple[Whisper, torch.Tensor]:
+        if device == "cpu":
+            return random_model, features
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        if device not in copies:
+            copies[device] = copy.deepcopy(random_model).to(device), features.to(device)
+        return copies[device]
+
+    return get
 
 
 # --------------------------------------------------------------------------- parity with the reference
@@ -86,47 +113,53 @@ def test_alignment_heads_from_reference_dump(make_random_whisper, tiny_en_tokeni
 
 
 @torch.no_grad()
-def test_incremental_decoding_equals_full_forward(random_model, features):
-    tokens = random_tokens(3, 12)
-    full = random_model.logits(tokens, features)  # (3, 12, V)
-    cache = random_model.new_cache(features, group=1, max_len=16)
-    steps = [random_model.decode_step(tokens[:, :5], cache)]  # a 5-token prefix at once ...
+@pytest.mark.parametrize("device", DEVICES)
+def test_incremental_decoding_equals_full_forward(on_device, device):
+    model, features = on_device(device)
+    tokens = random_tokens(3, 12).to(device)
+    full = model.logits(tokens, features)  # (3, 12, V)
+    cache = model.new_cache(features, group=1, max_len=16)
+    steps = [model.decode_step(tokens[:, :5], cache)]  # a 5-token prefix at once ...
     assert cache.length == 5
     for t in range(5, 12):  # ... then token by token
-        steps.append(random_model.decode_step(tokens[:, t : t + 1], cache))
+        steps.append(model.decode_step(tokens[:, t : t + 1], cache))
     assert cache.length == 12
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
-def test_cache_group_shares_cross_attention_between_rows(random_model, features):
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_group_shares_cross_attention_between_rows(on_device, device):
     """group=3 rows per audio (cross K/V stored once per audio) == each audio repeated 3 times with group=1."""
-    tokens = random_tokens(9, 6, seed=3)
-    grouped = random_model.new_cache(features, group=3)
+    model, features = on_device(device)
+    tokens = random_tokens(9, 6, seed=3).to(device)
+    grouped = model.new_cache(features, group=3)
     assert grouped.cross_k.shape[1] == 3 and grouped.n_rows == 9
-    repeated = random_model.new_cache(features.repeat_interleave(3, dim=0), group=1)
-    a = random_model.decode_step(tokens, grouped)
-    b = random_model.decode_step(tokens, repeated)
+    repeated = model.new_cache(features.repeat_interleave(3, dim=0), group=1)
+    a = model.decode_step(tokens, grouped)
+    b = model.decode_step(tokens, repeated)
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
-    torch.testing.assert_close(a, random_model.logits(tokens, features), atol=ATOL, rtol=0)
+    torch.testing.assert_close(a, model.logits(tokens, features), atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
-def test_reorder_equals_rerunning_reordered_tokens(random_model, features):
+@pytest.mark.parametrize("device", DEVICES)
+def test_reorder_equals_rerunning_reordered_tokens(on_device, device):
+    model, features = on_device(device)
     audio = features[:2]
-    tokens = random_tokens(6, 7, seed=4)  # 2 audios x 3 beams
-    cache = random_model.new_cache(audio, group=3)
-    random_model.decode_step(tokens[:, :4], cache)
-    rows = torch.tensor([2, 0, 0, 4, 5, 3])  # beams never move between audios
+    tokens = random_tokens(6, 7, seed=4).to(device)  # 2 audios x 3 beams
+    cache = model.new_cache(audio, group=3)
+    model.decode_step(tokens[:, :4], cache)
+    rows = torch.tensor([2, 0, 0, 4, 5, 3], device=device)  # beams never move between audios
     cache.reorder(rows)
     history = torch.cat([tokens[rows, :4], tokens[:, 4:5]], dim=1)
-    got = random_model.decode_step(tokens[:, 4:5], cache)[:, -1]
-    torch.testing.assert_close(got, random_model.logits(history, audio)[:, -1], atol=ATOL, rtol=0)
-    rows = torch.tensor([1, 1, 2, 3, 3, 3])  # a second reorder, one step later
+    got = model.decode_step(tokens[:, 4:5], cache)[:, -1]
+    torch.testing.assert_close(got, model.logits(history, audio)[:, -1], atol=ATOL, rtol=0)
+    rows = torch.tensor([1, 1, 2, 3, 3, 3], device=device)  # a second reorder, one step later
     cache.reorder(rows)
     history = torch.cat([history[rows], tokens[:, 5:6]], dim=1)
-    got = random_model.decode_step(tokens[:, 5:6], cache)[:, -1]
-    torch.testing.assert_close(got, random_model.logits(history, audio)[:, -1], atol=ATOL, rtol=0)
+    got = model.decode_step(tokens[:, 5:6], cache)[:, -1]
+    torch.testing.assert_close(got, model.logits(history, audio)[:, -1], atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
@@ -144,18 +177,20 @@ def test_reorder_matches_reference_logits(random_model, features, reference_of):
 
 
 @torch.no_grad()
-def test_keep_audios_keeps_the_right_rows(random_model, features):
-    tokens = random_tokens(6, 6, seed=7)  # 3 audios x 2 rows
-    cache = random_model.new_cache(features, group=2, max_len=8)
-    random_model.decode_step(tokens[:, :5], cache)
+@pytest.mark.parametrize("device", DEVICES)
+def test_keep_audios_keeps_the_right_rows(on_device, device):
+    model, features = on_device(device)
+    tokens = random_tokens(6, 6, seed=7).to(device)  # 3 audios x 2 rows
+    cache = model.new_cache(features, group=2, max_len=8)
+    model.decode_step(tokens[:, :5], cache)
     before_k, before_cross = cache.self_k.clone(), cache.cross_k.clone()
-    cache.keep_audios(torch.tensor([2, 0]))
-    rows = torch.tensor([4, 5, 0, 1])
+    cache.keep_audios(torch.tensor([2, 0], device=device))
+    rows = torch.tensor([4, 5, 0, 1], device=device)
     assert cache.n_rows == 4 and cache.length == 5 and cache.max_len == 8
     assert torch.equal(cache.self_k[:, :, :, :5], before_k[:, rows, :, :5])
     assert torch.equal(cache.cross_k, before_cross[:, [2, 0]])
-    got = random_model.decode_step(tokens[rows, 5:6], cache)[:, -1]
-    expected = random_model.logits(tokens[rows], features[[2, 0]])[:, -1]
+    got = model.decode_step(tokens[rows, 5:6], cache)[:, -1]
+    expected = model.logits(tokens[rows], features[[2, 0]])[:, -1]
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
@@ -288,6 +323,31 @@ def test_packed_layer_falls_back_when_its_dtype_changes(random_setup):
     x = torch.randn(3, model.dims.n_audio_state)
     layer.float()  # the packed copy is bf16: an fp32 layer must use its own weight
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+# --------------------------------------------------------------------------- on a CUDA device
+
+
+@torch.no_grad()
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_encoder_and_logits_match_the_cpu(on_device, random_model, tiny_en_tokenizer):
+    """fp32 on the device gives the CPU's numbers up to the kernels' rounding (no TF32); fp16, as the pipeline runs
+    on a GPU, stays as close as bf16 does on the CPU."""
+    model, _ = on_device("cuda")
+    mel = random_mel(2, seed=5)
+    tokens = torch.tensor([[tiny_en_tokenizer.sot, *tiny_en_tokenizer.encode(" hello world")]] * 2)
+    exact = random_model.embed_audio(mel)
+    exact_logits = random_model.logits(tokens, exact)
+    audio = model.embed_audio(mel.cuda())
+    torch.testing.assert_close(audio.cpu(), exact, atol=1e-3, rtol=0)
+    torch.testing.assert_close(model.logits(tokens.cuda(), audio).cpu(), exact_logits, atol=1e-3, rtol=0)
+    half = copy.deepcopy(model).half()
+    ours = half.embed_audio(mel.cuda().half()).float().cpu()
+    assert (ours - exact).abs().mean() < 0.02 * exact.abs().mean()
+    logits = half.logits(tokens.cuda(), half.embed_audio(mel.cuda().half())).cpu()
+    assert logits.dtype == torch.float32
+    assert (logits - exact_logits).abs().mean() < 0.02 * exact_logits.abs().mean()
 
 
 # --------------------------------------------------------------------------- bad input

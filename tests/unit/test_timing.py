@@ -17,9 +17,9 @@ import torch
 import whisper_batch.model.transcribe as transcribe_module
 from whisper_batch.jobs.export import export, to_srt, to_vtt
 from whisper_batch.model.decoding import DecodingOptions, DecodingResult
+from whisper_batch.model.results import Segment, WindowResult, Word
 from whisper_batch.model.timing import (
     WordTiming,
-    Word,
     add_word_timestamps,
     dtw,
     find_alignments,
@@ -28,9 +28,9 @@ from whisper_batch.model.timing import (
     speech_end,
     tidy_words,
 )
-from whisper_batch.model.transcribe import Segment, TranscribeOptions, WindowResult, transcribe_windows
-from whisper_batch.pipeline.schema import output_table
+from whisper_batch.model.transcribe import TranscribeOptions, transcribe_windows
 from whisper_batch.pipeline.packing import member_share
+from whisper_batch.pipeline.schema import output_table
 from whisper_batch.pipeline.transcriber import stitch
 
 whisper = pytest.importorskip("whisper", reason="the reference openai-whisper is a test dependency")
@@ -142,7 +142,8 @@ def test_word_heuristics_match_reference(monkeypatch):
         seek = int(rng.choice([0, 0, 1234]))
         ref_segments, segments = split_segments(rng, items, seek)
         last_speech = float(rng.uniform(0, segments[0].start + 0.01))
-        monkeypatch.setattr(ref_timing, "find_alignment", lambda *a, **k: [ref_timing.WordTiming(*it) for it in items])
+        monkeypatch.setattr(ref_timing, "find_alignment",
+                            lambda *a, _items=items, **k: [ref_timing.WordTiming(*it) for it in _items])
         ref_timing.add_word_timestamps(segments=ref_segments, model=None, tokenizer=tokenizer, mel=None,
                                        num_frames=0, last_speech_timestamp=last_speech)
         add_word_timestamps(segments, [WordTiming(*copy.deepcopy(it)) for it in items], EOT, seek / 100, last_speech)
