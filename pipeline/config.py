@@ -114,14 +114,14 @@ class DecodeConfig:
     compression_ratio_threshold: float | None = 2.4
     # average log-prob below which a window is re-decoded
     logprob_threshold: float | None = -1.0
-    # no-speech probability above which (with low log-prob) a window is taken as silence
+    # no-speech probability above which a window with log-prob below logprob_threshold (any when null) is silence
     no_speech_threshold: float | None = 0.6
     # a window that failed at every temperature is silence when its no-speech probability is above this (tones, hum)
     failed_no_speech_threshold: float | None = 0.5
     # a window whose loudest log10 mel power is below this is silence without running the model (digital silence
     # is -10; speech peaking at -60 dBFS reaches about -4.6)
     quiet_log_mel: float | None = -6.0
-    # stop decoding a window as soon as its text is too repetitive to pass compression_ratio_threshold (a loop)
+    # greedy/sampled rows (not beam search) stop once their text cannot pass compression_ratio_threshold (a loop)
     stop_loops: bool = True
     # null pads every window to 30 s, as the model was trained and the reference does. A number: each window's
     # encoder pass is its audio plus at least this many seconds of silence, rounded up to 5 s (at most 30), so with
@@ -134,7 +134,7 @@ class DecodeConfig:
     max_initial_timestamp: float | None = 1.0
     # comma-separated token ids to suppress; "-1" means Whisper's default non-speech symbols
     suppress_tokens: str = "-1"
-    # suppress a blank output at the start of sampling
+    # suppress a blank or end-of-text first token (as the reference does)
     suppress_blank: bool = True
     # candidates sampled per window at temperatures above 0 (the fallback)
     best_of: int | None = 5

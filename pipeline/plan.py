@@ -1,4 +1,4 @@
-"""The plan (row count, fixed-size shards, manifest fingerprint, extra-field types), waves, resume and run records.
+"""The plan (row count, fixed-size shards, manifest fingerprint, extra-field types), blocks, resume and run records.
 
 Shard k is rows [k * shard_size, (k + 1) * shard_size) of the manifest, so the assignment of rows to shards depends
 only on the manifest and the shard size, never on the cluster. A resume re-derives the plan, refuses it when the
@@ -199,40 +199,40 @@ def _check_duplicates(
     )
 
 
-def iter_waves(
+def iter_blocks(
     input_uri: str,
     plan: Plan,
     pending_shards: Collection[int],
-    shards_per_wave: int,
+    shards_per_block: int,
     storage_options: dict[str, Any] | None = None,
 ) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
-    """Yields `(shard_ids, records)` per wave of up to `shards_per_wave` pending shards, ascending.
+    """Yields `(shard_ids, records)` per block of up to `shards_per_block` pending shards, ascending.
 
-    Streams the manifest again, holding at most one wave of rows.
+    Streams the manifest again, holding at most one block of rows.
     """
     pending = sorted(set(pending_shards))
     if bad := [s for s in pending if not 0 <= s < plan.n_shards]:
         raise ValueError(f"shards {bad[:5]} are outside the plan's {plan.n_shards} shards")
-    waves = [pending[i : i + shards_per_wave] for i in range(0, len(pending), shards_per_wave)]
-    if not waves:
+    blocks = [pending[i : i + shards_per_block] for i in range(0, len(pending), shards_per_block)]
+    if not blocks:
         return
-    wave_no, current, records = 0, set(waves[0]), []
+    block_no, current, records = 0, set(blocks[0]), []
     for row in read_manifest(input_uri, storage_options, plan.manifest_config()):
         shard = plan.shard_of(row.index)
-        while shard > waves[wave_no][-1]:
+        while shard > blocks[block_no][-1]:
             if records:
-                yield _wave_shards(records), records
-            wave_no, records = wave_no + 1, []
-            if wave_no == len(waves):
+                yield _block_shards(records), records
+            block_no, records = block_no + 1, []
+            if block_no == len(blocks):
                 return  # past the last pending shard: stop reading
-            current = set(waves[wave_no])
+            current = set(blocks[block_no])
         if shard in current:
             records.append(row.to_record(shard))
     if records:
-        yield _wave_shards(records), records
+        yield _block_shards(records), records
 
 
-def _wave_shards(records: list[dict[str, Any]]) -> list[int]:
+def _block_shards(records: list[dict[str, Any]]) -> list[int]:
     return sorted({r["shard_id"] for r in records})
 
 

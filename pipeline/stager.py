@@ -32,7 +32,7 @@ class InputStager:
     """Writes the pending manifest records as the graph's input blocks while the graph runs.
 
     The block paths and each shard's row count are known from the plan before any block is written, so the graph
-    starts at once; a thread streams the manifest (one wave of ``ray.shards_per_block`` shards in memory at a time)
+    starts at once; a thread streams the manifest (one block of ``ray.shards_per_block`` shards in memory at a time)
     and writes block after block, at most ``ahead_blocks`` blocks' shards ahead of the commits, so staging keeps
     pace with the graph instead of copying a million-row manifest before it starts. The feature actors wait
     for a block not written yet; a failed staging writes ``ABORT`` (its error) beside the blocks, which ends
@@ -150,12 +150,12 @@ class InputStager:
                 pass
 
     def _stage(self) -> None:
-        from .plan import iter_waves
+        from .plan import iter_blocks
 
         written, staged_shards = set(), 0
         t_start = time.monotonic()
         spb, so = self.cfg.ray.shards_per_block, self.cfg.storage.storage_options
-        for shard_ids, records in iter_waves(self.input_uri, self.plan, self.pending, spb, so):
+        for shard_ids, records in iter_blocks(self.input_uri, self.plan, self.pending, spb, so):
             if not self._wait_room(staged_shards):
                 return
             if self.retry is not None:
@@ -168,7 +168,7 @@ class InputStager:
             staged_shards += len(shard_ids)
             if block == 0:
                 self.first_block_seconds = time.monotonic() - t_start
-        for block in sorted(set(range(len(self.files))) - written):  # a wave without rows: an empty block
+        for block in sorted(set(range(len(self.files))) - written):  # a block without rows: an empty block
             self._check_rows(block, [])
             self.layout.write_bytes(self.files[block], table_to_parquet_bytes(records_table([])))
         self.seconds += time.monotonic() - t_start

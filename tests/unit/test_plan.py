@@ -1,4 +1,4 @@
-"""Plan: shard boundaries, fingerprint, duplicate ids, extra types, waves, resume checks, run records."""
+"""Plan: shard boundaries, fingerprint, duplicate ids, extra types, blocks, resume checks, run records."""
 
 import json
 from pathlib import Path
@@ -15,7 +15,7 @@ from whisper_batch.pipeline.plan import (
     build_plan,
     check_resume,
     finish_run,
-    iter_waves,
+    iter_blocks,
     merge_kinds,
     start_run,
 )
@@ -91,18 +91,18 @@ def test_extra_types_inferred(tmp_path):
     assert merge_kinds(set()) == "string" and merge_kinds({"bool", "int64"}) == "string"
 
 
-def test_waves_hold_exactly_the_pending_shards(tmp_path):
+def test_blocks_hold_exactly_the_pending_shards(tmp_path):
     path = write_manifest(tmp_path / "m.jsonl", 23)
     plan = build_plan(path, cfg_with(3))  # 8 shards, the last one with 2 rows
-    waves = list(iter_waves(path, plan, {1, 2, 5, 7, 6}, shards_per_wave=2))
-    assert [shards for shards, _ in waves] == [[1, 2], [5, 6], [7]]
-    for shards, records in waves:
+    blocks = list(iter_blocks(path, plan, {1, 2, 5, 7, 6}, shards_per_block=2))
+    assert [shards for shards, _ in blocks] == [[1, 2], [5, 6], [7]]
+    for shards, records in blocks:
         expected = [i for s in shards for i in plan.shard_rows(s)]
         assert [r["row_index"] for r in records] == expected
         assert all(r["shard_id"] == plan.shard_of(r["row_index"]) for r in records)
-    assert list(iter_waves(path, plan, set(), 2)) == []
+    assert list(iter_blocks(path, plan, set(), 2)) == []
     with pytest.raises(ValueError, match="outside the plan"):
-        list(iter_waves(path, plan, {8}, 2))
+        list(iter_blocks(path, plan, {8}, 2))
 
 
 def test_resume_fresh_then_done_shards(tmp_path):
@@ -113,7 +113,7 @@ def test_resume_fresh_then_done_shards(tmp_path):
     state = check_resume(layout, plan, cfg)
     assert state.fresh and state.pending == [0, 1, 2] and state.done == []
     invocation = start_run(layout, plan, cfg, "tiny.en")
-    _, records = next(iter_waves(path, plan, [1], 1))
+    _, records = next(iter_blocks(path, plan, [1], 1))
     write_shard(layout, 1, records, plan.extra_types, "tiny.en")
     # a data file without a completion record is not done (crash between the two writes)
     write_shard(layout, 2, [], plan.extra_types, "tiny.en")
@@ -183,5 +183,5 @@ def test_plan_of_the_shared_eval_manifest():
     plan = build_plan(str(EVAL_MANIFEST), cfg_with(16))
     assert plan.n_rows == 46 and plan.n_shards == 3
     assert plan.extra_types == {"source": "string", "dataset": "string"}
-    _, records = next(iter_waves(str(EVAL_MANIFEST), plan, [0], 1))
+    _, records = next(iter_blocks(str(EVAL_MANIFEST), plan, [0], 1))
     assert all(Path(r["uri"]).is_file() for r in records)  # relative paths resolved against the manifest folder

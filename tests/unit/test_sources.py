@@ -14,7 +14,7 @@ from whisper_batch.pipeline.features import Featurizer
 from whisper_batch.pipeline.inputs.containers import SampleRef, expand_braces, parse_ref
 from whisper_batch.pipeline.inputs.tar_shards import read_tar_members
 from whisper_batch.pipeline.manifest import ManifestError, read_manifest
-from whisper_batch.pipeline.plan import build_plan, iter_waves
+from whisper_batch.pipeline.plan import build_plan, iter_blocks
 from whisper_batch.pipeline.sources import iter_sample_audio
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -43,7 +43,7 @@ def sample(i: int, **extra) -> tuple[str, dict[str, bytes]]:
 
 def records(uri: str, cfg: RunConfig) -> list[dict]:
     plan = build_plan(uri, cfg)
-    return [r for _, recs in iter_waves(uri, plan, range(plan.n_shards), 1000) for r in recs]
+    return [r for _, recs in iter_blocks(uri, plan, range(plan.n_shards), 1000) for r in recs]
 
 
 def test_expand_braces():
@@ -77,7 +77,7 @@ def test_tar_samples_become_rows_and_shards_follow_tars(tmp_path):
     # a shard never spans two tars; a tar of 5 samples and shard_size 3 is two consecutive shards
     assert plan.shard_starts == [0, 3, 5] and plan.n_shards == 3
     assert [plan.shard_of(i) for i in range(6)] == [0, 0, 0, 1, 1, 2]
-    recs = [r for _, recs in iter_waves(uri, plan, [1, 2], 1) for r in recs]
+    recs = [r for _, recs in iter_blocks(uri, plan, [1, 2], 1) for r in recs]
     assert [(r["id"], r["shard_id"]) for r in recs] == [("0003", 1), ("0004", 1), ("0100", 2)]
     audio = dict((r["id"], d) for r, d in iter_sample_audio(recs))
     assert audio == {"0003": FOX, "0004": FOX, "0100": FOX}

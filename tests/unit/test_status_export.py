@@ -11,7 +11,7 @@ from whisper_batch.jobs.export import export, format_timestamp, safe_name, to_sr
 from whisper_batch.jobs.status import format_status, run_status
 from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline.layout import RunLayout
-from whisper_batch.pipeline.plan import build_plan, finish_run, iter_waves, start_run
+from whisper_batch.pipeline.plan import build_plan, finish_run, iter_blocks, start_run
 from whisper_batch.pipeline.sink import wall_seconds
 
 # id, reference, hypothesis, error, dataset
@@ -35,7 +35,7 @@ def run_dir(tmp_path):
     plan = build_plan(str(manifest), cfg)
     layout = RunLayout(str(tmp_path / "out"), cfg.storage.storage_options)
     invocation = start_run(layout, plan, cfg, "tiny.en")
-    for shards, records in iter_waves(str(manifest), plan, [0, 1], 2):  # shard 2 stays pending
+    for shards, records in iter_blocks(str(manifest), plan, [0, 1], 2):  # shard 2 stays pending
         for shard in shards:
             rows = [_output_row(r) for r in records if r["shard_id"] == shard]
             write_shard(layout, shard, rows, plan.extra_types, "tiny.en", stats={"model_seconds": 1.0})
