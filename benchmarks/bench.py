@@ -322,7 +322,6 @@ def main(argv: list[str]) -> None:
 @click.option("--sets", default=None, help="--yardstick: comma-separated sets (default: all).")
 def cli(manifest, engines, model_spec, repeat, times, threads, json_out, yardstick, configs, sets) -> None:
     """Side-by-side throughput/WER/memory of whisper-batch and its peers on MANIFEST, in one run."""
-
     if yardstick:
         from benchmarks.yardstick import format_report, parse_configs
         from benchmarks.yardstick import yardstick as run_yardstick
@@ -341,11 +340,11 @@ def cli(manifest, engines, model_spec, repeat, times, threads, json_out, yardsti
         return
     if not manifest:
         raise click.UsageError("MANIFEST is required (or --yardstick)")
-        chosen = [e.strip() for e in engines.split(",") if e.strip()]
+    chosen = [e.strip() for e in engines.split(",") if e.strip()]
     if unknown := [e for e in chosen if e not in ENGINES]:
         raise click.UsageError(f"unknown engine(s) {unknown}; choose from: {', '.join(ENGINES)}")
     scores = bench(manifest, chosen, model_spec, repeat, threads, echo=lambda m: click.echo(m, err=True),
-                       times=times)
+                   times=times)
     click.echo(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}")
     click.echo(format_table(scores))
     if json_out:
