@@ -79,7 +79,7 @@ def transcribe(files, shortcuts, config, overrides, as_json, output_format, outp
     `error`) and gets no output file. The exit status is 1 only when every file failed.
     """
     from whisper_batch.pipeline.features import Featurizer
-    from whisper_batch.pipeline.transcriber import Transcriber, transcribe_files
+    from whisper_batch.pipeline.transcriber import RESULT_KEYS, Transcriber, transcribe_files
 
     formats: tuple[str, ...] = ()
     if output_format or output_dir:
@@ -108,8 +108,7 @@ def transcribe(files, shortcuts, config, overrides, as_json, output_format, outp
     for row in transcribe_files(transcriber, featurizer, files):
         failed += bool(row.get("error"))
         if as_json:
-            keys = ("audio_filepath", "text", "segments", "language", "duration", "error", "model")
-            click.echo(json.dumps({k: row.get(k) for k in keys}, ensure_ascii=False))
+            click.echo(json.dumps({k: row.get(k) for k in RESULT_KEYS}, ensure_ascii=False))
         elif row.get("error"):
             click.echo(f"{row['audio_filepath']}: ERROR {row['error']}", err=True)
         else:

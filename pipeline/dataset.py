@@ -27,19 +27,15 @@ from .audio import AudioError
 from .cluster import ModelPlan, actor_pool, check_cluster, log_start_errors, model_resources
 from .config import RunConfig
 from .graph import FEATURE_CHUNK_CALLS, call_order
-from .schema import FEATURE_SCHEMA, SEGMENT_TYPE
+from .schema import BASE_FIELDS, FEATURE_SCHEMA
 
 # the features of a user's row: the feature stage's schema plus the row's other columns (``carry``)
 CARRY = "carry"
 DATASET_FEATURE_SCHEMA = FEATURE_SCHEMA.append(pa.field(CARRY, pa.string()))
 # what the model stage adds to a user's row
 TRANSCRIPT_FIELDS = [
-    pa.field("text", pa.string()),
-    pa.field("segments", pa.list_(SEGMENT_TYPE)),
-    pa.field("language", pa.string()),
-    pa.field("duration", pa.float64()),
-    pa.field("error", pa.string()),
-    pa.field("model", pa.string()),
+    next(f for f in BASE_FIELDS if f.name == name)
+    for name in ("text", "segments", "language", "duration", "error", "model")
 ]
 TRANSCRIPT_NAMES = frozenset(f.name for f in TRANSCRIPT_FIELDS) | {"reference"}
 

@@ -245,6 +245,10 @@ class Transcriber:
         return future.result(timeout=self.cfg.model.timeout_seconds)
 
 
+# what the quick path gives of each file (the CLI's --json lines, whisper_batch.transcribe's dicts)
+RESULT_KEYS = ("audio_filepath", "text", "segments", "language", "duration", "error", "model")
+
+
 def transcribe_files(
     transcriber: Transcriber, featurizer: Featurizer, paths: Iterable[str]
 ) -> list[dict[str, Any]]:

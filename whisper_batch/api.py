@@ -64,14 +64,13 @@ def transcribe(files: str | Iterable[str], config: Config = None, **options: Any
     model and decoding settings.
     """
     from whisper_batch.pipeline.features import Featurizer
-    from whisper_batch.pipeline.transcriber import transcribe_files
+    from whisper_batch.pipeline.transcriber import RESULT_KEYS, transcribe_files
 
     paths = [files] if isinstance(files, str) else list(files)
     cfg = load_config(config, **options)
     transcriber = _transcriber(cfg)
     rows = transcribe_files(transcriber, Featurizer(cfg, transcriber.n_mels), paths)
-    keys = ("audio_filepath", "text", "segments", "language", "duration", "error", "model")
-    return [{k: r.get(k) for k in keys} for r in rows]
+    return [{k: r.get(k) for k in RESULT_KEYS} for r in rows]
 
 
 def transcribe_dataset(ds: ray.data.Dataset, config: Config = None, **options: Any) -> ray.data.Dataset:
