@@ -7,6 +7,7 @@ import json
 import os
 import posixpath
 import sys
+import time
 from urllib.parse import urlsplit
 
 import click
@@ -165,6 +166,7 @@ def run(input_uri, output, config, overrides, shortcuts, retry_failed, progress_
     from whisper_batch.jobs.status import format_status, run_status
     from whisper_batch.pipeline.cluster import ActorStartError
     from whisper_batch.pipeline.graph import Incomplete, Stalled
+    from whisper_batch.pipeline.layout import NoSpace
     from whisper_batch.pipeline.manifest import ManifestError
     from whisper_batch.pipeline.plan import PlanMismatch
 
@@ -176,7 +178,7 @@ def run(input_uri, output, config, overrides, shortcuts, retry_failed, progress_
             summary = run_job(input_uri, output, cfg, retry_failed=retry_failed, echo=click.echo, screen=screen,
                               progress_interval=progress_interval)
             stop_ray()  # while Ray's output still goes to its log
-    except (Stalled, Incomplete, ActorStartError) as e:
+    except (Stalled, Incomplete, ActorStartError, NoSpace) as e:
         mute_console_logs()  # Ray tears the stalled graph down at exit: its tracebacks would bury the message
         raise click.ClickException(str(e)) from None
     except (PlanMismatch, ManifestError, LockHeld, FileNotFoundError, ValueError) as e:
@@ -263,6 +265,57 @@ def export(output, fmt, out_dir, config, overrides, words) -> None:
         raise click.UsageError(f"--words applies to --format srt or vtt, not {fmt}")
     d = export_rows(_layout(output, config, overrides), fmt, out_dir, words=words)
     click.echo(f"wrote {d['written']} {fmt} file(s) to {out_dir} ({d['skipped_failed']} failed rows skipped)")
+
+
+@main.command()
+@click.argument("output")
+@click.option("--repair", is_flag=True,
+              help="Un-commit damaged shards (remove their record and file), remove stray files and leftover "
+                   "staging, so that the same `whisper-batch run` command redoes exactly those shards.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML config (storage options).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def verify(output, repair, config, overrides) -> None:
+    """Check that OUTPUT holds what `run` promises: each committed shard's file present, intact (row count, sha256)
+    and holding its planned rows once; no stray or half-committed files; no leftover staging.
+
+    Prints a PROBLEM line per finding and a summary; the exit status is 1 when there are problems (0 after --repair
+    removed them all). --repair is refused while a live run holds OUTPUT.
+    """
+    from whisper_batch.jobs.lock import LockHeld, RunLock, live_holder
+    from whisper_batch.pipeline.layout import RunLayout
+    from whisper_batch.pipeline.verify import VerifyError, redo_shards, verify_output
+    from whisper_batch.pipeline.verify import repair as repair_output
+
+    cfg = load_cli_config(config, overrides)
+    layout = RunLayout(output, cfg.storage.storage_options)
+    lock = RunLock(layout, f"verify-{os.getpid()}-{time.time()}") if repair else None
+    try:
+        if lock is not None:  # nothing commits or stages while the repair removes files
+            lock.acquire()
+        try:
+            v = verify_output(layout, live=None if lock else live_holder(layout))
+            for line in [p.line() for p in v.problems] + v.info_lines() + [v.summary()]:
+                click.echo(line)
+            if lock is None or v.ok:
+                if not v.ok:
+                    click.echo(f"to repair: whisper-batch verify {output} --repair, then the same run command")
+                sys.exit(0 if v.ok else 1)
+            for line in repair_output(layout, v):
+                click.echo(line)
+        finally:
+            if lock is not None:
+                lock.release()
+    except LockHeld as e:
+        raise click.ClickException(f"--repair refused: {e}") from None
+    except VerifyError as e:
+        raise click.ClickException(scrub(str(e))) from None
+    except OSError as e:  # storage unreachable, access denied
+        raise click.ClickException(f"cannot verify {layout.display_uri}: {type(e).__name__}: {scrub(str(e))}") from None
+    redo = redo_shards(v)
+    shown = f" ({', '.join(map(str, redo[:10]))}{', ...' if len(redo) > 10 else ''})" if redo else ""
+    click.echo(f"repaired {len(v.problems)} problem(s); the same `whisper-batch run` command now does {len(redo)} "
+               f"shard(s){shown}")
 
 
 def entry() -> None:

@@ -1,7 +1,8 @@
 """One driver per OUTPUT at a time: an exclusively created ``OUTPUT/lock.json`` with a heartbeat.
 
 A second ``run`` on the same OUTPUT is refused while the first is alive. A lock left by a driver that died is taken
-over: at once when its process is gone from this host, otherwise when its heartbeat is older than ``stale_after``.
+over: at once when its process is gone from this host (exited, a zombie not yet reaped, or its pid now another
+process's), otherwise when its heartbeat is older than ``stale_after``.
 """
 
 from __future__ import annotations
@@ -24,14 +25,61 @@ class LockHeld(RuntimeError):
     """Another live driver holds OUTPUT."""
 
 
-def _alive(pid: int) -> bool:
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` from the state on (field 3; the name before it may hold spaces and
+    parentheses); None where there is no such file (no /proc, or no such process)."""
     try:
-        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks after boot, ``/proc/<pid>/stat`` field 22), or None where unknown: with
+    the pid it names one process, as a pid alone does not once the pid is reused."""
+    fields = _proc_stat(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` of this host is running: not exited, not a zombie (a killed driver its parent has not
+    reaped yet, as where a container's PID 1 reaps nothing) and, given ``started``, the process that started then."""
+    try:
+        os.kill(pid, 0)  # succeeds on a zombie too
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    fields = _proc_stat(pid)
+    if fields is None:  # no /proc (macOS): the signal's answer is all there is
         return True
-    return True
+    if fields[:1] and fields[0] in ("Z", "X"):  # zombie, dead
+        return False
+    return started is None or start_time(pid) in (None, started)
+
+
+def is_stale(holder: dict[str, Any], stale_after: float) -> bool:
+    """Whether the lock ``holder`` (lock.json's content) is left by a driver that died: its process is gone from this
+    host, or (another host's) its heartbeat is older than ``stale_after`` seconds."""
+    if holder.get("host") == socket.gethostname():
+        started = holder.get("start_time")
+        if not _alive(int(holder.get("pid", -1)), int(started) if started is not None else None):
+            return True
+    return time.time() - float(holder.get("heartbeat_at", 0)) > stale_after
+
+
+def live_holder(layout: RunLayout, stale_after: float = 120.0) -> dict[str, Any] | None:
+    """lock.json's content when a live driver holds OUTPUT's lock, else None (no lock, or a stale one)."""
+    try:
+        holder = layout.read_json(layout.lock_json)
+    except (FileNotFoundError, ValueError):
+        return None
+    return None if is_stale(holder, stale_after) else holder
 
 
 class RunLock:
@@ -46,15 +94,11 @@ class RunLock:
         return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "start_time": start_time(os.getpid()),  # tells this process from a later one given the same pid
             "invocation": self.invocation,
             "heartbeat_at": time.time(),
             "heartbeat_iso": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-
-    def is_stale(self, holder: dict[str, Any]) -> bool:
-        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
-            return True
-        return time.time() - float(holder.get("heartbeat_at", 0)) > self.stale_after
 
     def acquire(self) -> None:
         data = json.dumps(self._info()).encode()
@@ -71,7 +115,7 @@ class RunLock:
                 logger.info("the lock of %s is already ours (a retried exclusive create)", self.layout.display_uri)
                 self._start_heartbeat()
                 return
-            if not self.is_stale(holder):
+            if not is_stale(holder, self.stale_after):
                 raise LockHeld(
                     f"another whisper-batch run is active on {self.layout.display_uri} (host {holder.get('host')}, "
                     f"pid {holder.get('pid')}, last heartbeat {holder.get('heartbeat_iso')}); wait for it to finish. "

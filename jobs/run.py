@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from whisper_batch.pipeline.config import RunConfig
-from whisper_batch.pipeline.layout import RunLayout
+from whisper_batch.pipeline.layout import NoSpace, RunLayout, is_no_space
 from whisper_batch.pipeline.plan import Plan, ResumeState, build_plan, check_resume, finish_run, start_run
 from whisper_batch.pipeline.sink import failed_rows
 from whisper_batch.pipeline.stager import InputStager
@@ -108,6 +108,9 @@ def run(
 
     With a ``screen`` (see ``whisper_batch.jobs.progress.quiet_screen``) the graph's progress is drawn there, as a bar
     or as a line every ``progress_interval`` seconds; without one, ``echo`` gets a line per committed shard.
+
+    Raises:
+        NoSpace: OUTPUT's storage filled up, in the driver or on a worker (its message says how to resume).
     """
     cfg = preflight(input_uri, output_uri, cfg)  # raises StorageError (a ValueError) before any work
     so = cfg.storage.storage_options
@@ -115,15 +118,22 @@ def run(
     plan = build_plan(input_uri, cfg, so)
     name, n_mels = model_label(cfg)
     lock = RunLock(layout, f"{os.getpid()}-{time.time()}")
-    # raises LockHeld when another driver is alive on OUTPUT. Taken before check_resume, so the done shards are
-    # read while no other driver can commit: a driver started as another one ends never redoes what that one did
-    lock.acquire()
     try:
-        state = check_resume(layout, plan, cfg, name)  # raises PlanMismatch before any work
-        driver = RunDriver(input_uri, layout, plan, state, cfg, name, n_mels, echo, screen, progress_interval)
-        return driver.run(retry_failed)
-    finally:
-        lock.release()
+        # raises LockHeld when another driver is alive on OUTPUT. Taken before check_resume, so the done shards are
+        # read while no other driver can commit: a driver started as another one ends never redoes what that one did
+        lock.acquire()
+        try:
+            state = check_resume(layout, plan, cfg, name)  # raises PlanMismatch before any work
+            driver = RunDriver(input_uri, layout, plan, state, cfg, name, n_mels, echo, screen, progress_interval)
+            return driver.run(retry_failed)
+        finally:
+            lock.release()
+    except Exception as e:
+        # e.g. a model actor's part file, relayed by Ray (whose error classes may derive from NoSpace, with its own
+        # text): one message, naming OUTPUT
+        if is_no_space(e) and type(e) is not NoSpace:
+            raise layout.no_space() from e
+        raise
 
 
 class RunDriver:
@@ -169,7 +179,15 @@ class RunDriver:
             status = "failed"
             raise
         finally:
-            stats = finish_run(self.layout, invocation, status=status, shards_committed=self.shards)
+            try:
+                stats = finish_run(self.layout, invocation, status=status, shards_committed=self.shards)
+            except OSError as e:
+                if status == "ok":
+                    raise
+                # e.g. a full disk: the run's own error, on its way out, says more than this one
+                logger.warning(
+                    "could not record the end of the failed invocation in %s: %s", self.layout.display_uri, e
+                )
         return RunSummary(self.layout.display_uri, self.plan.n_shards, len(self.state.done), self.shards, self.rows,
                           self.errors, stats)
 
@@ -201,7 +219,7 @@ class RunDriver:
                 run_graph(
                     stager.files, stager.expected, self.cfg, self.layout, invocation_id, self.plan.extra_types,
                     self.n_mels, self.on_commit, replace_failed=retry_failed,
-                    on_part=self.progress and self.progress.on_part,
+                    on_part=self.progress and self.progress.on_part, check=stager.check,
                 )
         self.echo(
             f"staged {len(stager.files)} input blocks as the graph ran: {stager.seconds:.1f} s of staging, "

@@ -234,9 +234,14 @@ def run_graph(
     on_commit: Callable[[dict[str, Any]], None],
     replace_failed: bool = False,
     on_part: Callable[[dict[str, Any], int], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> None:
     """Run the graph over the input blocks ``input_files`` that ``invocation_id`` stages; commit each shard once its
     ``expected`` number of rows is written, calling ``on_commit`` with its completion record.
+
+    ``check`` is called while the graph yields nothing, and may raise: the staging's error (where its ``ABORT`` file
+    could not be written either, e.g. on a full disk, the feature actors would wait for the block until the stall
+    timeout).
 
     ``on_part(part, new_rows)`` is called as each part record arrives (``new_rows``: its rows not seen before).
 
@@ -254,6 +259,8 @@ def run_graph(
             for part in watch.guard(stream):
                 watch.check()  # raises ActorStartError when actors keep dying as they start
                 if part is None:  # no output yet: commits may still finish, and a stall must not go unnoticed
+                    if check is not None:
+                        check()
                     watch.idle(commits=committer.collect())
                     continue
                 watch.output()

@@ -17,11 +17,13 @@ OUTPUT/_tmp/                           local temporaries only
 
 Everything goes through fsspec, so `s3://bucket/prefix` behaves like a local folder. Atomic writes: locally a
 temporary under `_tmp/` then `os.replace`; on object stores a single PUT to the final key (an object appears only
-when its upload completes, and `mv` there is copy + delete, so never rename).
+when its upload completes, and `mv` there is copy + delete, so never rename). A write that finds the storage full
+raises :class:`NoSpace`, naming OUTPUT; what it began leaves nothing at the final name.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -40,6 +42,33 @@ _RECORD_NAME = re.compile(r"^(\d+)\.json$")
 _SHARD_NAME = re.compile(r"^shard-(\d+)\.parquet$")
 _INVOCATION_ID = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{6}$")  # plan.start_run's ids: UTC start time + random tag
 STAGING = "_staging"
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left; disk quota exceeded
+
+
+class NoSpace(OSError):
+    """OUTPUT's storage is full (no space left, or a quota reached); the message names OUTPUT and says how to go on."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # Ray pickles a worker's error: rebuilt from the message alone
+        return type(self), (self.strerror,)
+
+
+def is_no_space(error: BaseException | None) -> bool:
+    """Whether ``error``, or one it wraps (its cause or context, a Ray task error's cause, or one whose text Ray
+    relayed), is a :class:`NoSpace` of OUTPUT's writes. A bare ENOSPC is not: it may be another disk's (Ray's spill
+    folder, a log), and every write to OUTPUT raises NoSpace."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, NoSpace) or "NoSpace: no space left on" in str(error):
+            return True
+        error = error.__cause__ or error.__context__ or getattr(error, "cause", None)
+    return False
 
 
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
@@ -71,10 +100,22 @@ class RunLayout:
     def display_uri(self) -> str:
         return redact_uri(self.output_uri)
 
+    def no_space(self, path: str | None = None) -> NoSpace:
+        """The error of a write to ``path`` (or, unknown, somewhere) under OUTPUT that found the storage full."""
+        where = f" (writing {self.relative(path)})" if path else ""
+        return NoSpace(
+            f"no space left on {self.display_uri}{where}: free space there and run the same command again to resume "
+            f"(committed shards are kept; a shard whose commit failed is redone)"
+        )
+
     # --- path templates (all absolute paths on self.fs) ---
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
+
+    def relative(self, path: str) -> str:
+        """``path`` relative to OUTPUT (as messages and completion records name files)."""
+        return path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
 
     @property
     def run_json(self) -> str:
@@ -149,6 +190,20 @@ class RunLayout:
         """Path of a shard's data file relative to OUTPUT (as stored in its completion record)."""
         return f"transcripts/shard-{shard_id:05d}.parquet"
 
+    @staticmethod
+    def shard_of_file_name(name: str) -> int | None:
+        """The shard whose data file is named ``name`` in transcripts/ (exactly as :meth:`shard_file_name` names it),
+        else None."""
+        m = _SHARD_NAME.match(name)
+        return int(m.group(1)) if m and name == f"shard-{int(m.group(1)):05d}.parquet" else None
+
+    @staticmethod
+    def shard_of_record_name(name: str) -> int | None:
+        """The shard whose completion record is named ``name`` in shards/ (exactly as :meth:`record_file` names it),
+        else None."""
+        m = _RECORD_NAME.match(name)
+        return int(m.group(1)) if m and name == f"{int(m.group(1)):05d}.json" else None
+
     def shard_file(self, shard_id: int) -> str:
         return self.path(self.shard_file_name(shard_id))
 
@@ -156,6 +211,10 @@ class RunLayout:
         return self.path("shards", f"{shard_id:05d}.json")
 
     # --- listing ---
+
+    def list_names(self, folder: str) -> list[str]:
+        """Names of the entries (files and folders) in ``folder``, which may be missing (no entries)."""
+        return self._list_names(folder)
 
     def _list_names(self, folder: str) -> list[str]:
         # other processes (Ray workers) commit here: never answer from a stale listings cache
@@ -198,7 +257,19 @@ class RunLayout:
         return [json.loads(data[p]) for p in paths]
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        """Atomically creates or replaces `path`: readers see the old content or all of the new, never part."""
+        """Atomically creates or replaces `path`: readers see the old content or all of the new, never part.
+
+        Raises:
+            NoSpace: the storage is full; `path` is as it was.
+        """
+        try:
+            self._write_bytes(path, data)
+        except OSError as e:
+            if e.errno in _FULL and not isinstance(e, NoSpace):
+                raise self.no_space(path) from e
+            raise
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
         if not self.is_local:
             self.fs.pipe_file(path, data)  # one PUT to the final key
             return
@@ -215,7 +286,19 @@ class RunLayout:
                 os.unlink(tmp)
 
     def create_bytes(self, path: str, data: bytes) -> bool:
-        """Exclusive create: writes `path` only if absent; returns False when it already existed."""
+        """Exclusive create: writes `path` only if absent; returns False when it already existed.
+
+        Raises:
+            NoSpace: the storage is full; `path` is as it was.
+        """
+        try:
+            return self._create_bytes(path, data)
+        except OSError as e:
+            if e.errno in _FULL and not isinstance(e, NoSpace):
+                raise self.no_space(path) from e
+            raise
+
+    def _create_bytes(self, path: str, data: bytes) -> bool:
         if self.is_local:
             tmp = self._local_tmp(path)
             try:

@@ -2,11 +2,13 @@
 
 The data file has a deterministic name and is written atomically, so each row appears at most once in
 transcripts/ and a rerun of a shard overwrites it with the same rows. The completion record, written after the
-file, is the commit: readers (`iter_committed`, status, evaluate, export) trust only shards that have one.
+file, is the commit: readers (`iter_committed`, status, evaluate, export) trust only shards that have one. It holds
+the file's row count, size and sha256, so that `whisper-batch verify` can tell a damaged file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -55,8 +57,9 @@ def commit_shard_table(
         if layout.exists(layout.record_file(shard_id)):
             previous = layout.read_json(layout.record_file(shard_id))
     table = merge_output(tables, extra_types)
-    layout.write_bytes(layout.shard_file(shard_id), table_to_parquet_bytes(table))
-    record = completion_record(layout, shard_id, table, model_name, stats, previous)
+    data = table_to_parquet_bytes(table)
+    layout.write_bytes(layout.shard_file(shard_id), data)
+    record = completion_record(layout, shard_id, table, model_name, stats, previous, data)
     layout.write_json(layout.record_file(shard_id), record)
     logger.info("committed shard %d: %d rows, %d errors", shard_id, record["rows"], record["errors"])
     return record
@@ -69,8 +72,10 @@ def completion_record(
     model_name: str,
     stats: dict[str, Any] | None = None,
     previous: dict[str, Any] | None = None,
+    data: bytes | None = None,
 ) -> dict[str, Any]:
-    """Counts from the shard's table: rows, errors by cause, audio seconds, fallbacks per temperature.
+    """Counts from the shard's table: rows, errors by cause, audio seconds, fallbacks per temperature; with `data`
+    (the file's bytes as written) its size and sha256.
 
     `previous` (a record being replaced by --retry-failed) has its timing stats added to the new ones.
     """
@@ -86,6 +91,8 @@ def completion_record(
         "shard_id": shard_id,
         "file": layout.shard_file_name(shard_id),
         "rows": table.num_rows,
+        "bytes": None if data is None else len(data),
+        "sha256": None if data is None else hashlib.sha256(data).hexdigest(),
         "errors": len(errors),
         "errors_by_cause": dict(Counter(error_cause(e) for e in errors)),
         "audio_seconds": float(sum(d for d in table.column("duration").to_pylist() if d is not None)),

@@ -105,6 +105,10 @@ class InputStager:
             self._committed += shards
             self._lock.notify_all()
 
+    def check(self) -> None:
+        """Raises the staging's error once it has failed (the graph's loop asks while it waits for output)."""
+        self._raise_error()
+
     def _halt(self, thread: threading.Thread) -> None:
         with self._lock:
             self._stop = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -177,3 +178,26 @@ def test_unknown_config_key_is_a_usage_error(tmp_path: Path):
     assert result.exit_code == 2, result.output
     assert "decode.beam_sze" in result.output and "beam_size" in result.output  # names the typo and valid keys
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_verify_names_damage_and_repair_lets_the_same_run_redo_it(small_run: dict[str, Any], tmp_path: Path):
+    out = tmp_path / "out"
+    shutil.copytree(small_run["out"], out)  # a copy: the module's other tests keep the finished run
+    shard = out / "transcripts" / "shard-00000.parquet"
+    shutil.copy(shard, out / "transcripts" / "shard-00000-copy.parquet")
+    shard.unlink()
+    proc = whisper_batch("verify", out)
+    assert proc.returncode == 1, output_of(proc)
+    problems = [line for line in proc.stdout.splitlines() if line.startswith("PROBLEM ")]
+    assert [line.split(":")[0] for line in problems] == [
+        "PROBLEM missing shard=0 transcripts/shard-00000.parquet",
+        "PROBLEM stray transcripts/shard-00000-copy.parquet",
+    ], proc.stdout
+
+    whisper_batch_ok("verify", out, "--repair")
+    assert not completion_records(out) and not read_rows(out)
+    whisper_batch_ok("run", small_run["manifest"], "-o", out)  # the same command resumes: redoes shard 0
+    proc = whisper_batch_ok("verify", out)
+    assert ": ok; 1/1 shards committed and sound, 0 pending; 2/2 rows, each once" in proc.stdout
+    assert count_ids(read_rows(out)) == {r["id"]: 1 for r in small_run["rows"]}

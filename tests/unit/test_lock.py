@@ -4,6 +4,7 @@ heartbeats, exactly one winner among concurrent takers, and a release that never
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from whisper_batch.jobs.lock import LockHeld, RunLock
+from whisper_batch.jobs.lock import LockHeld, RunLock, start_time
 from whisper_batch.pipeline.layout import RunLayout
 
 
@@ -152,3 +153,66 @@ def test_a_lock_holding_our_own_invocation_is_ours(layout: RunLayout):
     lock.acquire()
     lock.release()
     assert not Path(layout.path("lock.json")).exists()
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2 :].split()[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are told apart through /proc")
+def test_lock_of_a_killed_driver_not_yet_reaped_is_taken_over_at_once(layout: RunLayout):
+    # a driver killed with SIGKILL whose parent has not reaped it (a container's PID 1 that reaps nothing): its pid
+    # still answers signal 0, but the process is a zombie
+    import socket
+
+    proc = _sleeper()
+    try:
+        _write_holder(
+            layout,
+            host=socket.gethostname(),
+            pid=proc.pid,
+            start_time=start_time(proc.pid),
+            invocation="killed",
+            heartbeat_at=time.time(),
+        )
+        with pytest.raises(LockHeld):  # alive: refused
+            RunLock(layout, "inv-2").acquire()
+        proc.kill()  # not waited for: left a zombie
+        deadline = time.time() + 10
+        while _state(proc.pid) != "Z" and time.time() < deadline:
+            time.sleep(0.01)
+        assert _state(proc.pid) == "Z"
+        with RunLock(layout, "inv-2"):  # at once, not after stale_after
+            assert _holder(layout)["invocation"] == "inv-2"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="start times are read from /proc")
+def test_lock_whose_pid_is_now_another_process_is_taken_over(layout: RunLayout):
+    import socket
+
+    proc = _sleeper()
+    try:
+        started = start_time(proc.pid)
+        assert started is not None and started == start_time(proc.pid)
+        _write_holder(
+            layout,
+            host=socket.gethostname(),
+            pid=proc.pid,
+            start_time=started - 1,  # the pid reused
+            invocation="gone",
+            heartbeat_at=time.time(),
+        )
+        with RunLock(layout, "inv-2"):
+            assert _holder(layout)["invocation"] == "inv-2"
+            assert _holder(layout)["start_time"] == start_time(os.getpid())  # the new holder records its own
+    finally:
+        proc.kill()
+        proc.wait()
