@@ -13,6 +13,18 @@ of ``manifest.jsonl`` and ``manifest-other.jsonl`` (test-clean and test-other) i
 - ``espeak``: the test-other reference sentences read by espeak-ng, voices and rates (120, 170, 220 wpm) cycling
   row by row (the texts are fixed; so is espeak-ng's output for a given version).
 
+and joins the same 142 utterances into long recordings (the long-form sets, about 22 minutes each, 68 minutes in all
+with the real recordings):
+
+- ``long-silence``: files of about 4 minutes, 0.3-2.0 s of digital silence between utterances;
+- ``long-gaps``: files of about 6 minutes; each gap 0.5-8 s of silence, low pink noise or synthetic music (chords
+  of sine partials with a beat), the way podcasts and broadcasts put jingles between speech;
+- ``long-10min``: files of about 10 minutes, 0.2-1.0 s of low-level noise between utterances (continuous speech);
+- ``longform-real``: the real long recordings of ``../shared/data/eval/longform`` that have a reference.
+
+Each long set takes the utterances in its own seeded order; a long row's ``parts`` lists where each utterance lies
+(start and end seconds, id), so tests and benchmarks can check times and deletions against known speech.
+
 A set whose manifest exists is kept (delete its folder to rebuild); the same inputs and versions give the same
 audio. Nothing here imports torch.
 """
@@ -37,6 +49,13 @@ EVAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eva
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "whisper-batch" / "yardstick"
 DEV_MANIFESTS = {"dev-clean": "manifest.jsonl", "dev-other": "manifest-other.jsonl"}
 DERIVED = ("noise-snr10", "reverb", "telephone-8k", "espeak")
+# name -> (target file length s, gap range s, gap kinds): utterances joined into long recordings
+LONG_SETS: dict[str, tuple[float, tuple[float, float], tuple[str, ...]]] = {
+    "long-silence": (240.0, (0.3, 2.0), ("silence",)),
+    "long-gaps": (360.0, (0.5, 8.0), ("silence", "noise", "music")),
+    "long-10min": (600.0, (0.2, 1.0), ("noise",)),
+}
+LONG = (*LONG_SETS, "longform-real")
 SNR_DB = 10.0
 VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp")
 RATES = (120, 170, 220)
@@ -129,6 +148,92 @@ def make_espeak(row, dst: Path, seed: int) -> None:
                    check=True, capture_output=True)
 
 
+def gap_audio(kind: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """``seconds`` of what goes between two utterances: digital silence, pink noise at -50 dBFS RMS, or music (three
+    sine chords with partials and a 4 Hz beat at -20 dBFS, faded in and out)."""
+    n = int(round(seconds * SR))
+    if kind == "silence":
+        return np.zeros(n, np.float32)
+    if kind == "noise":
+        return (pink_noise(n, rng) * 10 ** (-50 / 20)).astype(np.float32)
+    t = np.arange(n) / SR
+    music = np.zeros(n)
+    root = float(rng.choice([110.0, 146.8, 196.0, 220.0]))
+    for ratio in (1.0, 1.26, 1.5):  # a major triad, three partials each
+        for k, amp in ((1, 1.0), (2, 0.5), (3, 0.25)):
+            music += amp * np.sin(2 * np.pi * root * ratio * k * t + rng.uniform(0, 2 * np.pi))
+    music *= 1 + 0.3 * np.sin(2 * np.pi * 4 * t)
+    fade = np.minimum(1.0, np.minimum(t, t[::-1] if n else t) / 0.2)
+    music *= fade / (np.sqrt(np.mean(music**2)) or 1.0) * 10 ** (-20 / 20)
+    return music.astype(np.float32)
+
+
+def build_long_set(name: str, rows: list[dict[str, Any]], out: Path, seed: int) -> Path:
+    """Join every utterance of ``rows`` into long recordings under ``out/name`` (see LONG_SETS)."""
+    folder = out / name
+    manifest = folder / "manifest.jsonl"
+    if manifest.exists():
+        return manifest
+    folder.mkdir(parents=True, exist_ok=True)
+    target, (gap_lo, gap_hi), kinds = LONG_SETS[name]
+    rng = np.random.default_rng(seed + zlib.crc32(name.encode()))
+    order = [rows[i] for i in rng.permutation(len(rows))]
+    groups: list[list[tuple[dict[str, Any], np.ndarray]]] = [[]]
+    length = 0.0
+    for row in order:
+        audio = _decode(row["audio_filepath"])
+        if length >= target:
+            groups.append([])
+            length = 0.0
+        groups[-1].append((row, audio))
+        length += len(audio) / SR
+    if len(groups) > 1 and sum(len(a) for _, a in groups[-1]) / SR < target / 2:  # no short leftover file
+        last = groups.pop()
+        groups[-1] += last
+    out_rows = []
+    for k, group in enumerate(groups):
+        pieces, parts, at = [], [], 0
+        for j, (row, audio) in enumerate(group):
+            if j:
+                gap = gap_audio(str(rng.choice(kinds)), float(rng.uniform(gap_lo, gap_hi)), rng)
+                pieces.append(gap)
+                at += len(gap)
+            pieces.append(audio)
+            parts.append({"id": row["id"], "text": row["text"], "start": round(at / SR, 3),
+                          "end": round((at + len(audio)) / SR, 3)})
+            at += len(audio)
+        file = folder / f"{name}-{k:02d}.flac"
+        _write_flac(file, np.concatenate(pieces))
+        out_rows.append({"id": f"{name}/{k:02d}", "audio_filepath": file.name, "dataset": name,
+                         "text": " ".join(row["text"] for row, _ in group), "duration": round(at / SR, 3),
+                         "parts": parts, "source": f"{len(group)} LibriSpeech rows joined by "
+                                                   f"benchmarks/make_yardstick.py {name}, seed {seed}"})
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in out_rows))
+    tmp.replace(manifest)
+    return manifest
+
+
+def _write_flac(path: Path, audio: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.wav")
+    _write_wav(tmp, audio)
+    try:
+        subprocess.run(["sox", str(tmp), str(path)], check=True, capture_output=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_longform_real(data: Path, out: Path) -> Path:
+    """The real long recordings with a reference, audio read in place (paths made absolute)."""
+    folder = out / "longform-real"
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.jsonl"
+    rows = [{**r, "audio_filepath": str(data / r["audio_filepath"]), "dataset": "longform-real"}
+            for r in read_jsonl(data / "manifest.jsonl") if r["dataset"].startswith("longform") and r.get("text")]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
 MAKERS: dict[str, Callable] = {
     "noise-snr10": make_noise, "reverb": make_reverb, "telephone-8k": make_telephone, "espeak": make_espeak,
 }
@@ -161,7 +266,7 @@ def build_set(name: str, rows: list[dict[str, Any]], out: Path, seed: int, worke
 
 
 def yardstick_sets(data: Path = EVAL_DIR, out: Path = CACHE_DIR, seed: int = 0,
-                   sets: tuple[str, ...] = DERIVED) -> dict[str, Path]:
+                   sets: tuple[str, ...] = DERIVED + LONG) -> dict[str, Path]:
     """Every set's manifest by name: the dev manifests as they are, the derived sets built if missing."""
     if not (data / "manifest.jsonl").exists():
         raise FileNotFoundError(f"no eval data at {data} (expected manifest.jsonl and manifest-other.jsonl)")
@@ -172,7 +277,12 @@ def yardstick_sets(data: Path = EVAL_DIR, out: Path = CACHE_DIR, seed: int = 0,
     manifests = {name: data / file for name, file in DEV_MANIFESTS.items()}
     rows = librispeech_rows(data)
     for name in sets:
-        manifests[name] = build_set(name, rows, out, seed)
+        if name in LONG_SETS:
+            manifests[name] = build_long_set(name, rows, out, seed)
+        elif name == "longform-real":
+            manifests[name] = build_longform_real(data, out)
+        else:
+            manifests[name] = build_set(name, rows, out, seed)
     return manifests
 
 

@@ -42,6 +42,11 @@ CPU_FAST = Path(__file__).resolve().parents[1] / "configs" / "cpu-fast.yaml"
 if CPU_FAST.exists():  # a checkout: judge the shipped file itself (an installed wheel has no configs/)
     CONFIGS["cpu-fast"] = file_overrides(CPU_FAST)
 REFERENCE = "fp32"
+# the peers, as engines users run today, on the same weights: openai-whisper's sequential transcribe() (its defaults:
+# temperature fallback, condition_on_previous_text) and faster-whisper's batched pipeline (batch 8, int8, its VAD)
+PEERS = {"openai": "openai", "faster-batched": "faster-batched-int8"}
+SEQUENTIAL = "openai"  # the long-form sets are also paired against the reference's sequential decoding
+RUN_WORDS = 5  # a deletion (insertion) run: this many or more consecutive reference (hypothesis) words
 BOOTSTRAP_SAMPLES = 2000
 
 
@@ -58,6 +63,37 @@ def row_errors(references: list[str], hypotheses: list[str]) -> tuple[np.ndarray
         errors.append(c["substitutions"] + c["deletions"] + c["insertions"])
         words.append(c["hits"] + c["substitutions"] + c["deletions"])
     return np.asarray(errors, dtype=np.int64), np.asarray(words, dtype=np.int64)
+
+
+def part_errors(parts: list[str], hypothesis: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """A long recording scored per utterance it joins: the hypothesis aligned to the normalised ``parts`` joined,
+    each error given to the part whose reference word it falls on (an insertion to the word it precedes).
+
+    Returns:
+        errors per part, reference words per part, deletion runs and insertion runs (RUN_WORDS or more consecutive
+        words missing from, or added to, the reference).
+    """
+    import jiwer
+
+    owner = np.concatenate([np.full(len(p.split()), k) for k, p in enumerate(parts)] or [np.zeros(0, int)])
+    words = np.bincount(owner, minlength=len(parts)).astype(np.int64)
+    errors = np.zeros(len(parts), dtype=np.int64)
+    ref, hyp = " ".join(parts).split(), hypothesis.split()
+    if not ref:
+        return errors, words, 0, int(len(hyp) >= RUN_WORDS)
+    if not hyp:
+        return words.copy(), words, int(len(ref) >= RUN_WORDS), 0
+    deletion_runs = insertion_runs = 0
+    for chunk in jiwer.process_words(" ".join(ref), " ".join(hyp)).alignments[0]:
+        if chunk.type == "equal":
+            continue
+        if chunk.type == "insert":
+            errors[owner[min(chunk.ref_start_idx, len(owner) - 1)]] += chunk.hyp_end_idx - chunk.hyp_start_idx
+            insertion_runs += chunk.hyp_end_idx - chunk.hyp_start_idx >= RUN_WORDS
+            continue
+        np.add.at(errors, owner[chunk.ref_start_idx : chunk.ref_end_idx], 1)
+        deletion_runs += chunk.type == "delete" and chunk.ref_end_idx - chunk.ref_start_idx >= RUN_WORDS
+    return errors, words, deletion_runs, insertion_runs
 
 
 def paired_compare(
@@ -97,7 +133,7 @@ def paired_compare(
 
 
 # the pipeline modules between audio bytes and text (config, storage, graph and the rest do not change a transcript)
-TEXT_MODULES = ("audio", "features", "transcriber", "windows", "packing", "device")
+TEXT_MODULES = ("audio", "features", "transcriber", "windows", "packing", "device", "vad")
 
 
 def _code_digest(quantized: bool) -> str:
@@ -126,7 +162,18 @@ def manifest_rows(manifest: Path) -> list[dict[str, Any]]:
         if r.reference:
             rows.append({"id": r.id, "uri": r.uri, "audio_filepath": r.audio_filepath, "offset": r.offset,
                          "duration": r.duration, "language": r.language, "reference": r.reference})
+    parts = _parts(manifest)
+    for r in rows:
+        if r["id"] in parts:
+            r["parts"] = parts[r["id"]]
     return rows
+
+
+def _parts(manifest: Path) -> dict[str, list[str]]:
+    """A long-form row's utterance references in order (``parts`` in make_yardstick's manifests), by row id."""
+    from benchmarks.make_yardstick import read_jsonl
+
+    return {row["id"]: [p["text"] for p in row["parts"]] for row in read_jsonl(manifest) if row.get("parts")}
 
 
 def transcribe_set(transcriber, featurizer, rows, cache: Path, chunk: int = 24, echo=print) -> dict[str, str]:
@@ -152,9 +199,33 @@ def transcribe_set(transcriber, featurizer, rows, cache: Path, chunk: int = 24, 
     return done
 
 
+def run_peer(name: str, model: str | None, sets: dict[str, Path], cache_dir: Path, echo=print) -> dict[str, Any]:
+    """Transcribe every set with a peer engine (benchmarks.bench's, in this process), cached per set."""
+    import os
+
+    from benchmarks.bench import run_engine_rows
+
+    engine = PEERS[name]
+    key = f"{name}-{hashlib.sha256(json.dumps([engine, model]).encode()).hexdigest()[:10]}"
+    texts, seconds = {}, {}
+    for s, manifest in sets.items():
+        path = cache_dir / key / f"{s}.jsonl"
+        rows = manifest_rows(manifest)
+        if not path.exists():
+            echo(f"{name} ({engine}): {s}, {len(rows)} rows")
+            out = run_engine_rows(engine, rows, model, os.cpu_count() or 1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in out["texts"].items()))
+            seconds[s] = out["wall_s"]
+        texts[s] = {json.loads(line)["id"]: json.loads(line)["text"] for line in path.read_text().splitlines()}
+    return {"name": name, "key": key, "dtype": engine, "texts": texts, "seconds": seconds}
+
+
 def run_config(name: str, overrides: list[str], model: str | None, sets: dict[str, Path], cache_dir: Path,
                echo=print) -> dict[str, Any]:
     """Transcribe every set with one configuration; returns its texts per set, the dtype chosen and seconds."""
+    if name in PEERS:
+        return run_peer(name, model, sets, cache_dir, echo)
     from whisper_batch.pipeline.config import load_config
     from whisper_batch.pipeline.features import Featurizer
     from whisper_batch.pipeline.transcriber import Transcriber
@@ -201,50 +272,66 @@ def _describe(model) -> str:
 
 
 def score(sets: dict[str, Path], results: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
-    """WER per set and configuration, and each candidate's paired comparison with fp32, per set and pooled."""
+    """WER, deletion runs and insertion runs per set and configuration, and each candidate's paired comparison with
+    fp32 (and with openai-whisper's sequential decoding when it ran), per set and pooled.
+
+    The units paired are rows, and each utterance of a long-form row (:func:`part_errors`), so a long set of a few
+    files still gives an interval over its 142 utterances."""
     from whisper_normalizer.english import EnglishTextNormalizer
 
     norm = EnglishTextNormalizer()
-    refs = {s: [(r["id"], norm(r["reference"])) for r in manifest_rows(m)] for s, m in sets.items()}
-    refs = {s: [(i, t) for i, t in rows if t.strip()] for s, rows in refs.items()}
+    refs = {}
+    for s, m in sets.items():
+        rows = [(r["id"], [norm(t) for t in r.get("parts") or [r["reference"]]]) for r in manifest_rows(m)]
+        refs[s] = [(i, parts) for i, parts in rows if any(p.strip() for p in parts)]
     errors: dict[str, dict[str, np.ndarray]] = {}
     words: dict[str, np.ndarray] = {}
+    runs: dict[str, dict[str, tuple[int, int]]] = {}
     for res in results:
-        errors[res["name"]] = {}
+        errors[res["name"]], runs[res["name"]] = {}, {}
         for s, rows in refs.items():
-            e, w = row_errors([t for _, t in rows], [norm(res["texts"][s].get(i, "")) for i, _ in rows])
-            errors[res["name"]][s] = e
-            words[s] = w
-    out = {"sets": {s: {"rows": len(words[s]), "words": int(words[s].sum())} for s in sets}, "wer": {}, "paired": {}}
+            scored = [part_errors(parts, norm(res["texts"][s].get(i, ""))) for i, parts in rows]
+            errors[res["name"]][s] = np.concatenate([e for e, *_ in scored])
+            words[s] = np.concatenate([w for _, w, *_ in scored])
+            runs[res["name"]][s] = (sum(d for *_, d, _ in scored), sum(n for *_, n in scored))
+    out = {"sets": {s: {"rows": len(refs[s]), "units": len(words[s]), "words": int(words[s].sum())} for s in sets},
+           "wer": {}, "runs": runs, "paired": {}}
     for name, per_set in errors.items():
         out["wer"][name] = {s: float(per_set[s].sum() / words[s].sum()) for s in sets}
         total_e = sum(int(per_set[s].sum()) for s in sets)
         out["wer"][name]["all"] = total_e / sum(int(words[s].sum()) for s in sets)
-    if REFERENCE in errors:
-        ref = errors[REFERENCE]
+        out["runs"][name]["all"] = tuple(sum(r[k] for r in runs[name].values()) for k in (0, 1))
+    for against in (REFERENCE, SEQUENTIAL):
+        if against not in errors:
+            continue
+        ref = errors[against]
         for name, per_set in errors.items():
-            if name == REFERENCE:
+            if name == against:
                 continue
             pooled = [np.concatenate([d[s] for s in sets]) for d in (ref, per_set, words)]
-            out["paired"][name] = {s: paired_compare(ref[s], per_set[s], words[s], seed=seed) for s in sets}
-            out["paired"][name]["all"] = paired_compare(*pooled, seed=seed)
+            pairs = {s: paired_compare(ref[s], per_set[s], words[s], seed=seed) for s in sets}
+            out["paired"][f"{name} vs {against}"] = {**pairs, "all": paired_compare(*pooled, seed=seed)}
     return out
 
 
 def format_report(scored: dict[str, Any], results: list[dict[str, Any]]) -> str:
     names = [r["name"] for r in results]
-    lines = ["| set | rows | words | " + " | ".join(f"WER % {n}" for n in names) + " |",
-             "|---|---:|---:|" + "---:|" * len(names)]
-    for s, d in [*scored["sets"].items(), ("all", {"rows": sum(d["rows"] for d in scored["sets"].values()),
-                                                   "words": sum(d["words"] for d in scored["sets"].values())})]:
+    lines = ["| set | rows | words | " + " | ".join(f"WER % {n}" for n in names) + " | deletion / insertion runs "
+             + " / ".join(names) + " |", "|---|---:|---:|" + "---:|" * len(names) + "---|"]
+    totals = {"rows": sum(d["rows"] for d in scored["sets"].values()),
+              "words": sum(d["words"] for d in scored["sets"].values())}
+    for s, d in [*scored["sets"].items(), ("all", totals)]:
         cells = " | ".join(f"{100 * scored['wer'][n][s]:.2f}" for n in names)
-        lines.append(f"| {s} | {d['rows']} | {d['words']} | {cells} |")
+        run_cells = " / ".join("{}+{}".format(*scored["runs"][n][s]) for n in names)
+        lines.append(f"| {s} | {d['rows']} | {d['words']} | {cells} | {run_cells} |")
     lines.append("")
     lines.append("configurations: " + "; ".join(f"{r['name']} = {r['dtype'] or '?'}" for r in results))
-    for name, per_set in scored["paired"].items():
-        lines += ["", f"paired vs {REFERENCE}: {name} (difference = {name} - {REFERENCE}, points of WER; "
-                      f"bootstrap 95 % over rows, {BOOTSTRAP_SAMPLES} resamples, seed fixed)",
-                  "| set | rows better | rows worse | WER diff | 95 % interval | keeps accuracy |",
+    lines.append(f"runs: deletion+insertion runs of {RUN_WORDS} or more consecutive words")
+    for pair, per_set in scored["paired"].items():
+        name, against = pair.split(" vs ")
+        lines += ["", f"paired: {pair} (difference = {name} - {against}, points of WER; units: rows and the "
+                      f"utterances of long-form rows; bootstrap 95 %, {BOOTSTRAP_SAMPLES} resamples, seed fixed)",
+                  "| set | units better | units worse | WER diff | 95 % interval | keeps accuracy |",
                   "|---|---:|---:|---:|---|---|"]
         for s, p in per_set.items():
             lo, hi = p["ci"]
@@ -283,6 +370,9 @@ def parse_configs(spec: str) -> dict[str, list[str]]:
             out[name] = [s for s in sets.split("+") if s]
         elif name in CONFIGS:
             out[name] = CONFIGS[name]
+        elif name in PEERS:
+            out[name] = []
         else:
-            raise ValueError(f"unknown configuration {name!r}: use {', '.join(CONFIGS)} or NAME:KEY=VALUE+KEY=VALUE")
+            raise ValueError(f"unknown configuration {name!r}: use {', '.join([*CONFIGS, *PEERS])} or "
+                             "NAME:KEY=VALUE+KEY=VALUE")
     return {REFERENCE: CONFIGS[REFERENCE], **out}

@@ -174,9 +174,10 @@ def _signals(agg: Aggregate) -> str:
     charts = [histogram(name, f"{name} per segment", agg.histograms[name].counts.tolist(), lo, hi, threshold,
                         direction, why) for name, (lo, hi), threshold, direction in SIGNALS]
     lines = []
-    for name, _, threshold, direction in [*SIGNALS, ("any", None, None, None)]:
+    for name, _, threshold, direction in [*SIGNALS, ("fallback_failed", None, None, None), ("any", None, None, None)]:
         d = agg.dropped.get(name, {})
-        rule = "any of the three" if name == "any" else f"{name} {'<' if direction == 'below' else '>'} {threshold:g}"
+        rule = ("any of these" if name == "any" else "fallback_failed (failed at every temperature)"
+                if name == "fallback_failed" else f"{name} {'<' if direction == 'below' else '>'} {threshold:g}")
         lines.append((rule, f"{d.get('segments', 0):,} ({pct(d.get('segments', 0), agg.segments)})",
                       f"{d.get('rows', 0):,} ({pct(d.get('rows', 0), agg.rows)})",
                       f"{hours(d.get('audio_seconds', 0.0))} ({pct(d.get('audio_seconds', 0.0), agg.audio_seconds)})"))
@@ -184,6 +185,15 @@ def _signals(agg: Aggregate) -> str:
             "and audio (failed rows have no segments).</p>")
     return (f'<div class="grid">{"".join(charts)}</div>{note}'
             + table(["filter", "segments dropped", "rows dropped", "audio dropped"], lines, [False, True, True, True]))
+
+
+def _mixed_languages(agg: Aggregate) -> str:
+    if not agg.mixed_language_rows:
+        return "<p>Every row's segments are in one language.</p>"
+    rows = [(ex["id"], ex["languages"]) for ex in agg.mixed_language_examples]
+    return (f"<p>{agg.mixed_language_rows:,} rows hold segments in more than one language (a row's language is that "
+            f"of most of its speech; each segment carries its own); the first {len(rows)}:</p>"
+            + table(["id", "languages"], rows))
 
 
 def _wer(agg: Aggregate, by: list[str]) -> str:
@@ -267,7 +277,8 @@ def render_page(data: dict[str, Any]) -> str:
         ("shards", f"{data['shards_done']:,} of {data['shards_total']:,}"),
     ]
     sections = [
-        ("Rows and audio by language", _group_section("language", agg.groups["language"], "language")),
+        ("Rows and audio by language", _group_section("language", agg.groups["language"], "language")
+         + _mixed_languages(agg)),
         *[(f"Rows and audio by {name}", _group_section(name, agg.groups[name], f"by-{name}")) for name in data["by"]],
         ("Failures by cause", _failures(agg)),
         ("Confidence signals and what common filters would drop", _signals(agg)),

@@ -28,7 +28,9 @@ from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.schema import error_cause, extra_column_name
 from whisper_batch.pipeline.secrets import redact_uri
 
-SEGMENT_COLUMNS = [f"segments.list.element.{name}" for name, *_ in SIGNALS] + ["segments.list.element.temperature"]
+SEGMENT_COLUMNS = [f"segments.list.element.{name}" for name, *_ in SIGNALS] + [
+    f"segments.list.element.{name}" for name in ("temperature", "language", "fallback_failed")]
+MIXED_EXAMPLES = 10  # rows listed whose segments hold more than one language
 EXAMPLES_PER_CAUSE = 3
 
 
@@ -111,11 +113,31 @@ def _add_segments(agg: Aggregate, table: pa.Table, durations: np.ndarray) -> Non
         bad = ok & ((values < threshold) if direction == "below" else (values > threshold))
         any_bad |= bad
         _count_drops(agg.dropped[name], bad, parent, durations)
+    if "fallback_failed" in names:
+        failed = flat.field("fallback_failed").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        _count_drops(agg.dropped["fallback_failed"], failed, parent, durations)
+        any_bad |= failed
     _count_drops(agg.dropped["any"], any_bad, parent, durations)
+    if "language" in names:
+        _add_languages(agg, table, flat.field("language").to_pylist(), parent)
     if "temperature" in names:
         temps = flat.field("temperature").to_numpy(zero_copy_only=False).astype(np.float64)
         values, counts = np.unique(temps[~np.isnan(temps)], return_counts=True)
         agg.temperatures.update({f"{v:g}": int(c) for v, c in zip(values, counts)})
+
+
+def _add_languages(agg: Aggregate, table: pa.Table, languages: list, parent: np.ndarray) -> None:
+    """Rows whose segments were decoded in more than one language (a language per window)."""
+    per_row: dict[int, set] = defaultdict(set)
+    for row, language in zip(parent.tolist(), languages):
+        if language is not None:
+            per_row[row].add(language)
+    ids = _column(table, "id")
+    for row, langs in sorted(per_row.items()):
+        if len(langs) > 1:
+            agg.mixed_language_rows += 1
+            if len(agg.mixed_language_examples) < MIXED_EXAMPLES:
+                agg.mixed_language_examples.append({"id": ids[row], "languages": ", ".join(sorted(langs))})
 
 
 def _count_drops(acc: Counter, bad: np.ndarray, parent: np.ndarray, durations: np.ndarray) -> None:

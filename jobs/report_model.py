@@ -70,6 +70,8 @@ class Aggregate:
     # per signal: segments, rows and audio seconds that its threshold drops; "any" for all three together
     dropped: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     temperatures: Counter = field(default_factory=Counter)  # segments per decoding temperature
+    mixed_language_rows: int = 0  # rows whose segments hold more than one language
+    mixed_language_examples: list[dict[str, str]] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     wer_rows: int = 0
     wer_all: Counter = field(default_factory=Counter)

@@ -33,6 +33,10 @@ class Segment:
     no_speech_prob: float
     temperature: float
     words: list[Word] | None = None  # with word_timestamps; times on the same clock as start/end
+    language: str | None = None  # the language its pass decoded in
+    # its pass still failed the compression-ratio or log-probability check at the last temperature: a loop, or text
+    # the model itself doubts; kept (as the reference keeps it), marked so that filters can drop it
+    fallback_failed: bool = False
 
 
 @dataclass

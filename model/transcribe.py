@@ -2,13 +2,18 @@
 
 Each 30 s window is decoded independently (as in faster-whisper's batched mode), so windows of many files share one
 batch. A window's tokens are split into segments at timestamp pairs, as the reference's ``transcribe`` does: tokens
-that end on a lone timestamp close a last segment there; text after a final timestamp pair is not trusted, and the
-window is decoded again from that timestamp in a further pass (so no words are dropped within a window); tokens
+that end on a lone timestamp close a last segment there; text after a final timestamp pair is not trusted; tokens
 without any timestamp pair make one segment, up to the last timestamp or else to the end of the window's audio.
+
+Where a pass ends at a timestamp (a pair, or a lone one) before its window's audio does, the rest is decoded again
+from that timestamp in a further pass, so no words are dropped within a window. The reference skips the rest of its
+window after a lone timestamp; here a window may end at a file's end or at a cut, and the model, having said that
+speech ended, misses speech that starts a few seconds later (a sentence after music, the file's last words).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -20,13 +25,18 @@ from .constants import FRAMES_PER_SECOND, N_FRAMES, TIME_PRECISION
 from .decoding import DecodingOptions, DecodingResult, decode
 from .results import Segment, WindowResult
 from .timing import add_word_timestamps, find_alignments, speech_end, tidy_words
-from .tokenizer import Tokenizer
+from .tokenizer import REPLACEMENT_CHAR, Tokenizer
 from .whisper import Whisper
 
 # a rest of audio shorter than this after a decode that stopped early is not decoded again: too short to hold a
 # word, it is where the model hallucinates (it re-reads text from the pass before)
 MIN_CONTINUATION_FRAMES = 50
+# a probe (TranscribeOptions.probe_logprob_threshold) is kept only at or below this no-speech probability: speech
+# after seconds of silence scores up to 0.22, what the model hears in music or noise ("Thank you.") often 0.3-0.7
+PROBE_NO_SPEECH = 0.3
 FRAMES_PER_TIMESTAMP = 2  # mel frames per timestamp step (the encoder halves the frame rate)
+QUIET_LEAD_FRAMES = 100  # a pass starting with more quiet frames than this starts LEAD_FRAMES before its first sound
+LEAD_FRAMES = 50
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,10 @@ class TranscribeOptions:
     # the same length share an encoder pass. A short window costs a shorter encoder pass and fewer cross-attention
     # positions per decoded token
     padding_seconds: float | None = None
+    # a pass that ends at a lone timestamp before its window's audio does is followed by a probe of the rest: one
+    # pass at the first temperature, kept only when this sure of itself (average logprob at least this, no-speech
+    # probability at most PROBE_NO_SPEECH), else the rest is silence. None: the rest is skipped, as the reference does
+    probe_logprob_threshold: float | None = -0.7
 
 
 def is_silence(r: DecodingResult, opts: TranscribeOptions) -> bool:
@@ -84,12 +98,14 @@ def is_silence(r: DecodingResult, opts: TranscribeOptions) -> bool:
     return opts.logprob_threshold is None or r.avg_logprob <= opts.logprob_threshold
 
 
-def is_quiet(mel: Tensor, opts: TranscribeOptions) -> bool:
-    """Whether a window's log-mel (n_mels, frames of audio) is too quiet to hold speech."""
+def first_sound(mel: Tensor, opts: TranscribeOptions) -> int | None:
+    """The first frame of a log-mel (n_mels, frames) that is not quiet (0 when there is no quiet gate); None when
+    every frame is quiet."""
     if opts.quiet_log_mel is None:
-        return False
-    # no frames at all is quiet; else undo log_mel_spectrogram's (x + 4) / 4 on the loudest value
-    return mel.shape[-1] == 0 or float(mel.max()) * 4.0 - 4.0 < opts.quiet_log_mel
+        return 0 if mel.shape[-1] else None
+    # undo log_mel_spectrogram's (x + 4) / 4 on each frame's loudest band
+    loud = (mel.amax(dim=0) * 4.0 - 4.0 >= opts.quiet_log_mel).nonzero()
+    return int(loud[0, 0]) if len(loud) else None
 
 
 def needs_fallback(r: DecodingResult, opts: TranscribeOptions) -> bool:
@@ -115,8 +131,10 @@ def decode_with_fallback(
     audio_features: Tensor,
     opts: TranscribeOptions,
     languages: Sequence[str | None] | None = None,
+    first_only: Sequence[bool] | None = None,
 ) -> list[DecodingResult]:
-    """Decode every window at the first temperature, then re-decode only the failing ones at the next."""
+    """Decode every window at the first temperature, then re-decode only the failing ones at the next (never those
+    marked ``first_only``)."""
     n = audio_features.shape[0]
     results: list[DecodingResult | None] = [None] * n
     langs = list(languages) if languages is not None else [None] * n
@@ -129,7 +147,7 @@ def decode_with_fallback(
                 r.language_probs = results[i].language_probs
             results[i] = r
             langs[i] = r.language  # detected once, reused by the hotter passes
-            if needs_fallback(r, opts):
+            if needs_fallback(r, opts) and not (first_only and first_only[i]):
                 redo.append(i)
         todo = redo
         if not todo:
@@ -145,13 +163,15 @@ def split_segments(r: DecodingResult, tokenizer: Tokenizer, frames: int) -> tupl
 
     Returns:
         The segments (seconds from the window's start) and the frames they consumed. When the tokens end with a
-        closed timestamp pair the text after it is not trusted (the reference re-decodes from the last timestamp),
-        so fewer frames than ``frames`` are consumed and the caller decodes the rest as a new window.
+        closed timestamp pair the text after it is not trusted (the reference re-decodes from the last timestamp);
+        when they end with a lone timestamp, no speech was heard up to it. Either way fewer frames than ``frames``
+        are consumed, and the caller decodes the rest, if long enough, as a new window.
     """
     tokens, tb = r.tokens, tokenizer.timestamp_begin
 
     def segment(start: float, end: float, toks: list[int]) -> Segment:
-        text = tokenizer.decode([t for t in toks if t < tokenizer.eot])
+        # the pieces of a character cut by the window's end decode as U+FFFD: a reader's text never holds them
+        text = tokenizer.decode([t for t in toks if t < tokenizer.eot]).replace(REPLACEMENT_CHAR, "")
         return Segment(start, end, text, toks, r.avg_logprob, r.compression_ratio, r.no_speech_prob, r.temperature)
 
     is_ts = [t >= tb for t in tokens]
@@ -160,8 +180,11 @@ def split_segments(r: DecodingResult, tokenizer: Tokenizer, frames: int) -> tupl
     if not cuts:  # one segment: to the last timestamp if any, else to the end of the audio
         ts = [t for t in tokens if t >= tb]
         end = (ts[-1] - tb) * TIME_PRECISION if ts and ts[-1] > tb else frames / FRAMES_PER_SECOND
+        end = min(end, frames / FRAMES_PER_SECOND)
         seg = segment(0.0, end, tokens)
-        return ([seg] if seg.text.strip() else []), frames
+        # ended at a lone timestamp: speech may start again after it (text with no timestamp after it is all kept)
+        consumed = (ts[-1] - tb) * FRAMES_PER_TIMESTAMP if single_ending else frames
+        return ([seg] if seg.text.strip() else []), consumed if 0 < consumed < frames else frames
     if single_ending:
         cuts.append(len(tokens))
     segments, last = [], 0
@@ -173,17 +196,17 @@ def split_segments(r: DecodingResult, tokenizer: Tokenizer, frames: int) -> tupl
     for seg in segments:
         seg.start, seg.end = min(seg.start, limit), min(seg.end, limit)
     segments = [s for s in segments if s.text.strip()]
-    if single_ending:
-        return segments, frames
-    consumed = (tokens[last - 1] - tb) * FRAMES_PER_TIMESTAMP
+    consumed = (tokens[last - 1] - tb) * FRAMES_PER_TIMESTAMP  # the pair's, or the lone final timestamp's
     return segments, consumed if 0 < consumed < frames else frames
 
 
 class Seek(NamedTuple):
-    """A window still to decode: its index in the batch and its first mel frame not yet decoded."""
+    """A window still to decode: its index in the batch, its first mel frame not yet decoded, and whether the pass is
+    a probe (the pass before ended at a lone timestamp: the model said speech ended there)."""
 
     window: int
     frame: int
+    probe: bool = False
 
 
 @dataclass
@@ -198,6 +221,7 @@ class Pass:
     segments: list[Segment]
     consumed: int
     silent: bool
+    lone_ending: bool = False  # the tokens end at a lone timestamp (a probe follows when the rest is long enough)
 
 
 @torch.no_grad()
@@ -270,11 +294,15 @@ class WindowBatch:
 
     def skip_quiet(self, todo: list[Seek]) -> list[Seek]:
         """The windows with something to hear from their first frame on; a window quiet from the start is no
-        speech, and no model time is spent on it."""
+        speech, and no model time is spent on it. A pass that starts with more than a second of quiet starts half a
+        second before its first sound instead: after seconds of digital silence the model doubts a lone word it
+        hears (no-speech probability 0.6 for "Hello" after 12 s), and its first timestamp can be at most 1 s."""
         heard = []
-        for i, seek in todo:
-            if not is_quiet(self.mel[i, :, seek : self.frames[i]], self.opts):
-                heard.append(Seek(i, seek))
+        for s in todo:
+            i, seek = s.window, s.frame
+            first = first_sound(self.mel[i, :, seek : self.frames[i]], self.opts)
+            if first is not None:
+                heard.append(s._replace(frame=seek + first - LEAD_FRAMES) if first > QUIET_LEAD_FRAMES else s)
             elif self.results[i] is None:
                 self.results[i] = WindowResult("", [], self.langs[i] or "en", [], 0.0, 0.0, 1.0, 0.0, no_speech=True)
         return heard
@@ -292,7 +320,7 @@ class WindowBatch:
         the results into ``results`` and returns the windows to continue, from their new first frame."""
         features = self.encode(todo, length)
         langs = [self.langs[s.window] for s in todo]
-        decoded = decode_with_fallback(self.model, self.tokenizer, features, self.opts, langs)
+        decoded = decode_with_fallback(self.model, self.tokenizer, features, self.opts, langs, [s.probe for s in todo])
         passes = []
         for s, r in zip(todo, decoded):
             self.langs[s.window] = r.language
@@ -301,29 +329,42 @@ class WindowBatch:
         if sel:
             self.time_words(features[sel], *([xs[k] for k in sel] for xs in (todo, decoded, passes)))
         later = []
-        for (i, seek), r, p in zip(todo, decoded, passes):
+        for (i, seek, _), r, p in zip(todo, decoded, passes):
+            if seek and self.results[i] is not None and rereads(self.results[i].text, p.segments):
+                p.segments = []  # the last words before the continuation, heard again: not said twice
             self.results[i] = merge(self.results[i], r, p.segments, p.silent)
-            if self.frames[i] - seek - p.consumed >= MIN_CONTINUATION_FRAMES:
-                later.append(Seek(i, seek + p.consumed))
+            rest = self.frames[i] - seek - p.consumed
+            if rest >= MIN_CONTINUATION_FRAMES and (not p.lone_ending or self.opts.probe_logprob_threshold is not None):
+                later.append(Seek(i, seek + p.consumed, p.lone_ending))
         return later
 
     def encode(self, todo: list[Seek], length: int) -> Tensor:
         """Encoder output (len(todo), length // 2, n_audio_state) of each window's audio from its first frame on,
         zero-padded to ``length`` frames (at least the audio's: :func:`encoder_frames`)."""
         batch = torch.zeros(len(todo), self.mel.shape[1], length, dtype=self.mel.dtype)
-        for k, (i, seek) in enumerate(todo):
+        for k, (i, seek, _) in enumerate(todo):
             batch[k, :, : self.frames[i] - seek] = self.mel[i, :, seek : self.frames[i]]
         return self.model.embed_audio(batch.to(self.model.device, self.model.dtype))
 
     def cut(self, s: Seek, r: DecodingResult) -> Pass:
         """A window's decode as segments on the window's clock (none where the no-speech rule says silence)."""
         size = self.frames[s.window] - s.frame
-        if is_silence(r, self.opts):
+        if is_silence(r, self.opts) or (s.probe and not self.sure(r)):
             return Pass([], size, True)
         segments, consumed = split_segments(r, self.tokenizer, size)
+        failed = r.temperature == self.opts.temperatures[-1] and needs_fallback(r, self.opts)
         for seg in segments:
             seg.start, seg.end = seg.start + s.frame / FRAMES_PER_SECOND, seg.end + s.frame / FRAMES_PER_SECOND
-        return Pass(segments, consumed, False)
+            seg.language, seg.fallback_failed = r.language, failed
+        tb = self.tokenizer.timestamp_begin
+        lone = len(r.tokens) >= 2 and r.tokens[-1] >= tb and r.tokens[-2] < tb
+        return Pass(segments, consumed, False, lone)
+
+    def sure(self, r: DecodingResult) -> bool:
+        """Whether a probe's decode is kept (see TranscribeOptions.probe_logprob_threshold)."""
+        threshold = self.opts.probe_logprob_threshold
+        return (r.temperature == self.opts.temperatures[0] and threshold is not None
+                and r.avg_logprob >= threshold and r.no_speech_prob <= PROBE_NO_SPEECH)
 
     def time_words(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass]) -> None:
         """Word timestamps for one decoding pass over many windows, in place: one batched alignment pass, then per
@@ -337,10 +378,10 @@ class WindowBatch:
         """
         tk, frames = self.tokenizer, self.frames
         texts = [[t for seg in p.segments for t in seg.tokens if t < tk.eot] for p in passes]
-        sizes = [frames[i] - seek for i, seek in todo]
+        sizes = [frames[i] - seek for i, seek, _ in todo]
         langs = [r.language for r in decoded]
         alignments = find_alignments(self.model, tk, features, texts, sizes, langs, self.opts.decoding.task)
-        for (i, seek), r, alignment, p in zip(todo, decoded, alignments, passes):
+        for (i, seek, _), r, alignment, p in zip(todo, decoded, alignments, passes):
             if not p.segments:
                 continue
             offset = seek / FRAMES_PER_SECOND
@@ -352,6 +393,17 @@ class WindowBatch:
             resume = round(end * FRAMES_PER_SECOND) - seek
             if not single_ending and end > offset and resume > 0:
                 p.consumed = min(resume, frames[i] - seek)
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^\w']+", " ", text.lower()).split()
+
+
+def rereads(before: str, segments: list[Segment]) -> bool:
+    """Whether a continuation pass's text only repeats the end of the window's text before it (letters and digits
+    compared, case and punctuation ignored): a final timestamp a little early leaves the last word in the rest."""
+    words = _words("".join(s.text for s in segments))
+    return bool(words) and _words(before)[-len(words) :] == words
 
 
 PADDING_STEP_SECONDS = 5  # with padding_seconds, encoder passes are a multiple of this long

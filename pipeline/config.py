@@ -119,15 +119,18 @@ class DecodeConfig:
     # a window that failed at every temperature is silence when its no-speech probability is above this (tones, hum)
     failed_no_speech_threshold: float | None = 0.5
     # a window whose loudest log10 mel power is below this is silence without running the model (digital silence
-    # is -10; speech peaking at -60 dBFS reaches about -4.6)
+    # is -10; speech peaking at -60 dBFS reaches about -4.6); a pass's leading second or more of it is skipped
     quiet_log_mel: float | None = -6.0
     # greedy/sampled rows (not beam search) stop once their text cannot pass compression_ratio_threshold (a loop)
     stop_loops: bool = True
     # null pads every window to 30 s, as the model was trained and the reference does. A number: each window's
     # encoder pass is its audio plus at least this many seconds of silence, rounded up to 5 s (at most 30), so with
-    # 10 a 5 s utterance costs a 15 s pass; model calls then get rows of like lengths. configs/cpu-fast.yaml sets 10:
-    # the text changes on some rows, with accuracy kept by the yardstick (docs/accuracy.md).
+    # 10 a 5 s utterance costs a 15 s pass (configs/cpu-fast.yaml; accuracy kept by the yardstick, docs/accuracy.md)
     padding_seconds: float | None = None
+    # after a pass that ends at a lone timestamp before its window does, the rest is decoded once more at the first
+    # temperature and kept when its average log-prob is at least this (no-speech prob <= 0.3); null skips the rest
+    # as the reference does (which loses speech after music or a pause at a window's end)
+    probe_logprob_threshold: float | None = -0.7
     # decode text only, without timestamp tokens (segments then span whole windows)
     without_timestamps: bool = False
     # the first timestamp token may not be later than this many seconds

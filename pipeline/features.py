@@ -45,6 +45,8 @@ class Windows:
     frames: list[int]  # real mel frames per window (≤ 3000)
     mel: bytearray  # window after window, each (n_mels, frames[i]) MEL_DTYPE in C order
     duration: float  # seconds of audio
+    # audio.vad's time maps: per window, [window second, file second, seconds] of each run of speech joined into it
+    maps: list[list[list[float]]] | None = None
 
 
 def mel_windows(blob: bytes | bytearray, frames: Iterable[int], n_mels: int) -> list[np.ndarray]:
@@ -103,6 +105,7 @@ def load_features(
             windows = speech_windows(chunks, a)
             w = featurize_windows(windows, n_mels)
             w.duration = windows.samples / SAMPLE_RATE
+            w.maps = [[[x / SAMPLE_RATE for x in run] for run in m] for m in windows.maps]
             return w
         windows = iter_windows(chunks, a.max_window_seconds, a.max_window_seconds - a.cut_search_seconds)
         head = list(itertools.islice(windows, 2))
@@ -216,7 +219,8 @@ class Featurizer:
         """One row → (item without features yet if short, its audio) or (item with features, None).
 
         ``data``: the row's audio bytes when its container was already read (see :func:`load_features`)."""
-        out = dict(row, mel=b"", mel_frames=[], window_starts=[], audio_seconds=0.0, error=None, decode_s=0.0)
+        out = dict(row, mel=b"", mel_frames=[], window_starts=[], audio_seconds=0.0, error=None, decode_s=0.0,
+                   window_maps=None)
         out["members_json"] = None
         t0 = time.perf_counter()
         timeout = self.cfg.audio.decode_timeout_seconds
@@ -239,6 +243,7 @@ class Featurizer:
                 audio = w
                 out["audio_seconds"] = len(w) / SAMPLE_RATE
             else:
-                out.update(mel=w.mel, mel_frames=w.frames, window_starts=w.starts, audio_seconds=w.duration)
+                out.update(mel=w.mel, mel_frames=w.frames, window_starts=w.starts, audio_seconds=w.duration,
+                           window_maps=json.dumps(w.maps) if w.maps else None)
         out["decode_s"] = time.perf_counter() - t0
         return out, audio

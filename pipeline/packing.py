@@ -17,7 +17,7 @@ from whisper_batch.model.constants import SAMPLE_RATE
 from whisper_batch.model.transcribe import WindowResult
 
 # keys of a featurized item that are features, not the row's record
-FEATURE_KEYS = ("mel", "mel_frames", "window_starts", "members_json")
+FEATURE_KEYS = ("mel", "mel_frames", "window_starts", "members_json", "window_maps")
 
 
 def member_record(item: dict[str, Any]) -> dict[str, Any]:

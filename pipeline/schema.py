@@ -42,6 +42,10 @@ SEGMENT_TYPE = pa.struct(
         ("temperature", pa.float64()),
         # word-level timestamps (decode.word_timestamps); null when not requested
         ("words", pa.list_(WORD_TYPE)),
+        # the language the segment's window was decoded in (the row's `language` is that of most of its speech)
+        ("language", pa.string()),
+        # its window still failed the compression-ratio or log-probability check at the last temperature
+        ("fallback_failed", pa.bool_()),
     ]
 )
 SEGMENT_KEYS = tuple(f.name for f in SEGMENT_TYPE)
@@ -101,6 +105,8 @@ FEATURE_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("decode_s", pa.float64()),
         ("members_json", pa.string()),
+        # audio.vad: per window, where each run of speech joined into it lies in the file (JSON; see Windows.maps)
+        ("window_maps", pa.string()),
     ]
 )
 TRANSCRIPT_SCHEMA = pa.schema(
@@ -171,8 +177,10 @@ def _segments(value: Any) -> list[dict] | None:
             v = seg.get(key) if hasattr(seg, "get") else None
             if key == "words":
                 item[key] = _words(v)
+            elif key == "fallback_failed":
+                item[key] = None if v is None else bool(v)
             else:
-                item[key] = v if key == "text" or v is None else float(v)
+                item[key] = v if key in ("text", "language") or v is None else float(v)
         out.append(item)
     return out
 

@@ -5,6 +5,7 @@ stitched back into one transcript per row (:class:`Transcriber`), and the quick 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ from . import faults
 from .config import DecodeConfig, RunConfig
 from .device import auto_batch_size, free_cached_memory, is_out_of_memory, pick_device
 from .features import Featurizer, mel_windows
-from .packing import member_share, pack_ok
+from .packing import FEATURE_KEYS, member_share, pack_ok
 
 logger = logging.getLogger(__name__)
 
@@ -52,40 +53,76 @@ def transcribe_options(d: DecodeConfig) -> TranscribeOptions:
     return TranscribeOptions(decoding=DecodingOptions(**decoding), **top)
 
 
-def stitch(results: list[WindowResult], starts: list[float]) -> dict[str, Any]:
-    """One file's window results → its text, segments with absolute times, and language."""
+def file_clock(start: float, time_map: list[list[float]] | None):
+    """Seconds on a window's clock → seconds on the file's: ``start`` plus, or with audio.vad's time map
+    ([window second, file second, seconds] of each run of speech joined into the window), from the run a time falls
+    in; a time in the silence put between two runs is the end of the earlier run."""
+    if not time_map:
+        return lambda t: round(start + t, 3)
+    anchors = [w for w, _, _ in time_map]
 
-    def words(s, start: float) -> list[dict[str, Any]] | None:  # None when word timestamps were not requested
+    def to_file(t: float) -> float:
+        window_s, file_s, seconds = time_map[max(bisect.bisect_right(anchors, t) - 1, 0)]
+        return round(file_s + min(max(t - window_s, 0.0), seconds), 3)
+
+    return to_file
+
+
+def stitch(results: list[WindowResult], starts: list[float], maps: list | None = None) -> dict[str, Any]:
+    """One file's window results → its text, segments with absolute times, and language.
+
+    Segments come out in time order and never overlap (a segment whose end reaches past the next one's start ends
+    there); each carries its window's language, and the row's is the language of most of its segments' seconds.
+    ``maps``: audio.vad's time map per window (see :func:`file_clock`)."""
+
+    def words(s, clock) -> list[dict[str, Any]] | None:  # None when word timestamps were not requested
         if s.words is None:
             return None
         return [
-            {"word": w.word, "start": round(start + w.start, 3), "end": round(start + w.end, 3),
+            {"word": w.word.replace("\ufffd", ""), "start": clock(w.start), "end": clock(w.end),
              "probability": w.probability}
             for w in s.words
         ]
 
     segments = []
-    for r, start in zip(results, starts):
+    for k, (r, start) in enumerate(zip(results, starts)):
+        clock = file_clock(start, maps[k] if maps else None)
         for s in r.segments:
             segments.append(
                 {
-                    "start": round(start + s.start, 3),
-                    "end": round(start + s.end, 3),
+                    "start": clock(s.start),
+                    "end": clock(s.end),
                     "text": s.text.strip(),
                     "avg_logprob": s.avg_logprob,
                     "compression_ratio": s.compression_ratio,
                     "no_speech_prob": s.no_speech_prob,
                     "temperature": s.temperature,
-                    "words": words(s, start),
+                    "words": words(s, clock),
+                    "language": s.language or r.language,
+                    "fallback_failed": s.fallback_failed,
                 }
             )
-    spoken = [r.language for r in results if not r.no_speech] or [r.language for r in results]
+    segments.sort(key=lambda s: s["start"])  # stable: a window's segments keep their order
+    for seg, after in zip(segments, segments[1:]):
+        seg["end"] = max(seg["start"], min(seg["end"], after["start"]))
     return {
         "text": " ".join(s["text"] for s in segments if s["text"]),
         "segments": segments,
-        "language": Counter(spoken).most_common(1)[0][0] if spoken else None,
+        "language": main_language(results, segments),
         "window_temperatures": [r.temperature for r in results],
     }
+
+
+def main_language(results: list[WindowResult], segments: list[dict[str, Any]]) -> str | None:
+    """The language of most of the row's speech: segment seconds per language; with no segments, the language of
+    most windows that were not silence."""
+    seconds: Counter = Counter()
+    for s in segments:
+        seconds[s["language"]] += max(s["end"] - s["start"], 0.01)
+    if seconds:
+        return seconds.most_common(1)[0][0]
+    spoken = [r.language for r in results if not r.no_speech] or [r.language for r in results]
+    return Counter(spoken).most_common(1)[0][0] if spoken else None
 
 
 class Transcriber:
@@ -154,7 +191,9 @@ class Transcriber:
         for i, row in enumerate(rows):
             members = json.loads(row["members_json"]) if row.get("members_json") else None
             if members is None:
-                out.append(self._finish(row, per_row[i], list(row.get("window_starts") or []), failures.get(i), t0))
+                starts = list(row.get("window_starts") or [])
+                maps = json.loads(row["window_maps"]) if row.get("window_maps") else None
+                out.append(self._finish(row, per_row[i], starts, failures.get(i), t0, maps))
                 continue
             result = per_row[i][0] if per_row[i] else None
             shares = [None if result is None else member_share(result, members, m, self.opts.word_timestamps)
@@ -183,14 +222,14 @@ class Transcriber:
         failures = self._run(windows, members, per_member)
         return [None if k in failures else per_member[k][0] for k in range(len(members))], failures
 
-    def _finish(self, row, results, starts, failure, t0) -> dict[str, Any]:
-        res = {k: v for k, v in row.items() if k not in ("mel", "mel_frames", "members_json", "window_start")}
+    def _finish(self, row, results, starts, failure, t0, maps=None) -> dict[str, Any]:
+        res = {k: v for k, v in row.items() if k not in (*FEATURE_KEYS, "window_start")}
         res.update(text=None, segments=None, language=None, window_temperatures=[], model=self.model_name)
         res["duration"] = row.get("audio_seconds")
         if not row.get("error") and failure:
             res["error"] = failure
         elif not row.get("error"):
-            res.update(stitch(results, starts))
+            res.update(stitch(results, starts, maps))
         res["model_s"] = time.perf_counter() - t0
         return res
 

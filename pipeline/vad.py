@@ -4,12 +4,14 @@ Long real recordings hold music, noise and silence where Whisper invents text. W
 run Silero VAD (the ``silero-vad`` package ships its model: nothing is downloaded) over each decoded chunk and cut
 windows around the speech it finds:
 
-- speech segments (padded by ``audio.vad_pad_seconds``) closer than ``audio.vad_merge_gap_seconds`` share a window
-  while the window stays within ``audio.max_window_seconds``, the pauses between them muted (zeros); a longer stretch
-  of non-speech starts a new window; either way non-speech audio never reaches the model;
-- one segment longer than a window is cut at its quiet points, as without VAD (``whisper_batch.pipeline.windows``);
-- every window is a contiguous span of the original audio with its absolute start, the ``(start_sample, audio)``
-  shape ``featurize_windows`` consumes, so segment times stay absolute.
+- speech segments (padded by ``audio.vad_pad_seconds``) closer than ``audio.vad_merge_gap_seconds`` form a run, the
+  pauses between them muted (zeros); a longer stretch of non-speech is left out: the next run follows after
+  ``JOIN_GAP_SECONDS`` of silence in the same window while the window stays within ``audio.max_window_seconds``
+  (speech joined into full windows, as faster-whisper's batched pipeline does), so music, noise and silence between
+  speech cost no encoder passes; non-speech audio never reaches the model;
+- one run longer than a window is cut at its quiet points, as without VAD (``whisper_batch.pipeline.windows``);
+- each window comes with its time map (``VadWindows.maps``: where each run of it lies in the file), so segment and
+  word times are mapped back to the file's clock.
 
 Audio arrives in chunks (``iter_audio_chunks``); detection runs per chunk and a segment that runs across a chunk
 boundary is joined, so memory stays at about one chunk plus the window being built.
@@ -30,6 +32,7 @@ from .windows import plan_windows
 
 _MODEL = None
 _MODEL_LOCK = threading.Lock()
+JOIN_GAP_SECONDS = 1.0  # silence between two runs of speech joined into one window (a pause the model knows)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,9 @@ def _groups(segments: list[tuple[int, int]], max_len: int, gap: int) -> list[lis
 
 
 class VadWindows:
-    """Streaming speech windows: iterate for ``(start_sample, audio)``; ``samples`` is the audio's length after."""
+    """Streaming speech windows: iterate for ``(start_sample, audio)``; ``samples`` is the audio's length after, and
+    ``maps`` holds per window yielded its time map: ``[(window_sample, file_sample, samples), ...]``, one per run of
+    speech in it (the window's sample ``window_sample + i`` is the file's ``file_sample + i``)."""
 
     def __init__(
         self,
@@ -123,6 +128,8 @@ class VadWindows:
         self.detect = detect or silero_detector(opts)
         self.samples = 0  # audio decoded so far
         self.speech_samples = 0  # audio sent to the model
+        self.maps: list[list[tuple[int, int, int]]] = []
+        self._pending: list[tuple[int, np.ndarray]] = []  # runs of the window being joined: (file start, audio)
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         o, sr = self.opts, self.sr
@@ -151,9 +158,11 @@ class VadWindows:
             buf, buf_start = buf[keep_from - buf_start:], keep_from
         if segs:
             yield from self._windows(segs, buf, buf_start, max_len, gap, pad)
+        yield from self._flush()
 
     def _windows(self, segs, buf, buf_start, max_len, gap, pad) -> Iterator[tuple[int, np.ndarray]]:
         padded = [(max(0, s - pad), min(self.samples, e + pad)) for s, e in segs]
+        join = int(JOIN_GAP_SECONDS * self.sr)
         for group in _groups(padded, max_len, gap):
             s, e = max(group[0][0], buf_start), max(x for _, x in group)
             audio = buf[s - buf_start : e - buf_start]
@@ -163,13 +172,38 @@ class VadWindows:
                     if nxt > prev_end:
                         audio[prev_end - s : nxt - s] = 0.0
             if len(audio) <= max_len:
-                self.speech_samples += len(audio)
-                yield s, audio
+                if self._pending and self._joined_len() + join + len(audio) > max_len:
+                    yield from self._flush()
+                self._pending.append((s, np.array(audio)))  # a copy: not a view holding the whole chunk
                 continue
+            yield from self._flush()
             o = self.opts
             for b, c in plan_windows(audio, o.max_window_seconds, o.max_window_seconds - o.cut_search_seconds, self.sr):
                 self.speech_samples += c - b
+                self.maps.append([(0, s + b, c - b)])
                 yield s + b, audio[b:c]
+
+    def _joined_len(self) -> int:
+        join = int(JOIN_GAP_SECONDS * self.sr)
+        return sum(len(a) for _, a in self._pending) + join * (len(self._pending) - 1)
+
+    def _flush(self) -> Iterator[tuple[int, np.ndarray]]:
+        """The runs joined so far as one window, JOIN_GAP_SECONDS of silence between them."""
+        if not self._pending:
+            return
+        gap = np.zeros(int(JOIN_GAP_SECONDS * self.sr), np.float32)
+        pieces, time_map, at = [], [], 0
+        for k, (start, audio) in enumerate(self._pending):
+            if k:
+                pieces.append(gap)
+                at += len(gap)
+            time_map.append((at, start, len(audio)))
+            pieces.append(audio)
+            at += len(audio)
+        self._pending = []
+        self.speech_samples += at
+        self.maps.append(time_map)
+        yield time_map[0][1], np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def _closed_prefix(ready, nxt, max_len, gap, pad) -> int:

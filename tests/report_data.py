@@ -29,17 +29,21 @@ def synthetic_row(i: int, rng: random.Random, failed: bool, failed_index: int = 
         return {**row, "error": f"{cause}: audio/{i:07d}.flac (synthetic)"}
     duration = rng.uniform(1.0, 20.0)
     n_seg = rng.randint(1, 3)
+    language = "en" if i % 6 else "de"
     bad = i % 10 == 0  # a tenth of the rows has a segment that every filter drops
     segments = [{"start": duration * k / n_seg, "end": duration * (k + 1) / n_seg, "text": f"segment {k}",
                  "avg_logprob": -1.6 if bad and k == 0 else rng.uniform(-0.9, -0.05),
                  "no_speech_prob": 0.9 if bad and k == 0 else rng.uniform(0.0, 0.5),
                  "compression_ratio": 3.1 if bad and k == 0 else rng.uniform(0.9, 2.2),
-                 "temperature": 0.2 if bad and k == 0 else 0.0, "words": None} for k in range(n_seg)]
+                 "temperature": 0.2 if bad and k == 0 else 0.0, "words": None, "language": language,
+                 "fallback_failed": bad and k == 0} for k in range(n_seg)]
+    if i % 7 == 3:  # a seventh of the rows ends with a stretch of French
+        segments.append({**segments[-1], "start": duration, "end": duration, "text": "fin", "language": "fr",
+                         "fallback_failed": False})
     hyp = row["reference"] or "some words"
     if i % 5 == 0:
         hyp = hyp.replace("brown", "crown")
-    return {**row, "language": "en" if i % 6 else "de", "duration": duration, "text": hyp, "segments": segments,
-            "error": None}
+    return {**row, "language": language, "duration": duration, "text": hyp, "segments": segments, "error": None}
 
 
 def make_run(output: str, n_rows: int = 60, shard_size: int = 10, shards_done: int | None = None,

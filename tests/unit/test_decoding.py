@@ -25,10 +25,12 @@ from whisper_batch.model.decoding import (
     rank,
     suppressed_tokens,
 )
+from whisper_batch.model.results import Segment
 from whisper_batch.model.transcribe import (
     TranscribeOptions,
     decode_with_fallback,
     encoder_frames,
+    rereads,
     split_segments,
     transcribe_windows,
 )
@@ -331,18 +333,20 @@ def test_split_segments_at_timestamp_pairs(tiny_en_tokenizer):
     hello, world = tk.encode(" Hello"), tk.encode(" world")
     frames = 750  # 7.5 s of audio in the window
     cases = {  # tokens -> (start, end, text) per segment, mel frames consumed
-        # pairs, then a single timestamp before EOT: everything is trusted
-        "pairs": ([ts(0), *hello, ts(1.0), ts(1.2), *world, ts(2.5)], [(0, 1.0, " Hello"), (1.2, 2.5, " world")], 750),
+        # pairs, then a single timestamp before EOT: everything is trusted, and the rest after it is probed
+        "pairs": ([ts(0), *hello, ts(1.0), ts(1.2), *world, ts(2.5)], [(0, 1.0, " Hello"), (1.2, 2.5, " world")], 250),
         # ends with a closed pair: the window is consumed up to the last timestamp only
         "final pair": ([ts(0), *hello, ts(1), ts(1), *world, ts(2), ts(2)], [(0, 1, " Hello"), (1, 2, " world")], 200),
         # text after the last pair is not trusted: dropped, and decoded again from the last timestamp
         "trailing text": ([ts(0), *hello, ts(1.0), ts(1.0), *world], [(0, 1.0, " Hello")], 100),
         # no timestamps at all: one segment over the window's audio
         "no timestamps": ([*hello, *world], [(0, 7.5, " Hello world")], 750),
-        # no pair: one segment up to the last timestamp
-        "single ending": ([*hello, ts(1.5)], [(0, 1.5, " Hello")], 750),
+        # no pair: one segment up to the last timestamp, the rest probed
+        "single ending": ([*hello, ts(1.5)], [(0, 1.5, " Hello")], 150),
+        # no pair and text after the last timestamp: all of it kept, nothing left to probe
+        "text after": ([ts(0), *hello, ts(1.5), *world], [(0, 1.5, " Hello world")], 750),
         # an empty piece (two timestamps, no text) is dropped
-        "empty piece": ([ts(0), ts(0), *hello, ts(3.0)], [(0, 3.0, " Hello")], 750),
+        "empty piece": ([ts(0), ts(0), *hello, ts(3.0)], [(0, 3.0, " Hello")], 300),
         "nothing": ([], [], 750),
     }
     for name, (tokens, expected, consumed) in cases.items():
@@ -353,6 +357,21 @@ def test_split_segments_at_timestamp_pairs(tiny_en_tokenizer):
     assert first.tokens == [ts(0), *hello, ts(1.0)]
     scores = (first.avg_logprob, first.no_speech_prob, first.temperature, first.compression_ratio)
     assert scores == (-0.25, 0.01, 0.2, 1.5)  # copied from the window's result
+    # a character cut by the window's end: its pieces are left out of the text, never shown as U+FFFD
+    kanji = tk.encode(" 日本")
+    (cut,), _ = split_segments(make_result([ts(0), *hello, *kanji[:-1]]), tk, frames)
+    assert "\ufffd" in tk.decode(kanji[:-1]) and "\ufffd" not in cut.text and cut.text.startswith(" Hello")
+
+
+def test_a_continuation_that_only_rereads_the_last_words_is_dropped():
+    def segs(*texts):
+        return [Segment(0.0, 1.0, t, [], -0.2, 1.0, 0.1, 0.0) for t in texts]
+
+    assert rereads("...that is to say happiness upon earth. You didn't want to come.", segs(" come."))
+    assert rereads("You didn't want to come.", segs(" want", " to COME!"))
+    assert not rereads("You didn't want to come.", segs(" come here."))
+    assert not rereads("You didn't want to come.", segs(" ", ""))  # no words: nothing to drop
+    assert not rereads("", segs(" come."))
 
 
 # --------------------------------------------------------------------------- fallback and no-speech
@@ -496,8 +515,8 @@ def test_transcribe_windows_continues_after_the_last_timestamp(random_model, tin
     ts = lambda s: timestamp(tk, s)  # noqa: E731
     hello, world = tk.encode(" Hello"), tk.encode(" world")
     scripted = iter([
-        [[ts(0), *hello, ts(1.0), ts(1.0), *world], [*world, ts(2.0)]],  # window 0 stops trusting after 1.0 s
-        [[*world, ts(0.5)]],  # the rest of window 0, from 1.0 s
+        [[ts(0), *hello, ts(1.0), ts(1.0), *world], [*world, ts(8.0)]],  # window 0 stops trusting after 1.0 s
+        [[*world, ts(14.0)]],  # the rest of window 0, from 1.0 s, to its end
     ])
     seen = []
 
@@ -515,10 +534,43 @@ def test_transcribe_windows_continues_after_the_last_timestamp(random_model, tin
     rest[0, :, : 1500 - 100] = mel[0, :, 100:1500]  # window 0 from frame 100 (1.0 s), zero-padded
     torch.testing.assert_close(seen[1], random_model.embed_audio(rest), atol=1e-5, rtol=0)
     assert [(s.start, s.end, s.text) for s in out[0].segments] == [
-        (0.0, 1.0, " Hello"), (1.0, pytest.approx(1.5), " world")
+        (0.0, 1.0, " Hello"), (1.0, pytest.approx(15.0), " world")
     ]
     assert out[0].text == "Hello world"
-    assert [(s.start, s.end, s.text) for s in out[1].segments] == [(0.0, 2.0, " world")]
+    assert [(s.start, s.end, s.text) for s in out[1].segments] == [(0.0, 8.0, " world")]
+
+
+@pytest.mark.parametrize("case", ["sure", "unsure", "off"])
+def test_the_rest_after_a_lone_timestamp_is_probed(random_model, tiny_en_tokenizer, monkeypatch, case):
+    """A pass that ends at a lone timestamp before its audio does is followed by a probe of the rest, at the first
+    temperature only; its text is kept only when the model is sure of it (else the rest is silence); a probe that
+    repeats the last words before it is dropped. With probe_logprob_threshold=None the rest is skipped, as the
+    reference skips it."""
+    tk = tiny_en_tokenizer
+    ts = lambda s: timestamp(tk, s)  # noqa: E731
+    scripted = iter([
+        [ts(0), *tk.encode(" Hello there."), ts(2.0)],  # speech "ends" at 2.0 s of 10 s
+        [ts(0), *tk.encode(" You did not want to come."), ts(6.0)],  # the probe, from 2.0 s
+        [ts(0), *tk.encode(" come."), ts(2.0)],  # a second probe, from 8.0 s: the last word again
+    ])
+    temperatures = []
+
+    def fake_decode(model, tokenizer, audio_features, options, languages=None):
+        temperatures.append(options.temperature)
+        logprob = -0.9 if case == "unsure" and len(temperatures) > 1 else -0.3
+        return [DecodingResult(next(scripted), "", "en", logprob, 0.1, options.temperature, 1.2)]
+
+    monkeypatch.setattr(transcribe_module, "decode", fake_decode)
+    opts = TranscribeOptions(probe_logprob_threshold=None if case == "off" else -0.7)
+    out = transcribe_windows(random_model, tk, padded_mel([1000]), [1000], opts)[0]
+    if case == "sure":
+        assert temperatures == [0.0, 0.0, 0.0]  # the first pass and two probes
+        assert [(s.start, s.end, s.text) for s in out.segments] == [
+            (0.0, 2.0, " Hello there."), (2.0, 8.0, " You did not want to come.")
+        ]
+    else:  # unsure (-0.9 < -0.7): the rest is silence, without falling back hotter; off: never probed
+        assert temperatures == ([0.0, 0.0] if case == "unsure" else [0.0])
+        assert out.text == "Hello there."
 
 
 def test_loop_stop_names_only_rows_that_already_repeat(tiny_en_tokenizer):

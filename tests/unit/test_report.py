@@ -50,7 +50,12 @@ def test_report_page_counts_and_plots(tmp_path):
     assert all(len(v) == 2 for v in agg.examples.values())
     assert agg.groups["dataset"].rows == {"librispeech": 20, "podcasts": 20, "meetings": 20}
     # rows 0, 10, ..., 50 have one segment below/above every threshold; row 53 failed, so 6 rows are dropped
-    assert all(agg.dropped[name]["rows"] == 6 for name in ("avg_logprob", "no_speech_prob", "compression_ratio", "any"))
+    signals = ("avg_logprob", "no_speech_prob", "compression_ratio", "fallback_failed", "any")
+    assert all(agg.dropped[name]["rows"] == 6 for name in signals)
+    # rows 3, 10, ..., 59 end with a French segment; row 17 failed
+    mixed = [f"utt-{i:07d}" for i in range(3, 60, 7) if i != 17]
+    assert agg.mixed_language_rows == 8 and [e["id"] for e in agg.mixed_language_examples] == mixed
+    assert "8 rows hold segments in more than one language" in page and "fallback_failed" in page
     assert agg.temperatures["0.2"] == 6
     assert sum(h.counts.sum() for h in agg.histograms.values()) == 3 * agg.segments
     # WER: "brown" -> "crown" in rows 5, 15, ... that have a reference and did not fail

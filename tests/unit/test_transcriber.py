@@ -11,13 +11,13 @@ import torch
 from whisper_batch.model.audio import SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
 from whisper_batch.model.decoding import DecodingResult
 from whisper_batch.model.results import Segment, WindowResult, Word
-from whisper_batch.model.transcribe import TranscribeOptions, is_quiet, is_silence, transcribe_windows
+from whisper_batch.model.transcribe import TranscribeOptions, first_sound, is_silence, transcribe_windows
 from whisper_batch.pipeline import faults
 from whisper_batch.pipeline.config import load_config
 from whisper_batch.pipeline.device import cpu_has_bf16, is_out_of_memory, pick_device
 from whisper_batch.pipeline.features import Featurizer, featurize_windows, mel_windows
 from whisper_batch.pipeline.packing import member_share, pack_ok
-from whisper_batch.pipeline.transcriber import Transcriber
+from whisper_batch.pipeline.transcriber import Transcriber, stitch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -47,10 +47,12 @@ def test_quiet_windows_are_no_speech_without_running_the_model(random_model, tin
 def test_quiet_gate_keeps_quiet_speech_and_can_be_switched_off():
     rng = np.random.default_rng(1)
     mel = window(1e-3 * rng.standard_normal(SAMPLE_RATE * 5))[0, :, :500]  # -60 dBFS: quiet, not silent
-    assert not is_quiet(mel, TranscribeOptions())
+    assert first_sound(mel, TranscribeOptions()) == 0
     silent = window(np.zeros(SAMPLE_RATE))[0, :, :100]
-    assert is_quiet(silent, TranscribeOptions())
-    assert not is_quiet(silent, TranscribeOptions(quiet_log_mel=None))
+    assert first_sound(silent, TranscribeOptions()) is None
+    assert first_sound(silent, TranscribeOptions(quiet_log_mel=None)) == 0
+    late = window(np.concatenate([np.zeros(SAMPLE_RATE * 2), 0.1 * rng.standard_normal(SAMPLE_RATE)]))[0, :, :300]
+    assert 195 <= first_sound(late, TranscribeOptions()) <= 200  # the 25 ms frame reaching into the noise
 
 
 def result(temperature: float, avg_logprob: float, no_speech_prob: float) -> DecodingResult:
@@ -83,6 +85,25 @@ def test_features_are_fp16_windows_one_after_another():
     assert first.shape == (80, 3000) and second.shape == (80, 700) and second.dtype == np.float16
     want = log_mel_spectrogram(audio[1][1], 80, padding=480000)[:, :700].numpy()
     np.testing.assert_allclose(second.astype(np.float32), want, atol=2e-3)
+
+
+def test_stitched_segments_are_ordered_apart_and_carry_their_windows_language():
+    """Segments of a row come out in time order without overlap; each keeps its window's language; the row's is the
+    language of most of its segments' seconds (here German: 1 window of 3, but 20 s of 26)."""
+
+    def window_result(language, *spans, failed=False):
+        segs = [Segment(a, b, f" {language} {a}", [], -0.3, 1.2, 0.1, 0.0, language=language, fallback_failed=failed)
+                for a, b in spans]
+        return WindowResult("", segs, language, [], -0.3, 1.2, 0.1, 0.0)
+
+    results = [window_result("en", (0.0, 2.0), (2.0, 4.5)), window_result("de", (0.0, 20.0), failed=True),
+               window_result("en", (0.0, 1.5))]
+    row = stitch(results, [0.0, 4.0, 24.0])  # the second window starts before the first one's last segment ends
+    spans = [(s["start"], s["end"], s["language"]) for s in row["segments"]]
+    assert spans == [(0.0, 2.0, "en"), (2.0, 4.0, "en"), (4.0, 24.0, "de"), (24.0, 25.5, "en")]
+    assert [s["fallback_failed"] for s in row["segments"]] == [False, False, True, False]
+    assert row["language"] == "de"
+    assert stitch([WindowResult("", [], "fr", [], 0.0, 0.0, 1.0, 0.0)], [0.0])["language"] == "fr"
 
 
 # --- packs -------------------------------------------------------------------------------------------------------

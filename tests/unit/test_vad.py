@@ -29,8 +29,8 @@ def run(audio, truth, chunk_s, **kw):
     chunks = [audio[i : i + int(chunk_s * SR)] for i in range(0, len(audio), int(chunk_s * SR))]
     w = VadWindows(chunks, opts, detect=fake_detector(truth))
     out = [(s, len(a)) for s, a in w]
-    assert w.samples == len(audio)
-    return out
+    assert w.samples == len(audio) and len(w.maps) == len(out)
+    return out, w.maps
 
 
 def test_group_segments():
@@ -43,22 +43,25 @@ def test_windows_cover_speech_only_and_do_not_depend_on_chunking():
     audio = rng.standard_normal(200 * SR).astype(np.float32) * 0.1
     s = lambda a, b: (int(a * SR), int(b * SR))  # noqa: E731
     truth = [s(5, 12), s(13, 20), s(40, 45), s(59.5, 61), s(80, 150), s(190, 200)]
-    expected = run(audio, truth, chunk_s=1000)
+    expected, maps = run(audio, truth, chunk_s=1000)
     for chunk_s in (7, 30, 60.25):
-        assert run(audio, truth, chunk_s) == expected
-    starts = [b / SR for b, _ in expected]
-    assert starts[:3] == [5.0, 40.0, 59.5]  # 5-20 s in one window (1 s pause), 40-45 and 59.5-61 apart (14.5 s gap)
+        assert run(audio, truth, chunk_s) == (expected, maps)
     assert all(n <= 30 * SR for _, n in expected)
-    speech = sum(e - b for b, e in truth)
-    assert sum(n for _, n in expected) == speech + SR  # the merged 1 s pause is the only non-speech sent
-    # the 70 s segment is cut into windows at quiet points, contiguous
-    long = [(b, n) for b, n in expected if s(80, 150)[0] <= b < s(150, 150)[0]]
+    # 5-20 s (its 1 s pause muted), 40-45 and 59.5-61 (gaps of 20 and 14.5 s left out) joined into one window, 1 s of
+    # silence between the runs, with the map back to the file's clock
+    assert expected[0] == (5 * SR, (15 + 1 + 5 + 1 + 1.5) * SR)
+    assert maps[0] == [(0, 5 * SR, 15 * SR), (16 * SR, 40 * SR, 5 * SR), (22 * SR, s(59.5, 0)[0], int(1.5 * SR))]
+    # the 70 s run is cut into windows at quiet points, contiguous; the last 10 s run makes a window of its own
+    long = [(b, n) for b, n in expected[1:-1]]
     assert len(long) == 3 and long[0][0] == 80 * SR and sum(n for _, n in long) == 70 * SR
+    assert [m[0][1] for m in maps[1:-1]] == [b for b, _ in long] and expected[-1] == (190 * SR, 10 * SR)
+    speech = sum(e - b for b, e in truth)
+    assert sum(n for _, n in expected) == speech + 3 * SR  # the muted 1 s pause and two 1 s joins: all non-speech
 
 
 def test_no_speech_gives_no_window():
     audio = np.zeros(50 * SR, np.float32)
-    assert run(audio, [], chunk_s=20) == []
+    assert run(audio, [], chunk_s=20) == ([], [])
 
 
 def test_silero_finds_the_speech_between_silence_and_noise():
@@ -70,10 +73,12 @@ def test_silero_finds_the_speech_between_silence_and_noise():
     chunks = [audio[i : i + 15 * SR] for i in range(0, len(audio), 15 * SR)]
     w = VadWindows(chunks, VadOptions())
     windows = [(s / SR, len(a) / SR) for s, a in w]
-    assert len(windows) == 2, windows
+    assert len(windows) == 1, windows  # both utterances joined into one window, the 20 s of noise left out
+    [time_map] = w.maps
     second = 10 + len(speech) / SR + 20
-    for (start, length), at in zip(windows, (10.0, second)):
-        assert at - 0.5 <= start <= at + 0.2 and length <= len(speech) / SR + 1.0
+    assert len(time_map) == 2
+    for (_, start, length), at in zip(time_map, (10.0, second)):
+        assert at - 0.5 <= start / SR <= at + 0.2 and length / SR <= len(speech) / SR + 1.0
     assert w.samples == len(audio) and w.speech_samples < 0.3 * len(audio)
 
 
