@@ -40,7 +40,12 @@ ENGINES = {
     "faster-int8": "faster-whisper WhisperModel.transcribe, greedy, int8",
     "faster-fp32": "faster-whisper WhisperModel.transcribe, greedy, float32",
     "faster-batched-int8": "faster-whisper BatchedInferencePipeline (batch 8), greedy, int8",
+    "faster-batched-int8-16": "faster-whisper BatchedInferencePipeline (batch 16), greedy, int8",
     "faster-batched-fp32": "faster-whisper BatchedInferencePipeline (batch 8), greedy, float32",
+    "ct2-crossfile-int8": (
+        "CTranslate2 Whisper.generate on 30 s chunks of many files per batch (8), as WhisperS2T batches, greedy, int8"
+    ),
+    "ct2-crossfile-int8-16": "the same at batch 16",
 }
 DEFAULT_ENGINES = ("whisper-batch", "whisper-batch-int8", "openai", "faster-int8", "faster-batched-int8")
 
@@ -58,6 +63,32 @@ def repeat_manifest(manifest: str, times: int, folder: str) -> str:
                 row = {"id": f"{r.id}#{k}", "audio_filepath": r.uri, "offset": r.offset, "duration": r.duration,
                        "text": r.reference}
                 f.write(json.dumps({key: v for key, v in row.items() if v is not None}) + "\n")
+    return str(path)
+
+
+def steady_manifest(manifest: str, hours: float, folder: str) -> str:
+    """A JSONL manifest in ``folder`` of at least ``hours`` of audio, as corpora run: the yardstick's long-form sets
+    (built from ../shared if missing; long recordings) and then ``manifest``'s rows repeated (ids ``ID#k``, short
+    files) until the total is reached. Rows need their ``duration``."""
+    from benchmarks.make_yardstick import LONG_SETS, yardstick_sets
+    from whisper_batch.pipeline.manifest import read_manifest
+
+    long_sets = yardstick_sets(sets=tuple(LONG_SETS))
+    rows = [r for name in LONG_SETS for r in read_manifest(str(long_sets[name]))]
+    short = list(read_manifest(manifest))
+    if any(r.duration is None for r in rows + short):
+        raise click.UsageError(f"--hours needs a duration on every row of {manifest}")
+    total, out = sum(r.duration for r in rows), [(r, r.id) for r in rows]
+    k = 0
+    while total < hours * 3600:
+        out += [(r, f"{r.id}#{k}") for r in short]
+        total += sum(r.duration for r in short)
+        k += 1
+    path = Path(folder) / f"steady-{hours:g}h.jsonl"
+    with path.open("w") as f:
+        for r, rid in out:
+            row = {"id": rid, "audio_filepath": r.uri, "offset": r.offset, "duration": r.duration, "text": r.reference}
+            f.write(json.dumps({key: v for key, v in row.items() if v is not None}) + "\n")
     return str(path)
 
 
@@ -126,14 +157,16 @@ def _run_openai(rows, model: str | None, threads: int) -> dict[str, Any]:
     ref.load_state_dict(ckpt.state_dict)
     ref = ref.float().eval()
     load = time.perf_counter() - t0
-    audios = [_audio(r) for r in rows]  # decoded up front: every engine is timed on the model work
+    audios, decode_s = _decode_all(rows)
     t0 = time.perf_counter()
     language = None if ckpt.dims.is_multilingual else "en"
     texts = {r["id"]: whisper.transcribe(ref, a, fp16=False, language=language)["text"] for r, a in zip(rows, audios)}
-    return {"load_s": load, "wall_s": time.perf_counter() - t0, "texts": texts, "audio_s": _seconds(audios)}
+    return {"load_s": load, "wall_s": time.perf_counter() - t0, "texts": texts, "audio_s": _seconds(audios),
+            "decode_s": decode_s}
 
 
-def _run_faster(rows, model: str | None, threads: int, compute_type: str, batched: bool) -> dict[str, Any]:
+def _run_faster(rows, model: str | None, threads: int, compute_type: str, batched: bool,
+                batch_size: int = 8) -> dict[str, Any]:
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     from whisper_batch.model.checkpoint import resolve_model
@@ -142,14 +175,61 @@ def _run_faster(rows, model: str | None, threads: int, compute_type: str, batche
     fw = WhisperModel(resolve_model(model), device="cpu", compute_type=compute_type, cpu_threads=threads)
     engine = BatchedInferencePipeline(fw) if batched else fw
     load = time.perf_counter() - t0
-    audios = [_audio(r) for r in rows]
-    kwargs = {"batch_size": 8} if batched else {}
+    audios, decode_s = _decode_all(rows)
+    kwargs = {"batch_size": batch_size} if batched else {}
     t0 = time.perf_counter()
     texts = {}
     for r, a in zip(rows, audios):
         segments, _ = engine.transcribe(a, beam_size=1, language="en", **kwargs)
         texts[r["id"]] = "".join(s.text for s in segments)
-    return {"load_s": load, "wall_s": time.perf_counter() - t0, "texts": texts, "audio_s": _seconds(audios)}
+    return {"load_s": load, "wall_s": time.perf_counter() - t0, "texts": texts, "audio_s": _seconds(audios),
+            "decode_s": decode_s}
+
+
+def _run_ct2_crossfile(rows, model: str | None, threads: int, batch_size: int) -> dict[str, Any]:
+    """Every file cut into 30 s chunks, chunks of all files sorted by length and decoded ``batch_size`` at a time by
+    CTranslate2's ``Whisper.generate`` (int8, greedy, no timestamps), texts joined per file: the cross-file batching
+    of WhisperS2T, without its VAD."""
+    import ctranslate2
+    import numpy as np
+    import tokenizers
+    from faster_whisper.feature_extractor import FeatureExtractor
+    from faster_whisper.tokenizer import Tokenizer
+
+    from whisper_batch.model.checkpoint import resolve_model
+
+    t0 = time.perf_counter()
+    path = resolve_model(model)
+    ct2 = ctranslate2.models.Whisper(path, device="cpu", compute_type="int8", intra_threads=threads)
+    tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json")), ct2.is_multilingual,
+                          "transcribe", "en")
+    features = FeatureExtractor(feature_size=ct2.n_mels)
+    load = time.perf_counter() - t0
+    audios, decode_s = _decode_all(rows)
+    window = 30 * 16000
+    prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+    t0 = time.perf_counter()
+    chunks = [(i, a[s : s + window]) for i, a in enumerate(audios) for s in range(0, max(len(a), 1), window)]
+    order = sorted(range(len(chunks)), key=lambda k: len(chunks[k][1]))
+    pieces: dict[int, str] = {}
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        mel = np.stack([features(np.pad(chunks[k][1], (0, window - len(chunks[k][1]))))[:, :3000] for k in batch])
+        out = ct2.generate(ctranslate2.StorageView.from_array(mel.astype(np.float32)), [prompt] * len(batch),
+                           beam_size=1, max_length=448)
+        for k, r in zip(batch, out):
+            pieces[k] = tokenizer.decode([t for t in r.sequences_ids[0] if t < tokenizer.eot])
+    texts: dict[str, list[str]] = {r["id"]: [] for r in rows}
+    for k, (i, _) in enumerate(chunks):  # chunks are in file order
+        texts[rows[i]["id"]].append(pieces[k])
+    return {"load_s": load, "wall_s": time.perf_counter() - t0, "audio_s": _seconds(audios), "decode_s": decode_s,
+            "texts": {i: "".join(t) for i, t in texts.items()}}
+
+
+def _decode_all(rows) -> tuple[list, float]:
+    """Every row's audio, decoded up front (each peer is timed on its model work), and the seconds that took."""
+    t0 = time.perf_counter()
+    return [_audio(r) for r in rows], time.perf_counter() - t0
 
 
 def _seconds(audios) -> float:
@@ -159,13 +239,19 @@ def _seconds(audios) -> float:
 def run_engine(engine: str, manifest: str, model: str | None, threads: int) -> dict[str, Any]:
     if engine in OUR_SETTINGS:
         return _run_ours(manifest, model, *OUR_SETTINGS[engine])
-    rows = read_rows(manifest)
+    return run_engine_rows(engine, read_rows(manifest), model, threads)
+
+
+def run_engine_rows(engine: str, rows: list[dict[str, Any]], model: str | None, threads: int) -> dict[str, Any]:
+    """A peer engine over ``rows`` (``id``, ``uri``, ``offset``, ``duration``)."""
     if engine == "openai":
         return _run_openai(rows, model, threads)
+    if engine.startswith("ct2-crossfile"):
+        return _run_ct2_crossfile(rows, model, threads, 16 if engine.endswith("-16") else 8)
     if engine.startswith("faster"):
-        return _run_faster(
-            rows, model, threads, engine.rsplit("-", 1)[1].replace("fp32", "float32"), "batched" in engine
-        )
+        batch = 16 if engine.endswith("-16") else 8
+        compute = engine.removesuffix("-16").rsplit("-", 1)[1].replace("fp32", "float32")
+        return _run_faster(rows, model, threads, compute, "batched" in engine, batch)
     raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
 
 
@@ -233,6 +319,10 @@ def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         "rtfx": result["audio_s"] / result["wall_s"] if result["wall_s"] else None,
         "process_s": result["process_s"],
         "process_rtfx": result["audio_s"] / result["process_s"],
+        # the process's seconds that were neither model work nor audio decoding: imports, model load, Ray's start
+        # and shutdown; a steady-state run keeps this share small
+        "startup_share": max(0.0, result["process_s"] - result["wall_s"] - result.get("decode_s", 0.0))
+        / result["process_s"],
         "wer": wer,
         "peak_rss_mb": result["peak_rss_mb"],
         "note": result.get("note", ""),
@@ -241,17 +331,18 @@ def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(scores: list[dict[str, Any]]) -> str:
     lines = [
-        "| engine | audio s | load s | wall s | RTFx | process s | process RTFx | WER % | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | audio s | load s | wall s | RTFx | process s | process RTFx | start-up % | WER % | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in scores:
         if "error" in s:
-            lines.append(f"| {s['engine']} | failed: {' '.join(s['error'])[:80]} | | | | | | | |")
+            lines.append(f"| {s['engine']} | failed: {' '.join(s['error'])[:80]} | | | | | | | | |")
             continue
         wer = f"{100 * s['wer']:.2f}" if s["wer"] is not None else "–"
         lines.append(
             f"| {s['engine']} | {s['audio_s']:.1f} | {s['load_s']:.1f} | {s['wall_s']:.1f} | {s['rtfx']:.1f} | "
-            f"{s['process_s']:.1f} | {s['process_rtfx']:.1f} | {wer} | {s['peak_rss_mb']:.0f} |"
+            f"{s['process_s']:.1f} | {s['process_rtfx']:.1f} | {100 * s['startup_share']:.1f} | {wer} | "
+            f"{s['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines + [f"\n{line}" for line in ratio_lines(scores)])
 
@@ -279,11 +370,13 @@ def ratio_lines(scores: list[dict[str, Any]]) -> list[str]:
 
 
 def bench(
-    manifest: str, engines: list[str], model: str | None, repeat: int, threads: int, echo=print, times: int = 1
+    manifest: str, engines: list[str], model: str | None, repeat: int, threads: int, echo=print, times: int = 1,
+    hours: float | None = None,
 ) -> list[dict]:
-    if times > 1:
+    if times > 1 or hours:
         with tempfile.TemporaryDirectory(prefix="wb-bench-manifest-") as folder:
-            return bench(repeat_manifest(manifest, times, folder), engines, model, repeat, threads, echo)
+            built = steady_manifest(manifest, hours, folder) if hours else repeat_manifest(manifest, times, folder)
+            return bench(built, engines, model, repeat, threads, echo)
     rows = read_rows(manifest)
     scores = []
     for rnd in range(repeat):
@@ -313,6 +406,9 @@ def main(argv: list[str]) -> None:
 @click.option("--repeat", default=1, show_default=True, help="Rounds; the engine order alternates between rounds.")
 @click.option("--times", default=1, show_default=True, type=click.IntRange(min=1),
               help="Run a manifest of MANIFEST's rows repeated this many times (a larger corpus, same references).")
+@click.option("--hours", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Steady state: the yardstick's long-form sets, then MANIFEST's rows repeated, to this many hours "
+              "of audio per engine (start-up then weighs a few per cent; see the start-up % column).")
 @click.option("--threads", default=os.cpu_count(), show_default=True, help="CPU threads for the peers.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
 @click.option("--yardstick", is_flag=True, help="Accuracy instead: WER per yardstick set for --configs, each paired "
@@ -320,7 +416,7 @@ def main(argv: list[str]) -> None:
 @click.option("--configs", default="fp32,default,int8", show_default=True, metavar="NAME[:KEY=VALUE+...],...",
               help="--yardstick: configurations by name (fp32, default, int8) or NAME:KEY=VALUE+KEY=VALUE.")
 @click.option("--sets", default=None, help="--yardstick: comma-separated sets (default: all).")
-def cli(manifest, engines, model_spec, repeat, times, threads, json_out, yardstick, configs, sets) -> None:
+def cli(manifest, engines, model_spec, repeat, times, hours, threads, json_out, yardstick, configs, sets) -> None:
     """Side-by-side throughput/WER/memory of whisper-batch and its peers on MANIFEST, in one run."""
     if yardstick:
         from benchmarks.yardstick import format_report, parse_configs
@@ -344,7 +440,7 @@ def cli(manifest, engines, model_spec, repeat, times, threads, json_out, yardsti
     if unknown := [e for e in chosen if e not in ENGINES]:
         raise click.UsageError(f"unknown engine(s) {unknown}; choose from: {', '.join(ENGINES)}")
     scores = bench(manifest, chosen, model_spec, repeat, threads, echo=lambda m: click.echo(m, err=True),
-                   times=times)
+                   times=times, hours=hours)
     click.echo(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}")
     click.echo(format_table(scores))
     if json_out:
