@@ -39,9 +39,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from whisper_batch.jobs.procs import descendants, ray_workers
 from whisper_batch.model.constants import SAMPLE_RATE
-
-from .procs import descendants, ray_workers
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from .config import ModelConfig
@@ -37,6 +39,34 @@ def is_out_of_memory(e: BaseException) -> bool:
 def free_cached_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc's ``malloc_trim``); False where there is none to call.
+
+    A model actor calls it between model calls (``pipeline/graph.py:TRIM_SECONDS``). glibc serves a large allocation
+    with mmap and unmaps it on free, but each such free raises its mmap threshold to that size (up to 32 MiB), so that
+    later tensors of up to 32 MiB come from the heap arenas, which keep what is freed: without trims a model actor's
+    RSS kept growing through a 105-minute run (docs/performance.md#memory). Fixing the threshold instead (glibc's
+    ``M_MMAP_THRESHOLD``) kept it flat but halved the model's speed (every tensor mapped and faulted in anew)."""
+    trim = _malloc_trim()
+    if not trim:
+        return False
+    trim(0)
+    return True
+
+
+_TRIM = None  # glibc's malloc_trim, once looked up (False: none)
+
+
+def _malloc_trim():
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL(None).malloc_trim  # glibc; musl and macOS have none
+        except (OSError, AttributeError):
+            _TRIM = False
+    return _TRIM
 
 
 def auto_batch_size(model, device: torch.device, limit: int = 256) -> int:

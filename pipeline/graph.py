@@ -129,7 +129,9 @@ class ArrowTranscriber:
     def __init__(self, cfg: RunConfig, sink: tuple[RunLayout, str, dict[str, str]], torch_threads: int | None = None):
         import torch
 
-        self.sink = sink
+        from .device import trim_heap  # torch: in the actors, not the driver
+
+        self.sink, self.trim_heap, self.trimmed = sink, trim_heap, time.monotonic()
         if torch_threads:
             torch.set_num_threads(torch_threads)
         from .transcriber import Transcriber
@@ -140,7 +142,17 @@ class ArrowTranscriber:
         rows = self.inner.transcribe_rows(batch.to_pylist())
         for r in rows:
             r["duration"] = r.get("duration") or 0.0
-        return write_parts(transcripts_table(rows), *self.sink)
+        parts = write_parts(transcripts_table(rows), *self.sink)
+        del rows
+        if time.monotonic() - self.trimmed > TRIM_SECONDS:  # what the calls freed goes back to the OS (glibc)
+            self.trim_heap()
+            self.trimmed = time.monotonic()
+        return parts
+
+
+# Seconds between two trims of a model actor's C heap (pipeline/device.py:trim_heap): without them its RSS kept
+# growing; a trim takes 25-40 ms, and the next call faults the pages it gave back in again, so not after every call.
+TRIM_SECONDS = 10.0
 
 
 def write_parts(batch: pa.Table, layout: RunLayout, invocation_id: str, extra_types: dict[str, str]) -> pa.Table:
