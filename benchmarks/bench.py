@@ -36,6 +36,7 @@ ENGINES = {
     "whisper-batch-fast": (
         "the same with configs/cpu-fast.yaml (padding_seconds=10, temperatures to 0.4, calls of 8 rows)"
     ),
+    "whisper-batch-vad": "the same with audio.vad=true (speech joined into full windows, the rest left out)",
     "openai": "openai-whisper transcribe(), greedy, fp32",
     "faster-int8": "faster-whisper WhisperModel.transcribe, greedy, int8",
     "faster-fp32": "faster-whisper WhisperModel.transcribe, greedy, float32",
@@ -109,6 +110,7 @@ OUR_SETTINGS: dict[str, tuple[str | None, list[str]]] = {  # engine -> (a file o
     "whisper-batch-int8": (None, ["model.quantize=int8"]),
     "whisper-batch-pad10": (None, ["decode.padding_seconds=10"]),
     "whisper-batch-fast": ("cpu-fast.yaml", []),
+    "whisper-batch-vad": (None, ["audio.vad=true"]),
 }
 
 
@@ -258,9 +260,10 @@ def run_engine_rows(engine: str, rows: list[dict[str, Any]], model: str | None, 
 # ---- the parent: alternate engines, sample memory, score ----
 
 
-def _session_rss(sid: int) -> int:
-    """RSS bytes of every process in session ``sid`` (the engine and what it started: Ray's workers)."""
-    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+def session_processes(sid: int) -> list[tuple[int, int, str]]:
+    """(pid, RSS bytes, command line) of every process in session ``sid`` (the engine and what it started: Ray's
+    workers)."""
+    out, page = [], os.sysconf("SC_PAGE_SIZE")
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -268,10 +271,17 @@ def _session_rss(sid: int) -> int:
             stat = Path(f"/proc/{pid}/stat").read_text()
             if int(stat.rsplit(")", 1)[1].split()[3]) != sid:
                 continue
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except (OSError, ValueError, IndexError):
             continue
-    return total
+        out.append((int(pid), rss, cmd))
+    return out
+
+
+def _session_rss(sid: int) -> int:
+    """RSS bytes of every process in session ``sid``."""
+    return sum(rss for _, rss, _ in session_processes(sid))
 
 
 def measure(engine: str, manifest: str, model: str | None, threads: int) -> dict[str, Any]:
@@ -359,11 +369,25 @@ def ratio_lines(scores: list[dict[str, Any]]) -> list[str]:
     peers = {e: t for e, t in totals.items() if e not in OUR_SETTINGS}
     if not peers:
         return []
+    lines = _ratios(totals, peers, "the fastest peer")
+    wers = {s["engine"]: s["wer"] for s in scores if "error" not in s and s.get("wer") is not None}
+    if wers:  # a peer that loses speech is not the one to beat: also against those within 1.25x of the best WER
+        limit = ACCURATE_WER_RATIO * min(wers.values())
+        accurate = {e: t for e, t in peers.items() if wers.get(e, float("inf")) <= limit}
+        lines += (_ratios(totals, accurate, f"the fastest peer with WER <= {100 * limit:.2f} %") if accurate
+                  else [f"no peer's WER is within {ACCURATE_WER_RATIO}x of the run's best ({100 * limit:.2f} %)"])
+    return lines
+
+
+ACCURATE_WER_RATIO = 1.25
+
+
+def _ratios(totals: dict[str, list[float]], peers: dict[str, list[float]], what: str) -> list[str]:
     best = max(peers, key=lambda e: peers[e][0] / peers[e][1])
     best_process = max(peers, key=lambda e: peers[e][0] / peers[e][2])
     wall_rtfx, process_rtfx = peers[best][0] / peers[best][1], peers[best_process][0] / peers[best_process][2]
     return [
-        f"{engine}: {audio / wall / wall_rtfx:.2f}x the fastest peer ({best}) on the wall clock, "
+        f"{engine}: {audio / wall / wall_rtfx:.2f}x {what} ({best}) on the wall clock, "
         f"{audio / process / process_rtfx:.2f}x ({best_process}) over the whole process"
         for engine, (audio, wall, process) in totals.items() if engine in OUR_SETTINGS
     ]

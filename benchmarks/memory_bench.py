@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .bench import REPO, _session_rss, repeat_manifest
+from .bench import REPO, repeat_manifest, session_processes
 
 YARDSTICK = Path.home() / ".cache" / "whisper-batch" / "yardstick"
 LONG_SETS = ("long-silence", "long-gaps", "long-10min")
@@ -167,22 +167,6 @@ def build_corpus(short: list[str], times: int, long: list[Path], folder: str) ->
 # --- sampling ---------------------------------------------------------------------------------------------------
 
 
-def session_processes(sid: int) -> list[tuple[int, int, str]]:
-    """(pid, RSS bytes, command line) of every process in session ``sid``."""
-    out, page = [], os.sysconf("SC_PAGE_SIZE")
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[3]) != sid:
-                continue
-            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ValueError, IndexError):
-            continue
-        out.append((int(pid), rss, cmd))
-    return out
 
 
 def _commits(out: Path) -> int:
@@ -213,7 +197,8 @@ def measure_run(
             t = time.monotonic() - t0
             by_kind: dict[str, float] = defaultdict(float)
             n: dict[str, int] = defaultdict(int)
-            for pid, rss, cmdline in session_processes(proc.pid):
+            procs = session_processes(proc.pid)
+            for pid, rss, cmdline in procs:
                 if not cmdline:  # a zombie, or a process exiting
                     continue
                 kind = classify(cmdline, pid, proc.pid)
@@ -222,7 +207,7 @@ def measure_run(
                 titles[kind].add(short_title(cmdline))
             samples.append((t, dict(by_kind)))
             counts.append((t, dict(n)))
-            totals.append((t, _session_rss(proc.pid)))  # benchmarks.bench's figure: the whole session
+            totals.append((t, sum(rss for _, rss, _ in procs)))  # benchmarks.bench's figure: the whole session
             c = _commits(out)
             if c > commits:
                 first_commit = t if first_commit is None else first_commit
