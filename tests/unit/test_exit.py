@@ -14,7 +14,7 @@ def test_the_console_script_exits_with_click_status_and_message():
     ok = subprocess.run([*cli, "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     # the whole help came through the pipe, up to its last command
     assert ok.returncode == 0 and "Usage:" in ok.stdout and "Commands:" in ok.stdout
-    assert ok.stdout.rstrip().splitlines()[-1].split()[0] == "transcribe"
+    assert ok.stdout.rstrip().splitlines()[-1].split()[0] == "verify"
     bad = subprocess.run([*cli, "run", "no-such-manifest.jsonl", "-o", "out"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 1 and "no-such-manifest.jsonl does not exist" in bad.stderr
