@@ -118,9 +118,7 @@ def redone_rows(events: list[dict[str, Any]]) -> list[tuple[float, str]]:
 def chaos_proxy(upstream: tuple[str, int]):
     """The tests' TcpProxy (no faults until :meth:`window`), that can also reset the connections open at the
     moment and hold every open connection's bytes while a stall lasts."""
-    import socket
-
-    from tests.integration.tcp_proxy import _CHUNK, TcpProxy, _reset
+    from tests.integration.tcp_proxy import TcpProxy, _reset
 
     class ChaosProxy(TcpProxy):
         def __init__(self) -> None:
@@ -138,18 +136,9 @@ def chaos_proxy(upstream: tuple[str, int]):
                 with self._lock:
                     self.open.discard(client)
 
-        def _pipe(self, src, dst) -> None:  # TcpProxy._pipe, holding the bytes while a stall lasts
-            try:
-                while data := src.recv(_CHUNK):
-                    while self.held.is_set() and not self._stop.is_set():
-                        time.sleep(0.05)
-                    dst.sendall(data)
-            except OSError:
-                pass
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+        def _before_send(self) -> None:  # the bytes are held while a stall lasts
+            while self.held.is_set() and not self._stop.is_set():
+                time.sleep(0.05)
 
         def window(self, kind: str, seconds: float) -> dict[str, int]:
             """``kind`` ("reset" or "stall") on every connection for ``seconds``, and longer if no connection came

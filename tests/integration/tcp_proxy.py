@@ -193,11 +193,14 @@ class TcpProxy:
         _reset(upstream)
         _reset(client)
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _before_send(self) -> None:
+        """Called before each chunk is passed on (a subclass may hold it back)."""
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         """Copy src → dst until EOF or an error, then half-close dst so the other direction can finish."""
         try:
             while data := src.recv(_CHUNK):
+                self._before_send()
                 dst.sendall(data)
         except OSError:
             pass
