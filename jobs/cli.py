@@ -150,7 +150,10 @@ def _layout(output: str, config: str | None = None, overrides: tuple[str, ...] =
 @click.option("--progress-interval", type=click.FloatRange(min=0.5), default=15.0, show_default=True,
               envvar="WHISPER_BATCH_PROGRESS_INTERVAL", metavar="SECONDS",
               help="Seconds between progress lines when the screen is not a terminal (a pipe, a job's log).")
-def run(input_uri, output, config, overrides, shortcuts, retry_failed, progress_interval) -> None:
+@click.option("--lock-wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+              help="Wait this long for another run holding OUTPUT to end before refusing (submitted jobs wait 60 s: "
+                   "a stopped job's driver may still be exiting).")
+def run(input_uri, output, config, overrides, shortcuts, retry_failed, progress_interval, lock_wait) -> None:
     """Transcribe INPUT (a manifest .jsonl/.csv/.parquet, or a folder or glob of audio) into OUTPUT.
 
     Rerunning the same command resumes: committed shards are skipped. Failed rows are data (an `error` column),
@@ -176,7 +179,7 @@ def run(input_uri, output, config, overrides, shortcuts, retry_failed, progress_
             if screen.log_path:
                 click.echo(f"Ray's log: {screen.log_path} (-v shows it here)")
             summary = run_job(input_uri, output, cfg, retry_failed=retry_failed, echo=click.echo, screen=screen,
-                              progress_interval=progress_interval)
+                              progress_interval=progress_interval, lock_wait=lock_wait)
             stop_ray()  # while Ray's output still goes to its log
     except (Stalled, Incomplete, ActorStartError, NoSpace) as e:
         mute_console_logs()  # Ray tears the stalled graph down at exit: its tracebacks would bury the message

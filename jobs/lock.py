@@ -2,7 +2,8 @@
 
 A second ``run`` on the same OUTPUT is refused while the first is alive. A lock left by a driver that died is taken
 over: at once when its process is gone from this host (exited, a zombie not yet reaped, or its pid now another
-process's), otherwise when its heartbeat is older than ``stale_after``.
+process's), otherwise when its heartbeat is older than ``stale_after``. A driver started as another one is being
+stopped (a resubmitted job right after ``jobs stop``) may wait ``wait_s`` for the holder to go instead of failing.
 """
 
 from __future__ import annotations
@@ -83,9 +84,18 @@ def live_holder(layout: RunLayout, stale_after: float = 120.0) -> dict[str, Any]
 
 
 class RunLock:
-    def __init__(self, layout: RunLayout, invocation: str, heartbeat: float = 30.0, stale_after: float = 120.0):
+    def __init__(
+        self,
+        layout: RunLayout,
+        invocation: str,
+        heartbeat: float = 30.0,
+        stale_after: float = 120.0,
+        wait_s: float = 0.0,
+        poll_s: float = 0.5,
+    ):
         self.layout, self.invocation = layout, invocation
         self.heartbeat, self.stale_after = heartbeat, stale_after
+        self.wait_s, self.poll_s = wait_s, poll_s
         self.path = layout.lock_json
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -101,6 +111,20 @@ class RunLock:
         }
 
     def acquire(self) -> None:
+        """Takes the lock; while a live driver holds it, waits up to ``wait_s`` for it to end, then raises LockHeld."""
+        deadline, said = time.monotonic() + self.wait_s, False
+        while True:
+            try:
+                return self._try_acquire()
+            except LockHeld as e:
+                if time.monotonic() + self.poll_s > deadline:
+                    raise
+                if not said:
+                    logger.warning("%s; waiting up to %.0f s for it to end", str(e).split(";")[0], self.wait_s)
+                    said = True
+                time.sleep(self.poll_s)
+
+    def _try_acquire(self) -> None:
         data = json.dumps(self._info()).encode()
         for _ in range(2):
             if self.layout.create_bytes(self.path, data):

@@ -103,8 +103,12 @@ def run(
     echo: Callable[[str], None] = print,
     screen: Screen | None = None,
     progress_interval: float = DEFAULT_INTERVAL,
+    lock_wait: float = 0.0,
 ) -> RunSummary:
     """Transcribe ``input_uri`` into ``output_uri``, skipping shards already committed there.
+
+    ``lock_wait``: seconds to wait for another driver that holds OUTPUT to end before refusing (a job resubmitted
+    right after ``jobs stop``, whose driver may still be exiting).
 
     With a ``screen`` (see ``whisper_batch.jobs.progress.quiet_screen``) the graph's progress is drawn there, as a bar
     or as a line every ``progress_interval`` seconds; without one, ``echo`` gets a line per committed shard.
@@ -117,7 +121,7 @@ def run(
     layout = RunLayout(output_uri, so)
     plan = build_plan(input_uri, cfg, so)
     name, n_mels = model_label(cfg)
-    lock = RunLock(layout, f"{os.getpid()}-{time.time()}")
+    lock = RunLock(layout, f"{os.getpid()}-{time.time()}", wait_s=lock_wait)
     try:
         # raises LockHeld when another driver is alive on OUTPUT. Taken before check_resume, so the done shards are
         # read while no other driver can commit: a driver started as another one ends never redoes what that one did

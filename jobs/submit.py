@@ -37,6 +37,7 @@ from whisper_batch.pipeline.storage import is_remote, resolve_storage_options
 logger = logging.getLogger(__name__)
 
 ENTRYPOINT = ("python", "-m", "whisper_batch.jobs.cli", "run")
+JOB_LOCK_WAIT_S = 60
 # where the resolved config lies inside the job's working_dir
 JOB_CONFIG = ".whisper-batch/config.yaml"
 PACKAGES = ("whisper_batch", "whisper_batch.model", "whisper_batch.pipeline", "whisper_batch.jobs")
@@ -54,8 +55,11 @@ class JobError(RuntimeError):
 
 def build_entrypoint(input_uri: str, output_uri: str, config_path: str, overrides: tuple[str, ...] = ()) -> str:
     """The shell command a job runs:
-    ``python -m whisper_batch.jobs.cli run INPUT -o OUTPUT --config CONFIG [--set K=V]...``."""
-    args = [*ENTRYPOINT, input_uri, "-o", output_uri, "--config", config_path]
+    ``python -m whisper_batch.jobs.cli run INPUT -o OUTPUT --config CONFIG --lock-wait S [--set K=V]...``.
+
+    A job is submitted only when no job of ours is active on OUTPUT; a lock still held there is a stopped job's driver
+    still exiting (Ray reports STOPPED once it has sent SIGKILL, not once the process is gone), so the run waits."""
+    args = [*ENTRYPOINT, input_uri, "-o", output_uri, "--config", config_path, "--lock-wait", str(JOB_LOCK_WAIT_S)]
     for item in overrides:
         args += ["--set", item]
     return shlex.join(args)

@@ -22,6 +22,7 @@ from whisper_batch.jobs.cli import main
 from whisper_batch.jobs.submit import (
     ENTRYPOINT,
     JOB_CONFIG,
+    JOB_LOCK_WAIT_S,
     JobError,
     build_entrypoint,
     connect,
@@ -137,7 +138,7 @@ def test_entrypoint_round_trips_through_a_shell():
     entry = build_entrypoint("s3://b/m a.jsonl", "s3://b/out", JOB_CONFIG, ("decode.initial_prompt=it's",))
     words = shlex.split(entry)
     assert words == [*ENTRYPOINT, "s3://b/m a.jsonl", "-o", "s3://b/out", "--config", JOB_CONFIG,
-                     "--set", "decode.initial_prompt=it's"]
+                     "--lock-wait", str(JOB_LOCK_WAIT_S), "--set", "decode.initial_prompt=it's"]
 
 
 def test_job_config_drops_credentials_and_joins_the_cluster():

@@ -216,3 +216,31 @@ def test_lock_whose_pid_is_now_another_process_is_taken_over(layout: RunLayout):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_waiting_driver_takes_the_lock_once_the_holder_exits(layout: RunLayout):
+    """As a job resubmitted right after `jobs stop` does: the stopped driver still holds OUTPUT for a moment."""
+    import socket
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    _write_holder(layout, host=socket.gethostname(), pid=holder.pid, start_time=start_time(holder.pid),
+                  invocation="stopping", heartbeat_at=time.time())
+    with pytest.raises(LockHeld):
+        RunLock(layout, "impatient").acquire()  # no wait: refused while the holder lives
+    started = time.monotonic()
+    try:
+        with RunLock(layout, "patient", wait_s=30, poll_s=0.1):
+            assert _holder(layout)["invocation"] == "patient"
+            waited = time.monotonic() - started
+    finally:
+        holder.wait()
+    assert 0.5 < waited < 10  # took it once the holder had gone, not before, not at the end of the wait
+
+
+def test_a_wait_that_runs_out_still_refuses(layout: RunLayout):
+    with RunLock(layout, "inv-1"):
+        started = time.monotonic()
+        with pytest.raises(LockHeld, match="another whisper-batch run is active"):
+            RunLock(layout, "inv-2", wait_s=1.0, poll_s=0.2).acquire()
+        assert 0.7 < time.monotonic() - started < 5
+        assert _holder(layout)["invocation"] == "inv-1"
