@@ -9,9 +9,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +44,8 @@ def model_resources(cfg: RunConfig) -> ModelPlan:
     ``ray.model_batch_size: 0`` means 64 rows per call on GPUs, where a batch should fill the device, and 4 on
     CPUs, where a batch gains little and small calls spread a shard's long files over the actors.
     """
-    cluster = ray.cluster_resources()
+    nodes = usable_nodes()
+    cluster = _total(nodes) if nodes else ray.cluster_resources()
     cores = max(1, int(cluster.get("CPU", os.cpu_count() or 1)))
     gpus = cfg.ray.gpus_per_model_actor
     if gpus is None:
@@ -50,7 +53,7 @@ def model_resources(cfg: RunConfig) -> ModelPlan:
     if gpus > 0:
         actors = cfg.ray.model_actors or max(1, int(cluster.get("GPU", 0) // gpus))
         return ModelPlan(actors, gpus, 1.0, None, cfg.ray.model_batch_size or 64)
-    if len(alive_nodes()) > 1:
+    if len(nodes) > 1:
         # several nodes: whole cores, so the actors pack onto nodes whatever their sizes (shares of the cluster's
         # total would not: a node that holds a feature actor has no room left for a 0.67-core share)
         fit = int(cluster.get("memory", 0) / 2 // actor_memory(cfg))  # as many as half the memory holds
@@ -68,13 +71,47 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
 
 
+def _total(nodes: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: sum(n.get("Resources", {}).get(k, 0) for n in nodes) for k in ("CPU", "GPU", "memory")}
+
+
+def _raylet_answers(node: dict[str, Any], timeout_s: float) -> bool:
+    port = node.get("NodeManagerPort")
+    if not port:
+        return True  # nothing to ask: take Ray's word
+    try:
+        with socket.create_connection((node.get("NodeManagerAddress", "127.0.0.1"), int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def usable_nodes(timeout_s: float = 2.0) -> list[dict[str, Any]]:
+    """The live nodes whose raylet accepts a connection: what the plan may count on.
+
+    Ray lists a node as alive until its health checks have failed for some seconds (about 30 s by default); a run
+    started in that time (the rerun after a driver's kill that followed a node's) planned actors for the dying node's
+    cores, and once they were gone the model actors held every core left and the feature actor could not start.
+    """
+    nodes = alive_nodes()
+    if len(nodes) < 2:
+        return nodes
+    with ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
+        answers = list(pool.map(lambda n: _raylet_answers(n, timeout_s), nodes))
+    for node, ok in zip(nodes, answers, strict=True):
+        if not ok:
+            logger.warning("node %s is listed alive but its raylet does not answer: left out of the plan (it is "
+                           "probably being lost)", _describe_node(node))
+    return [n for n, ok in zip(nodes, answers, strict=True) if ok] or nodes
+
+
 class ClusterResourceError(ValueError):
     """The cluster lacks a resource the config asks for (raised before any work)."""
 
 
 def check_cluster(cfg: RunConfig, plan: ModelPlan) -> None:
     """Raises :class:`ClusterResourceError` when no node can host a feature actor or a model actor as planned."""
-    nodes = alive_nodes()
+    nodes = usable_nodes()
     have = [n.get("Resources", {}) for n in nodes]
     total = {k: sum(r.get(k, 0) for r in have) for k in ("CPU", "GPU")}
     where = f"the cluster ({len(nodes)} node(s): {total['CPU']:g} CPUs, {total['GPU']:g} GPUs)"

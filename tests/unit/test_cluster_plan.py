@@ -32,6 +32,26 @@ def test_cpu_plan_on_several_nodes_takes_whole_cores(monkeypatch):
     assert cluster.model_resources(load_config(None, [])) == cluster.ModelPlan(2, 0.0, 1.0, 1, 4)
 
 
+def test_a_node_whose_raylet_is_gone_is_left_out_of_the_plan(monkeypatch, caplog):
+    """Ray lists a SIGKILLed node as alive for ~30 s; a run planned then must not count its cores."""
+    server = socket.create_server(("127.0.0.1", 0))  # a raylet that answers
+    dead = socket.create_server(("127.0.0.1", 0))  # a port whose listener is gone: connections are refused
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    try:
+        nodes = [_node("a", 2), _node("b", 2), _node("c", 2)]
+        for node, port in zip(nodes, (server.getsockname()[1], server.getsockname()[1], dead_port), strict=True):
+            node.update(NodeManagerAddress="127.0.0.1", NodeManagerPort=port)
+        _cluster(monkeypatch, nodes)
+        assert [n["NodeID"] for n in cluster.usable_nodes()] == ["a" * 8, "b" * 8]
+        # 4 cores that answer: 3 model actors and the feature actor's core (with c's 2 counted: 5 model actors, and
+        # once c was declared dead no core left for the feature actor)
+        assert cluster.model_resources(load_config(None, [])).actors == 3
+        assert "cccccccc" in caplog.text and "does not answer" in caplog.text
+    finally:
+        server.close()
+
+
 def test_gpu_plan_is_one_actor_per_gpu(monkeypatch):
     _cluster(monkeypatch, [_node("a", 1), _node("b", 2, gpus=1), _node("c", 2, gpus=1)])
     plan = cluster.model_resources(load_config(None, ["model.device=cpu"]))
