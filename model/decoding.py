@@ -229,13 +229,20 @@ def rank(candidates: list[list[int]], scores: list[float], length_penalty: float
     return best
 
 
-def initial_tokens(tokenizer: Tokenizer, options: DecodingOptions, language: str | None, n_text_ctx: int) -> list[int]:
-    """[<|startofprev|> prompt…] <|startoftranscript|> [<|lang|> <|task|>] [<|notimestamps|>]"""
+def initial_tokens(
+    tokenizer: Tokenizer,
+    options: DecodingOptions,
+    language: str | None,
+    n_text_ctx: int,
+    prompt: str | Sequence[int] | None = None,
+) -> list[int]:
+    """[<|startofprev|> prompt…] <|startoftranscript|> [<|lang|> <|task|>] [<|notimestamps|>]; ``prompt``, when
+    given, instead of ``options.prompt``."""
     tokens = list(tokenizer.sot_sequence(language, options.task))
     if options.without_timestamps:
         tokens.append(tokenizer.no_timestamps)
-    if options.prompt:
-        prompt = options.prompt
+    prompt = options.prompt if prompt is None else prompt
+    if prompt:
         prompt_tokens = tokenizer.encode(" " + prompt.strip()) if isinstance(prompt, str) else list(prompt)
         tokens = [tokenizer.sot_prev] + prompt_tokens[-(n_text_ctx // 2 - 1) :] + tokens
     return tokens
@@ -272,19 +279,28 @@ def decode(
     audio_features: Tensor,
     options: DecodingOptions = DecodingOptions(),
     languages: Sequence[str | None] | None = None,
+    prompts: Sequence[Sequence[int] | None] | None = None,
 ) -> list[DecodingResult]:
     """Decode a batch of windows at one temperature.
 
     Args:
         audio_features: encoder output (n_windows, n_audio_ctx, n_audio_state) — see ``Whisper.embed_audio``.
         languages: optional per-window language codes (None entries are detected on multilingual models).
+        prompts: optional per-window prompt tokens (the previous windows' text), in place of ``options.prompt``
+            where not None; windows with shorter prompts are left-padded, and no real position sees the padding.
     """
     from .search import BeamSearch, Sampler, run_search
 
     options.validate()
     n_ctx = model.dims.n_text_ctx
     langs, lang_probs = resolve_languages(model, tokenizer, audio_features, options, languages)
-    initial = [initial_tokens(tokenizer, options, lang, n_ctx) for lang in langs]
+    if prompts is not None and len(prompts) != len(langs):
+        raise ValueError(f"{len(prompts)} prompts given for {len(langs)} windows")
+    initial = [initial_tokens(tokenizer, options, lang, n_ctx, prompts[i] if prompts else None)
+               for i, lang in enumerate(langs)]
+    begin = max(len(t) for t in initial)
+    pad = torch.tensor([begin - len(t) for t in initial], dtype=torch.long)
+    initial = [[tokenizer.eot] * (begin - len(t)) + t for t in initial]  # the padding's tokens are never seen
     sample_begin = len(initial[0])
     sot_index = initial[0].index(tokenizer.sot)
     sample_len = options.sample_len or n_ctx // 2
@@ -300,7 +316,7 @@ def decode(
     if options.stop_compression_ratio is not None and isinstance(search, Sampler):
         stop = LoopStop(tokenizer, sample_begin, options.stop_compression_ratio)
     found = run_search(
-        model, audio_features, initial_t, search, rules, sample_len, sot_index, tokenizer.no_speech, stop
+        model, audio_features, initial_t, search, rules, sample_len, sot_index, tokenizer.no_speech, stop, pad
     )
 
     results = []

@@ -31,6 +31,8 @@ class KVCache:
     cross_v: Tensor | None
     group: int = 1  # rows per audio (beam size or best_of)
     length: int = 0  # tokens written so far = next position
+    # per row, the padding tokens before its first real one (prompts of different lengths, left-padded); None: none
+    pad: Tensor | None = None
 
     @classmethod
     def allocate(
@@ -85,6 +87,8 @@ class KVCache:
         self_k[:, :, :, live] = self.self_k[:, rows, :, live]
         self_v[:, :, :, live] = self.self_v[:, rows, :, live]
         self.self_k, self.self_v = self_k, self_v
+        if self.pad is not None:
+            self.pad = self.pad[rows]
         if self.cross_k is not None:
             self.cross_k = self.cross_k.index_select(1, audios)
             self.cross_v = self.cross_v.index_select(1, audios)

@@ -168,8 +168,11 @@ def run_search(
     sot_index: int,
     no_speech: int | None,
     stop=None,
+    pad: Tensor | None = None,
 ) -> list[Candidates]:
     """Decode every audio of ``audio_features`` (n_audio, S, C) from its ``initial`` tokens (n_audio, L0).
+
+    ``pad`` (n_audio,): padding tokens at the start of each audio's ``initial`` (prompts of different lengths).
 
     ``stop(tokens, length)``, if given, names rows to end now (their next token is forced to end-of-text).
     """
@@ -177,6 +180,8 @@ def run_search(
     group = search.group
     max_len = begin + sample_len
     cache = model.new_cache(audio_features, group, max_len=min(max_len, model.dims.n_text_ctx))
+    if pad is not None and bool(pad.any()):
+        cache.pad = pad.to(initial.device).repeat_interleave(group)
     tokens = torch.empty(n_audio * group, max_len + 1, dtype=torch.long, device=initial.device)
     tokens[:, :begin] = initial.repeat_interleave(group, dim=0)
     sum_logprobs = torch.zeros(n_audio * group, device=initial.device)

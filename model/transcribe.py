@@ -83,6 +83,20 @@ class TranscribeOptions:
     # pass at the first temperature, kept only when this sure of itself (average logprob at least this, no-speech
     # probability at most PROBE_NO_SPEECH), else the rest is silence. None: the rest is skipped, as the reference does
     probe_logprob_threshold: float | None = -0.7
+    # decode each file's windows in order, each prompted with the text of the windows before it (the reference's
+    # condition_on_previous_text, reset after a window decoded hotter than PROMPT_RESET_TEMPERATURE): windows of many
+    # files still share a batch, one window of each file at a time (see prompt_after). Used by the caller that knows
+    # which window follows which (whisper_batch.pipeline.transcriber)
+    condition_on_previous_text: bool = False
+
+
+PROMPT_RESET_TEMPERATURE = 0.5
+
+
+def prompt_after(history: list[int], r: WindowResult) -> list[int]:
+    """A file's prompt for its next window: the tokens of its windows so far (text and timestamps, as the reference
+    feeds them), none again after a window that needed a hot temperature (its text is not to be trusted)."""
+    return [] if r.temperature > PROMPT_RESET_TEMPERATURE else history + r.tokens
 
 
 def is_silence(r: DecodingResult, opts: TranscribeOptions) -> bool:
@@ -132,15 +146,17 @@ def decode_with_fallback(
     opts: TranscribeOptions,
     languages: Sequence[str | None] | None = None,
     first_only: Sequence[bool] | None = None,
+    prompts: Sequence[Sequence[int] | None] | None = None,
 ) -> list[DecodingResult]:
     """Decode every window at the first temperature, then re-decode only the failing ones at the next (never those
-    marked ``first_only``)."""
+    marked ``first_only``). ``prompts``: per window, as :func:`~whisper_batch.model.decoding.decode` takes them."""
     n = audio_features.shape[0]
     results: list[DecodingResult | None] = [None] * n
     langs = list(languages) if languages is not None else [None] * n
     todo = list(range(n))
     for temperature in opts.temperatures:
-        out = decode(model, tokenizer, audio_features[todo], options_at(opts, temperature), [langs[i] for i in todo])
+        out = decode(model, tokenizer, audio_features[todo], options_at(opts, temperature), [langs[i] for i in todo],
+                     [prompts[i] for i in todo] if prompts is not None else None)
         redo = []
         for i, r in zip(todo, out):
             if results[i] is not None and r.language_probs is None:
@@ -233,6 +249,7 @@ def transcribe_windows(
     opts: TranscribeOptions = TranscribeOptions(),
     languages: Sequence[str | None] | None = None,
     timed: Sequence[bool] | None = None,
+    prompts: Sequence[Sequence[int] | None] | None = None,
 ) -> list[WindowResult]:
     """Transcribe a batch of windows, possibly from many files.
 
@@ -244,6 +261,8 @@ def transcribe_windows(
         content_frames: mel frames of real audio per window (default: all 3000).
         languages: per-window language codes, None to detect (multilingual models).
         timed: per window, whether to time its words (default: ``opts.word_timestamps`` for every window).
+        prompts: per window, the tokens of the text before it (its file's earlier windows, see
+            :func:`prompt_after`), in place of ``opts.decoding.prompt``; a window's later passes add its own text.
     """
     if mel.ndim != 3 or mel.shape[1] != model.dims.n_mels or mel.shape[2] != N_FRAMES:
         raise ValueError(f"mel of shape {tuple(mel.shape)}: expected (windows, {model.dims.n_mels}, {N_FRAMES})")
@@ -251,7 +270,8 @@ def transcribe_windows(
     frames = list(content_frames) if content_frames is not None else [N_FRAMES] * n
     langs = list(languages) if languages is not None else [None] * n
     timed = list(timed) if timed is not None else [opts.word_timestamps] * n
-    return WindowBatch(model, tokenizer, opts, mel, frames, langs, timed).run()
+    prompts = list(prompts) if prompts is not None else None
+    return WindowBatch(model, tokenizer, opts, mel, frames, langs, timed, prompts).run()
 
 
 class WindowBatch:
@@ -272,9 +292,10 @@ class WindowBatch:
         frames: list[int],
         langs: list[str | None],
         timed: list[bool],
+        prompts: list[Sequence[int] | None] | None = None,
     ):
         self.model, self.tokenizer, self.opts = model, tokenizer, opts
-        self.mel, self.frames, self.timed = mel, frames, timed
+        self.mel, self.frames, self.timed, self.prompts = mel, frames, timed, prompts
         self.langs = langs
         self.results: list[WindowResult | None] = [None] * len(frames)
         self.last_speech: dict[int, float] = {}
@@ -320,7 +341,8 @@ class WindowBatch:
         the results into ``results`` and returns the windows to continue, from their new first frame."""
         features = self.encode(todo, length)
         langs = [self.langs[s.window] for s in todo]
-        decoded = decode_with_fallback(self.model, self.tokenizer, features, self.opts, langs, [s.probe for s in todo])
+        decoded = decode_with_fallback(self.model, self.tokenizer, features, self.opts, langs, [s.probe for s in todo],
+                                       self.prompts_of(todo))
         passes = []
         for s, r in zip(todo, decoded):
             self.langs[s.window] = r.language
@@ -337,6 +359,16 @@ class WindowBatch:
             if rest >= MIN_CONTINUATION_FRAMES and (not p.lone_ending or self.opts.probe_logprob_threshold is not None):
                 later.append(Seek(i, seek + p.consumed, p.lone_ending))
         return later
+
+    def prompts_of(self, todo: list[Seek]) -> list[list[int] | None] | None:
+        """With prompts, each pass's: its window's, then the text of its earlier passes (as the reference's seeks)."""
+        if self.prompts is None:
+            return None
+        out = []
+        for i, _, _ in todo:
+            base, done = self.prompts[i], self.results[i]
+            out.append(None if base is None else list(base) + (done.tokens if done is not None else []))
+        return out
 
     def encode(self, todo: list[Seek], length: int) -> Tensor:
         """Encoder output (len(todo), length // 2, n_audio_state) of each window's audio from its first frame on,

@@ -138,10 +138,14 @@ class MultiHeadAttention(nn.Module):
         """Decoder self-attention: write this step's K/V into the cache, attend to every position so far."""
         q, k, v = self.heads(self.query(x)), self.heads(self.key(x)), self.heads(self.value(x))
         k, v = cache.write_self(layer, k, v)
-        t = q.shape[2]
+        t, end = q.shape[2], k.shape[2]
         mask = None
         if t > 1:  # several new tokens at once: new token i sees the cached prefix and new tokens <= i
-            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+            mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(end - t)
+        if cache.pad is not None:  # left-padded prompts: a row's padding is seen by no position but its own
+            keys = torch.arange(end, device=x.device)
+            seen = (keys >= cache.pad[:, None, None]) | (keys == torch.arange(end - t, end, device=x.device)[:, None])
+            mask = (seen if mask is None else seen & mask)[:, None]  # (rows, 1, t, end)
         o = attention(q, k, v, mask)
         return self.merge(o)
 
@@ -258,8 +262,13 @@ class TextDecoder(nn.Module):
         # the tied embedding packed for oneDNN by pack_cpu_weights, for the projection onto the vocabulary
         self.packed_projection: Tensor | None = None
 
-    def embed(self, tokens: Tensor, offset: int) -> Tensor:
-        return self.token_embedding(tokens) + self.positional_embedding[offset : offset + tokens.shape[-1]]
+    def embed(self, tokens: Tensor, offset: int, pad: Tensor | None = None) -> Tensor:
+        """Token plus position embeddings; with ``pad`` (rows,), each row's positions count from its first token
+        after that many padding tokens (a row's padding gets position 0: no position sees it but its own)."""
+        if pad is None:
+            return self.token_embedding(tokens) + self.positional_embedding[offset : offset + tokens.shape[-1]]
+        positions = (torch.arange(offset, offset + tokens.shape[-1], device=tokens.device) - pad[:, None]).clamp(min=0)
+        return self.token_embedding(tokens) + self.positional_embedding[positions]
 
     def project(self, x: Tensor) -> Tensor:
         x = self.ln(x)
@@ -281,7 +290,7 @@ class TextDecoder(nn.Module):
             for block in self.blocks:
                 x = block(x, xa, causal=True)
             return self.project(x)
-        x = self.embed(tokens, cache.length).to(cache.self_k.dtype)
+        x = self.embed(tokens, cache.length, cache.pad).to(cache.self_k.dtype)
         for block in self.blocks:
             x = block.forward_cached(x, cache)
         cache.length += tokens.shape[-1]

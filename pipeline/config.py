@@ -131,6 +131,9 @@ class DecodeConfig:
     # temperature and kept when its average log-prob is at least this (no-speech prob <= 0.3); null skips the rest
     # as the reference does (which loses speech after music or a pause at a window's end)
     probe_logprob_threshold: float | None = -0.7
+    # decode each file's windows in order, each prompted with the file's text so far (the reference's
+    # condition_on_previous_text); windows of many files still share batches, one window per file at a time
+    condition_on_previous_text: bool = False
     # decode text only, without timestamp tokens (segments then span whole windows)
     without_timestamps: bool = False
     # the first timestamp token may not be later than this many seconds

@@ -22,7 +22,7 @@ import torch
 from whisper_batch.model.constants import FRAMES_PER_SECOND, N_FRAMES
 from whisper_batch.model.decoding import DecodingOptions
 from whisper_batch.model.results import WindowResult
-from whisper_batch.model.transcribe import TranscribeOptions, transcribe_windows
+from whisper_batch.model.transcribe import TranscribeOptions, prompt_after, transcribe_windows
 
 from . import faults
 from .config import DecodeConfig, RunConfig
@@ -158,9 +158,9 @@ class Transcriber:
         self.threads = torch.get_num_threads()  # as the actor set them; a new thread would start from its own
         self.pool = self._model_pool()
 
-    def _decode(self, ids, mel, frames, langs, timed) -> list[WindowResult]:
+    def _decode(self, ids, mel, frames, langs, timed, prompts=None) -> list[WindowResult]:
         faults.before_model_call(ids, len(frames))
-        return transcribe_windows(self.model, self.tokenizer, mel, frames, self.opts, langs, timed)
+        return transcribe_windows(self.model, self.tokenizer, mel, frames, self.opts, langs, timed, prompts)
 
     @property
     def n_mels(self) -> int:
@@ -240,13 +240,36 @@ class Transcriber:
         the rest of the actor's life; only a single window that does not fit becomes an error row.
         """
         failures: dict[int, str] = {}
-        # longest windows first: windows of similar length finish together, so fewer rows idle in a batch
-        windows.sort(key=lambda w: -w[2].shape[1])
+        if not self.opts.condition_on_previous_text:
+            # longest windows first: windows of similar length finish together, so fewer rows idle in a batch
+            windows.sort(key=lambda w: -w[2].shape[1])
+            self._run_batches(windows, rows, per_row, failures)
+            return failures
+        # each row's windows in order, each prompted with the row's text so far: the k-th windows of all rows share
+        # batches, round after round
+        history = {i: self._initial_history() for i in {w[0] for w in windows}}
+        for k in range(1 + max((w[1] for w in windows), default=-1)):
+            todo = [w for w in windows if w[1] == k and w[0] not in failures]
+            self._run_batches(todo, rows, per_row, failures, history)
+            for i, j, _ in todo:
+                if per_row[i][j] is not None:
+                    history[i] = prompt_after(history[i], per_row[i][j])
+        return failures
+
+    def _initial_history(self) -> list[int]:
+        prompt = self.opts.decoding.prompt
+        if not prompt:
+            return []
+        return self.tokenizer.encode(" " + prompt.strip()) if isinstance(prompt, str) else list(prompt)
+
+    def _run_batches(self, windows, rows, per_row, failures, history=None) -> None:
+        """``windows`` in batches of ``batch_size``, each window prompted with ``history[row]`` when given."""
         b = 0
         while b < len(windows):
             chunk = windows[b : b + self.batch_size]
+            prompts = [history[i] for i, _, _ in chunk] if history is not None else None
             try:
-                results = self._call_model(chunk, rows)
+                results = self._call_model(chunk, rows, prompts)
             except FutureTimeout:
                 timeout = self.cfg.model.timeout_seconds
                 logger.error("a batch of %d windows took more than %g s; its rows become errors", len(chunk), timeout)
@@ -268,9 +291,8 @@ class Transcriber:
                 for (i, j, _), r in zip(chunk, results):
                     per_row[i][j] = r
             b += len(chunk)
-        return failures
 
-    def _call_model(self, chunk, rows) -> list[WindowResult]:
+    def _call_model(self, chunk, rows, prompts=None) -> list[WindowResult]:
         """One batch through the model on the model thread, bounded by ``model.timeout_seconds``."""
         mel = torch.zeros(len(chunk), self.n_mels, N_FRAMES)
         for k, (_, _, m) in enumerate(chunk):
@@ -280,7 +302,7 @@ class Transcriber:
         ids = [str(rows[i].get("id")) for i, _, _ in chunk]
         # a pack's words are timed whatever the options: they say which member each word belongs to
         timed = [self.opts.word_timestamps or bool(rows[i].get("members_json")) for i, _, _ in chunk]
-        future = self.pool.submit(self._decode, ids, mel, frames, langs, timed)
+        future = self.pool.submit(self._decode, ids, mel, frames, langs, timed, prompts)
         return future.result(timeout=self.cfg.model.timeout_seconds)
 
 

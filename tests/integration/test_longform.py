@@ -218,3 +218,42 @@ def test_vad_windows_are_joined_and_mapped(eval_dir, tmp_path):
     assert w0 == 0 and 25.0 <= f0 <= 26.0 and w.starts[0] == f0
     assert abs(w1 - (n0 + 1.0)) < 1e-6 and second <= f1 <= second + 1.0
     assert w.frames[0] <= round((n0 + 1.0 + n1) * 100) + 1
+
+
+def test_conditioned_windows_go_in_file_order_each_prompted_with_the_text_before(eval_dir, tmp_path, monkeypatch):
+    """decode.condition_on_previous_text: each model call holds at most one window of a file, a file's windows come
+    in order, and a window's prompt is the tokens of its file's windows before it (the reference's conditioning);
+    the speech comes out as well as without it."""
+    import json
+
+    from whisper_batch.jobs.evaluate import word_errors
+    from whisper_batch.pipeline import transcriber as transcriber_module
+
+    refs = {r["id"]: r["text"] for r in map(json.loads, (eval_dir / "manifest.jsonl").read_text().splitlines())}
+    gap = np.zeros(int(0.8 * SR), dtype=np.float32)
+    files, references = [], []
+    for name, ids in (("a", range(0, 10)), ("b", range(10, 20))):  # ten utterances of test-clean a file, 70-90 s
+        utts = [f"1089-134686-{k:04d}" for k in ids]
+        parts = [p for u in utts for p in (read(eval_dir, f"test-clean/{u}.flac"), gap)]
+        files.append(write(tmp_path / f"{name}.wav", np.concatenate(parts)))
+        references.append(" ".join(w for u in utts for w in words(refs[u])))
+    calls = []
+    real = transcriber_module.transcribe_windows
+
+    def spy(model, tokenizer, mel, frames, opts, langs, timed, prompts):
+        out = real(model, tokenizer, mel, frames, opts, langs, timed, prompts)
+        calls.append(([list(p) for p in prompts], [list(r.tokens) for r in out], [r.temperature for r in out]))
+        return out
+
+    monkeypatch.setattr(transcriber_module, "transcribe_windows", spy)
+    rows = whisper_batch.transcribe(files, **{"decode.condition_on_previous_text": True, "model.batch_size": 8})
+    assert len(calls) >= 3 and all(len(p) == 2 for p, _, _ in calls[:3]), [len(p) for p, _, _ in calls]
+    assert calls[0][0] == [[], []]  # the first windows: no text before them
+    for k in range(1, len(calls)):  # a file's next prompt: its windows' tokens so far, reset after a hot window
+        before = calls[k - 1]  # (a file with no window left drops out of the later calls)
+        follows = [[] if t > 0.5 else p + w for p, w, t in zip(*before)]
+        assert all(prompt in follows for prompt in calls[k][0]), k
+    for row, reference in zip(rows, references):
+        assert row["error"] is None
+        check_segments(row)
+        assert word_errors([reference], [" ".join(words(row["text"]))])["wer"] < 0.1, row["text"]

@@ -256,6 +256,22 @@ def test_decode_matches_reference(options, random_setup, reference_of):
     assert_same_results(ours, reference_decode(reference_of(model), af, language="en", **options))
 
 
+@pytest.mark.parametrize("options", [dict(), dict(beam_size=2)], ids=["greedy", "beam"])
+def test_per_window_prompts_in_one_batch_match_each_window_decoded_alone(options, random_setup, reference_of):
+    """Windows of several files decoded together, each with its own file's previous text as a prompt (of different
+    lengths, one none): the left padding changes nothing a window sees."""
+    model, tokenizer = random_setup
+    options = {"sample_len": SAMPLE_LEN, **options}
+    af = features(model)
+    prompts = [list(range(300, 400)), None, [1000, 1001, 1002], list(range(50, 500))]  # the last one over 223
+    ours = decode(model, tokenizer, af, DecodingOptions(language="en", **options), prompts=prompts)
+    ref = reference_of(model)
+    for i, prompt in enumerate(prompts):
+        extra = {"prompt": prompt} if prompt else {}
+        [alone] = reference_decode(ref, af[i : i + 1], language="en", **options, **extra)
+        assert_same_results([ours[i]], [alone])
+
+
 def test_detected_languages_match_reference(random_multilingual_model, multilingual_tokenizer, reference_of):
     model, tokenizer = random_multilingual_model, multilingual_tokenizer
     af = features(model)
@@ -383,8 +399,8 @@ def decode_calls(monkeypatch) -> list[tuple[torch.Tensor, DecodingOptions, list[
     calls = []
     real = transcribe_module.decode
 
-    def spy(model, tokenizer, audio_features, options, languages=None):
-        results = real(model, tokenizer, audio_features, options, languages)
+    def spy(model, tokenizer, audio_features, options, languages=None, prompts=None):
+        results = real(model, tokenizer, audio_features, options, languages, prompts)
         calls.append((audio_features.clone(), options, results))
         return results
 
@@ -520,7 +536,7 @@ def test_transcribe_windows_continues_after_the_last_timestamp(random_model, tin
     ])
     seen = []
 
-    def fake_decode(model, tokenizer, audio_features, options, languages=None):
+    def fake_decode(model, tokenizer, audio_features, options, languages=None, prompts=None):
         seen.append(audio_features.clone())
         return [make_result(tokens) for tokens in next(scripted)]
 
@@ -555,7 +571,7 @@ def test_the_rest_after_a_lone_timestamp_is_probed(random_model, tiny_en_tokeniz
     ])
     temperatures = []
 
-    def fake_decode(model, tokenizer, audio_features, options, languages=None):
+    def fake_decode(model, tokenizer, audio_features, options, languages=None, prompts=None):
         temperatures.append(options.temperature)
         logprob = -0.9 if case == "unsure" and len(temperatures) > 1 else -0.3
         return [DecodingResult(next(scripted), "", "en", logprob, 0.1, options.temperature, 1.2)]
