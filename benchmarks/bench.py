@@ -37,6 +37,7 @@ ENGINES = {
         "the same with configs/cpu-fast.yaml (padding_seconds=10, temperatures to 0.4, calls of 8 rows)"
     ),
     "whisper-batch-vad": "the same with audio.vad=true (speech joined into full windows, the rest left out)",
+    "whisper-batch-cond": "the same with decode.condition_on_previous_text=true (a file's windows in order, prompted)",
     "openai": "openai-whisper transcribe(), greedy, fp32",
     "faster-int8": "faster-whisper WhisperModel.transcribe, greedy, int8",
     "faster-fp32": "faster-whisper WhisperModel.transcribe, greedy, float32",
@@ -111,6 +112,7 @@ OUR_SETTINGS: dict[str, tuple[str | None, list[str]]] = {  # engine -> (a file o
     "whisper-batch-pad10": (None, ["decode.padding_seconds=10"]),
     "whisper-batch-fast": ("cpu-fast.yaml", []),
     "whisper-batch-vad": (None, ["audio.vad=true"]),
+    "whisper-batch-cond": (None, ["decode.condition_on_previous_text=true"]),
 }
 
 

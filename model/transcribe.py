@@ -24,7 +24,7 @@ from torch import Tensor
 from .constants import FRAMES_PER_SECOND, N_FRAMES, TIME_PRECISION
 from .decoding import DecodingOptions, DecodingResult, decode
 from .results import Segment, WindowResult
-from .timing import add_word_timestamps, find_alignments, speech_end, tidy_words
+from .timing import add_word_timestamps, clip_sentence_boundaries, find_alignments, speech_end, tidy_words
 from .tokenizer import REPLACEMENT_CHAR, Tokenizer
 from .whisper import Whisper
 
@@ -37,6 +37,10 @@ PROBE_NO_SPEECH = 0.3
 FRAMES_PER_TIMESTAMP = 2  # mel frames per timestamp step (the encoder halves the frame rate)
 QUIET_LEAD_FRAMES = 100  # a pass starting with more quiet frames than this starts LEAD_FRAMES before its first sound
 LEAD_FRAMES = 50
+# the skip check (TranscribeOptions.skip_seconds) aligns only passes holding a segment slower than this: speech runs
+# at 12-18 characters a second, a segment whose timestamps ran ahead over skipped speech at 6-9
+SLOW_CHARS_PER_SECOND = 10.0
+SKIPPED_SOUND_FRAMES = 100  # sound (frames above quiet_log_mel) the stretch before such a segment's first word holds
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,11 @@ class TranscribeOptions:
     # files still share a batch, one window of each file at a time (see prompt_after). Used by the caller that knows
     # which window follows which (whisper_batch.pipeline.transcriber)
     condition_on_previous_text: bool = False
+    # a segment (not a pass's first) whose first word, timed by the alignment heads, starts this many seconds or more
+    # after the segment's own start timestamp, with a second of sound between them, follows speech the model skipped
+    # (its timestamps ran ahead): the pass is cut before that segment and the rest decoded again from the end of the
+    # word before it. Only passes with a segment slower than SLOW_CHARS_PER_SECOND are aligned. None: no check
+    skip_seconds: float | None = 2.0
 
 
 PROMPT_RESET_TEMPERATURE = 0.5
@@ -115,11 +124,16 @@ def is_silence(r: DecodingResult, opts: TranscribeOptions) -> bool:
 def first_sound(mel: Tensor, opts: TranscribeOptions) -> int | None:
     """The first frame of a log-mel (n_mels, frames) that is not quiet (0 when there is no quiet gate); None when
     every frame is quiet."""
-    if opts.quiet_log_mel is None:
-        return 0 if mel.shape[-1] else None
-    # undo log_mel_spectrogram's (x + 4) / 4 on each frame's loudest band
-    loud = (mel.amax(dim=0) * 4.0 - 4.0 >= opts.quiet_log_mel).nonzero()
+    loud = sounding(mel, opts).nonzero()
     return int(loud[0, 0]) if len(loud) else None
+
+
+def sounding(mel: Tensor, opts: TranscribeOptions) -> Tensor:
+    """Per frame of a log-mel (n_mels, frames), whether it is above the quiet gate (every frame without one)."""
+    if opts.quiet_log_mel is None:
+        return torch.ones(mel.shape[-1], dtype=torch.bool)
+    # undo log_mel_spectrogram's (x + 4) / 4 on each frame's loudest band
+    return mel.amax(dim=0) * 4.0 - 4.0 >= opts.quiet_log_mel
 
 
 def needs_fallback(r: DecodingResult, opts: TranscribeOptions) -> bool:
@@ -347,6 +361,9 @@ class WindowBatch:
         for s, r in zip(todo, decoded):
             self.langs[s.window] = r.language
             passes.append(self.cut(s, r))
+        sel = [k for k, p in enumerate(passes) if self.slow_segment(p)]
+        if sel:
+            self.cut_skips(features[sel], *([xs[k] for k in sel] for xs in (todo, decoded, passes)))
         sel = [k for k, s in enumerate(todo) if self.timed[s.window]]
         if sel:
             self.time_words(features[sel], *([xs[k] for k in sel] for xs in (todo, decoded, passes)))
@@ -397,6 +414,46 @@ class WindowBatch:
         threshold = self.opts.probe_logprob_threshold
         return (r.temperature == self.opts.temperatures[0] and threshold is not None
                 and r.avg_logprob >= threshold and r.no_speech_prob <= PROBE_NO_SPEECH)
+
+    def slow_segment(self, p: Pass) -> bool:
+        """Whether a pass has a segment, not its first, that the skip check should look at (see skip_seconds)."""
+        if self.opts.skip_seconds is None or p.silent:
+            return False
+        return any(seg.end - seg.start >= self.opts.skip_seconds + 1 and _words(seg.text)
+                   and len(seg.text.strip()) < SLOW_CHARS_PER_SECOND * (seg.end - seg.start) for seg in p.segments[1:])
+
+    def cut_skips(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass]) -> None:
+        """The skip check (see TranscribeOptions.skip_seconds) on passes with a slow segment, in place: one batched
+        alignment pass; a pass that skipped speech keeps its segments before the skip, and its ``consumed`` ends
+        at the last word before it, so the rest is decoded again."""
+        tk = self.tokenizer
+        texts = [[t for seg in p.segments for t in seg.tokens if t < tk.eot] for p in passes]
+        sizes = [self.frames[i] - seek for i, seek, _ in todo]
+        alignments = find_alignments(self.model, tk, features, texts, sizes, [r.language for r in decoded],
+                                     self.opts.decoding.task)
+        for (i, seek, _), alignment, p in zip(todo, alignments, passes):
+            clip_sentence_boundaries(alignment)  # the word before a skip absorbs the skipped audio: its full stop
+            spans, k, offset = [], 0, seek / FRAMES_PER_SECOND  # per segment, (first word's start, last word's end)
+            for seg in p.segments:
+                n_text, taken, times = sum(t < tk.eot for t in seg.tokens), 0, []
+                while k < len(alignment) and taken < n_text:
+                    taken += len(alignment[k].tokens)
+                    times.append(alignment[k])
+                    k += 1
+                spans.append((offset + times[0].start, offset + times[-1].end) if times else None)
+            for j in range(1, len(p.segments)):
+                seg, span, before = p.segments[j], spans[j], spans[j - 1]
+                if span is None or before is None or span[0] - seg.start < self.opts.skip_seconds:
+                    continue
+                if not _words(seg.text):  # a segment of symbols (a note over music) starts where the sound does
+                    continue
+                stretch = self.mel[i, :, round(seg.start * FRAMES_PER_SECOND) : round(span[0] * FRAMES_PER_SECOND)]
+                if int(sounding(stretch, self.opts).sum()) < SKIPPED_SOUND_FRAMES:
+                    continue  # a real pause the timestamps missed, not skipped speech
+                resume = round(before[1] * FRAMES_PER_SECOND) - seek
+                if 0 < resume < p.consumed:
+                    p.segments, p.consumed, p.lone_ending = p.segments[:j], resume, False
+                break
 
     def time_words(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass]) -> None:
         """Word timestamps for one decoding pass over many windows, in place: one batched alignment pass, then per

@@ -134,6 +134,9 @@ class DecodeConfig:
     # decode each file's windows in order, each prompted with the file's text so far (the reference's
     # condition_on_previous_text); windows of many files still share batches, one window per file at a time
     condition_on_previous_text: bool = False
+    # a segment whose first word (timed by the alignment heads) starts this many seconds after its own start
+    # timestamp, with sound between, follows speech the model skipped: that speech is decoded again; null: no check
+    skip_seconds: float | None = 2.0
     # decode text only, without timestamp tokens (segments then span whole windows)
     without_timestamps: bool = False
     # the first timestamp token may not be later than this many seconds

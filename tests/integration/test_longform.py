@@ -220,6 +220,31 @@ def test_vad_windows_are_joined_and_mapped(eval_dir, tmp_path):
     assert w.frames[0] <= round((n0 + 1.0 + n1) * 100) + 1
 
 
+def test_speech_the_models_timestamps_ran_over_is_decoded_again(eval_dir, tmp_path):
+    """The yardstick's long-silence/01 around 240 s, rebuilt: in one pass the model writes "and a garland", then
+    "if called to a case ..." with a start timestamp 5 s early, and the sentence between ("serve in a chafing dish
+    with thin slices of dry toast") is lost, in fp32 and bf16 alike (openai-whisper's sequential decoding kept it).
+    The alignment heads place that segment's first word 5 s after its timestamp, over sound: the pass is cut there
+    and the rest decoded again (decode.skip_seconds); the landed main lost the sentence."""
+
+    def silence(seconds: float) -> np.ndarray:
+        return np.zeros(round(seconds * SR), dtype=np.float32)
+
+    utterances = ["test-other/3080-5032-0003.flac", "test-other/367-130732-0009.flac",
+                  "test-other/1998-15444-0000.flac", "test-other/2033-164914-0000.flac"]
+    parts = [silence(0.7)]
+    for name, gap in zip(utterances, (0.655, 1.99, 0.968, 0.0)):
+        parts += [read(eval_dir, name), silence(gap)]
+    path = write(tmp_path / "skip.wav", np.concatenate(parts))
+    [row] = whisper_batch.transcribe([path])
+    check_segments(row)
+    assert count("chafing dish", row["text"]) == 1, row["text"]
+    for phrase in ("send me that news", "the medical man has", "folks are all sleeping"):
+        assert count(phrase, row["text"]) == 1, (phrase, row["text"])
+    dish = next(s for s in row["segments"] if "chafing" in s["text"])
+    assert 4.5 <= dish["start"] <= 6.0 and dish["end"] <= 10.0, dish  # the sentence is at 5.39-9.16 s
+
+
 def test_conditioned_windows_go_in_file_order_each_prompted_with_the_text_before(eval_dir, tmp_path, monkeypatch):
     """decode.condition_on_previous_text: each model call holds at most one window of a file, a file's windows come
     in order, and a window's prompt is the tokens of its file's windows before it (the reference's conditioning);
