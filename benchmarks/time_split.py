@@ -83,7 +83,7 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
         (Whisper, "embed_audio", lambda self, mel: ("encoder", mel.shape[0])),  # counts windows
         (Whisper, "decode_step", lambda self, tokens, cache: ("decoder steps", 1)),
         (transcribe_module, "decode",
-         lambda model, tok, feats, opts, langs=None: (f"decode at T={opts.temperature:g}", 1)),
+         lambda model, tok, feats, opts, langs=None, prompts=None: (f"decode at T={opts.temperature:g}", 1)),
     ]
     with timed_methods(targets, totals):
         t0 = time.perf_counter()
