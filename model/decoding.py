@@ -243,9 +243,15 @@ def initial_tokens(
         tokens.append(tokenizer.no_timestamps)
     prompt = options.prompt if prompt is None else prompt
     if prompt:
-        prompt_tokens = tokenizer.encode(" " + prompt.strip()) if isinstance(prompt, str) else list(prompt)
-        tokens = [tokenizer.sot_prev] + prompt_tokens[-(n_text_ctx // 2 - 1) :] + tokens
+        tokens = [tokenizer.sot_prev] + prompt_tokens(tokenizer, prompt)[-(n_text_ctx // 2 - 1) :] + tokens
     return tokens
+
+
+def prompt_tokens(tokenizer: Tokenizer, prompt: str | Sequence[int] | None) -> list[int]:
+    """A prompt's tokens: text is encoded after a space, as the reference does; tokens are taken as they are."""
+    if not prompt:
+        return []
+    return tokenizer.encode(" " + prompt.strip()) if isinstance(prompt, str) else list(prompt)
 
 
 def resolve_languages(

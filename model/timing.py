@@ -268,20 +268,26 @@ def add_word_timestamps(
     """
     median, longest = clip_sentence_boundaries(alignment)
     merge_punctuations(alignment)
-    k = 0
-    for seg in segments:
-        n_text, taken, words = sum(t < eot for t in seg.tokens), 0, []
-        while k < len(alignment) and taken < n_text:  # a segment takes words until it has all its tokens
-            w = alignment[k]
-            if w.word:
-                start, end = round(time_offset + w.start, 2), round(time_offset + w.end, 2)
-                words.append(Word(w.word, start, end, w.probability, list(w.tokens)))
-            taken += len(w.tokens)
-            k += 1
+    for seg, timed in zip(segments, segment_words(segments, alignment, eot)):
+        words = [Word(w.word, round(time_offset + w.start, 2), round(time_offset + w.end, 2), w.probability,
+                      list(w.tokens)) for w in timed if w.word]
         if words:
             fit_segment_edges(seg, words, last_speech, median, longest)
             last_speech = seg.end
         seg.words = words
+
+
+def segment_words(segments: Sequence[Segment], alignment: list[WordTiming], eot: int) -> list[list[WordTiming]]:
+    """The aligned words of each segment of one pass: each takes words until it has all its text tokens."""
+    out, k = [], 0
+    for seg in segments:
+        n_text, taken, words = sum(t < eot for t in seg.tokens), 0, []
+        while k < len(alignment) and taken < n_text:
+            taken += len(alignment[k].tokens)
+            words.append(alignment[k])
+            k += 1
+        out.append(words)
+    return out
 
 
 def tidy_words(segments: Sequence[Segment], limit: float | None = None) -> None:

@@ -24,7 +24,14 @@ from torch import Tensor
 from .constants import FRAMES_PER_SECOND, N_FRAMES, TIME_PRECISION
 from .decoding import DecodingOptions, DecodingResult, decode
 from .results import Segment, WindowResult
-from .timing import add_word_timestamps, clip_sentence_boundaries, find_alignments, speech_end, tidy_words
+from .timing import (
+    add_word_timestamps,
+    clip_sentence_boundaries,
+    find_alignments,
+    segment_words,
+    speech_end,
+    tidy_words,
+)
 from .tokenizer import REPLACEMENT_CHAR, Tokenizer
 from .whisper import Whisper
 
@@ -426,21 +433,11 @@ class WindowBatch:
         """The skip check (see TranscribeOptions.skip_seconds) on passes with a slow segment, in place: one batched
         alignment pass; a pass that skipped speech keeps its segments before the skip, and its ``consumed`` ends
         at the last word before it, so the rest is decoded again."""
-        tk = self.tokenizer
-        texts = [[t for seg in p.segments for t in seg.tokens if t < tk.eot] for p in passes]
-        sizes = [self.frames[i] - seek for i, seek, _ in todo]
-        alignments = find_alignments(self.model, tk, features, texts, sizes, [r.language for r in decoded],
-                                     self.opts.decoding.task)
-        for (i, seek, _), alignment, p in zip(todo, alignments, passes):
+        for (i, seek, _), alignment, p in zip(todo, self.align(features, todo, decoded, passes), passes):
             clip_sentence_boundaries(alignment)  # the word before a skip absorbs the skipped audio: its full stop
-            spans, k, offset = [], 0, seek / FRAMES_PER_SECOND  # per segment, (first word's start, last word's end)
-            for seg in p.segments:
-                n_text, taken, times = sum(t < tk.eot for t in seg.tokens), 0, []
-                while k < len(alignment) and taken < n_text:
-                    taken += len(alignment[k].tokens)
-                    times.append(alignment[k])
-                    k += 1
-                spans.append((offset + times[0].start, offset + times[-1].end) if times else None)
+            offset = seek / FRAMES_PER_SECOND  # per segment, (first word's start, last word's end), window's clock
+            spans = [(offset + ws[0].start, offset + ws[-1].end) if ws else None
+                     for ws in segment_words(p.segments, alignment, self.tokenizer.eot)]
             for j in range(1, len(p.segments)):
                 seg, span, before = p.segments[j], spans[j], spans[j - 1]
                 if span is None or before is None or span[0] - seg.start < self.opts.skip_seconds:
@@ -455,6 +452,15 @@ class WindowBatch:
                     p.segments, p.consumed, p.lone_ending = p.segments[:j], resume, False
                 break
 
+    def align(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass]) -> list:
+        """The words of each pass's segments as the alignment heads time them (one batched pass; seconds from each
+        pass's first frame)."""
+        eot = self.tokenizer.eot
+        texts = [[t for seg in p.segments for t in seg.tokens if t < eot] for p in passes]
+        sizes = [self.frames[i] - seek for i, seek, _ in todo]
+        return find_alignments(self.model, self.tokenizer, features, texts, sizes, [r.language for r in decoded],
+                               self.opts.decoding.task)
+
     def time_words(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass]) -> None:
         """Word timestamps for one decoding pass over many windows, in place: one batched alignment pass, then per
         window the words go into its pass's segments.
@@ -466,11 +472,7 @@ class WindowBatch:
             features: (len(todo), n_audio_ctx, n_audio_state) encoder output of the windows.
         """
         tk, frames = self.tokenizer, self.frames
-        texts = [[t for seg in p.segments for t in seg.tokens if t < tk.eot] for p in passes]
-        sizes = [frames[i] - seek for i, seek, _ in todo]
-        langs = [r.language for r in decoded]
-        alignments = find_alignments(self.model, tk, features, texts, sizes, langs, self.opts.decoding.task)
-        for (i, seek, _), r, alignment, p in zip(todo, decoded, alignments, passes):
+        for (i, seek, _), r, alignment, p in zip(todo, decoded, self.align(features, todo, decoded, passes), passes):
             if not p.segments:
                 continue
             offset = seek / FRAMES_PER_SECOND

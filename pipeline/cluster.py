@@ -89,7 +89,7 @@ def _raylet_answers(node: dict[str, Any], timeout_s: float) -> bool:
 def usable_nodes(timeout_s: float = 2.0) -> list[dict[str, Any]]:
     """The live nodes whose raylet accepts a connection: what the plan may count on.
 
-    Ray lists a node as alive until its health checks have failed for some seconds (about 30 s by default); a run
+    Ray lists a SIGKILLed node as alive until its health checks have failed (about 15 s by default); a run
     started in that time (the rerun after a driver's kill that followed a node's) planned actors for the dying node's
     cores, and once they were gone the model actors held every core left and the feature actor could not start.
     """

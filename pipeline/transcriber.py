@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from whisper_batch.model.constants import FRAMES_PER_SECOND, N_FRAMES
-from whisper_batch.model.decoding import DecodingOptions
+from whisper_batch.model.decoding import DecodingOptions, prompt_tokens
 from whisper_batch.model.results import WindowResult
 from whisper_batch.model.transcribe import TranscribeOptions, prompt_after, transcribe_windows
 
@@ -247,7 +247,8 @@ class Transcriber:
             return failures
         # each row's windows in order, each prompted with the row's text so far: the k-th windows of all rows share
         # batches, round after round
-        history = {i: self._initial_history() for i in {w[0] for w in windows}}
+        first = prompt_tokens(self.tokenizer, self.opts.decoding.prompt)
+        history = {i: first for i in {w[0] for w in windows}}
         for k in range(1 + max((w[1] for w in windows), default=-1)):
             todo = [w for w in windows if w[1] == k and w[0] not in failures]
             self._run_batches(todo, rows, per_row, failures, history)
@@ -255,12 +256,6 @@ class Transcriber:
                 if per_row[i][j] is not None:
                     history[i] = prompt_after(history[i], per_row[i][j])
         return failures
-
-    def _initial_history(self) -> list[int]:
-        prompt = self.opts.decoding.prompt
-        if not prompt:
-            return []
-        return self.tokenizer.encode(" " + prompt.strip()) if isinstance(prompt, str) else list(prompt)
 
     def _run_batches(self, windows, rows, per_row, failures, history=None) -> None:
         """``windows`` in batches of ``batch_size``, each window prompted with ``history[row]`` when given."""
