@@ -31,7 +31,8 @@ ENGINES = {
     "whisper-batch": (
         "our whole pipeline: local Ray, feature + model actors, windows of many files batched, Parquet commit"
     ),
-    "whisper-batch-int8": "the same with model.quantize=int8",
+    "whisper-batch-int8": "the same with model.quantize=int8 (the rest in fp32)",
+    "whisper-batch-int8-bf16": "the same with model.quantize=int8 and model.dtype=bfloat16 (the rest in bf16)",
     "whisper-batch-pad10": "the same with decode.padding_seconds=10 (short windows get a shorter encoder pass)",
     "whisper-batch-fast": (
         "the same with configs/cpu-fast.yaml (padding_seconds=10, temperatures to 0.4, calls of 8 rows)"
@@ -109,6 +110,7 @@ def read_rows(manifest: str) -> list[dict[str, Any]]:
 OUR_SETTINGS: dict[str, tuple[str | None, list[str]]] = {  # engine -> (a file of configs/ or None, overrides)
     "whisper-batch": (None, []),
     "whisper-batch-int8": (None, ["model.quantize=int8"]),
+    "whisper-batch-int8-bf16": (None, ["model.quantize=int8", "model.dtype=bfloat16"]),
     "whisper-batch-pad10": (None, ["decode.padding_seconds=10"]),
     "whisper-batch-fast": ("cpu-fast.yaml", []),
     "whisper-batch-vad": (None, ["audio.vad=true"]),

@@ -132,9 +132,9 @@ def run_bench(args: argparse.Namespace) -> tuple[list[Timing], dict[str, float],
     if args.quantize != "none":  # as the pipeline's Transcriber does for model.quantize=int8
         from whisper_batch.model.quantize import quantize_int8
 
-        model = quantize_int8(model, projection="float" if args.quantize == "int8-float-projection" else "int8")
-    else:
-        model.pack_cpu_weights()  # as the pipeline's CPU model actors do (a no-op off the CPU)
+        model = quantize_int8(model, projection="float" if args.quantize == "int8-float-projection" else "int8",
+                              fused=args.fused)
+    model.pack_cpu_weights()  # as the pipeline's CPU model actors do (a no-op off the CPU; int8 layers stay int8)
     loads = {"ours: load_model": time.perf_counter() - start}
     start = time.perf_counter()
     reference = None if args.no_reference else reference_engine(ckpt, args.beam_size)
@@ -220,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantize", default="none", choices=("none", "int8", "int8-float-projection"),
                         help="int8 layers (model/quantize.py; needs --dtype float32); int8-float-projection keeps the "
                              "vocabulary projection in fp32")
+    parser.add_argument("--fused", action="store_true",
+                        help="int8 layers' quantisation and rescale compiled (torch.compile), as model.compile does")
     parser.add_argument("--no-reference", action="store_true", help="leave openai-whisper out (ours only)")
     parser.add_argument("--words", action="store_true",
                         help="also time transcribe_windows with word timestamps (their cost per window)")

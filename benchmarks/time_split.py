@@ -1,14 +1,21 @@
 """Where the time of a run goes: the model's parts in one process, and the whole pipeline's start, work and end.
 
-    python -m benchmarks.time_split MANIFEST [--times N] [--set KEY=VALUE ...] [--skip-pipeline]
+    python -m benchmarks.time_split MANIFEST [--times N | --hours H] [--set KEY=VALUE ...] [--skip-pipeline]
 
 1. One process, one torch thread, no Ray (what one model actor does, on all of MANIFEST's rows, in model calls of
    ``ray.model_batch_size`` rows as the pipeline makes them): seconds of features (decode + log-mel), encoder passes
    (``Whisper.embed_audio``, with the windows encoded), decoding at each temperature (greedy, then the fallback
-   passes) with its decoder steps, and the rest (batching, segments, text).
+   passes) with its decoder steps, the alignment passes (word timing, the skip check), and the rest (batching,
+   segments, text). Beside the encoder and the decoder steps, the bound each meets: the encoder's arithmetic
+   (GFLOP/s) against one core's bf16/fp32 matmul peak as oneDNN reaches it here, the decoder steps' memory traffic
+   (weights, cross-attention keys and values, the self-attention cache: GB/s) against one core's read bandwidth.
 2. The pipeline, ``whisper-batch run``'s code on a local Ray over MANIFEST repeated ``--times`` times (default 4):
    seconds of Ray's start, from the run's start to the first model call, the model calls (per actor), and from the
    last call to the run's end; then the CPU seconds of every process of the Ray session.
+
+``--hours H`` runs both parts on the bench's steady-state corpus instead (the yardstick's long-form sets, then
+MANIFEST's rows repeated to H hours: ``benchmarks.bench.steady_manifest``). ``--encoder-profile`` adds torch.profiler's
+table of one encoder pass over 4 windows (the ops the encoder's time goes to beside its matmuls).
 
 Figures are for the machine it runs on; two cores are shared by every process of the pipeline, so part 2's seconds
 are wall seconds of a contended machine, part 1's those of one core.
@@ -54,8 +61,81 @@ def timed_methods(targets: list[tuple[Any, str, Callable[..., tuple[str, int]]]]
             setattr(owner, name, real)
 
 
+def encoder_flops(dims: Any, frames: int) -> float:
+    """Floating-point operations (2 per multiply-add) of one encoder pass over ``frames`` mel frames: the two convs,
+    then per layer the four attention projections and the MLP (24 T C^2) and the attention itself (4 T^2 C)."""
+    c, t = dims.n_audio_state, frames // 2
+    convs = 2 * frames * dims.n_mels * c * 3 + 2 * t * c * c * 3
+    return convs + dims.n_audio_layer * (24 * t * c * c + 4 * t * t * c)
+
+
+def decoder_weight_bytes(model: Any) -> int:
+    """Bytes of the decoder's weights a step reads once for the whole batch (the token embedding as the vocabulary
+    projection; the positional embedding, of which a step reads one row, left out)."""
+    return sum(p.numel() * p.element_size() for name, p in model.decoder.named_parameters()
+               if "positional_embedding" not in name)
+
+
+def step_bytes(weights: int, tokens: Any, cache: Any) -> float:
+    """Bytes one decoder step moves at least once: the weights, every window's cross-attention keys and values, the
+    self-attention cache so far, and the fp32 logits it writes."""
+    rows, new = tokens.shape
+    layers, n_audio, heads, ctx, d = cache.cross_k.shape
+    elem = cache.cross_k.element_size()
+    cross = 2 * layers * n_audio * heads * ctx * d * elem
+    own = 2 * layers * rows * heads * (cache.length + new) * d * elem
+    return weights + cross + own + rows * new * 51865 * 4
+
+
+def core_peaks(dtype: Any, repeats: int = 5) -> dict[str, float]:
+    """One core's matmul peak in ``dtype`` (GFLOP/s of a 1536-wide product through the packed oneDNN linear the
+    model uses, best of ``repeats``) and its read bandwidth (GB/s of a sum over 1 GiB of fp32, best of 3)."""
+    import torch
+
+    from whisper_batch.model.torch_compat import pack_linear_weight, packed_linear
+
+    torch.set_num_threads(1)
+    n = 1536
+    a, w = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    packed = pack_linear_weight(w)
+    product = (lambda: packed_linear(a, packed)) if packed is not None else (lambda: a @ w.T)
+    product()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - t0)
+    x = torch.ones(1 << 28)  # 1 GiB of fp32
+    read = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x.sum()
+        read = min(read, time.perf_counter() - t0)
+    return {"matmul_gflops": 2 * n**3 / best / 1e9, "read_gbs": x.numel() * 4 / read / 1e9}
+
+
+def encoder_profile(overrides: list[str], windows: int = 4) -> str:
+    """torch.profiler's table (ops by their own CPU time) of one encoder pass over ``windows`` 30 s windows of noise,
+    the model as a model actor holds it, one thread."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from whisper_batch.pipeline.config import load_config
+    from whisper_batch.pipeline.transcriber import Transcriber
+
+    torch.set_num_threads(1)
+    model = Transcriber(load_config(None, overrides)).model
+    mel = torch.randn(windows, model.dims.n_mels, 2 * model.dims.n_audio_ctx).to(model.dtype)
+    with torch.inference_mode():
+        model.embed_audio(mel)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model.embed_audio(mel)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+
+
 def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
-    """Part 1: one process, one thread; seconds per part of the model stage over the manifest's rows."""
+    """Part 1: one process, one thread; seconds per part of the model stage over the manifest's rows, with the
+    encoder's operations and the decoder steps' bytes for their bounds."""
     import torch
 
     import whisper_batch.model.transcribe as transcribe_module
@@ -73,17 +153,30 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     transcriber = Transcriber(cfg)
     load_s = time.perf_counter() - t0
+    model = transcriber.model
     t0 = time.perf_counter()
     items = Featurizer(cfg, transcriber.n_mels).featurize_rows(rows)
     features_s = time.perf_counter() - t0
     per_call = cfg.ray.model_batch_size or 4
     items = call_order(items, per_call, cfg.decode.padding_seconds is not None)
     totals: dict[str, list[float]] = {}
+    work = {"flops": 0.0, "bytes": 0.0}
+    weights = decoder_weight_bytes(model)
+
+    def encoder_tally(self, mel):
+        work["flops"] += mel.shape[0] * encoder_flops(self.dims, mel.shape[-1])
+        return "encoder", mel.shape[0]  # counts windows
+
+    def step_tally(self, tokens, cache):
+        work["bytes"] += step_bytes(weights, tokens, cache)
+        return "decoder steps", 1
+
     targets = [
-        (Whisper, "embed_audio", lambda self, mel: ("encoder", mel.shape[0])),  # counts windows
-        (Whisper, "decode_step", lambda self, tokens, cache: ("decoder steps", 1)),
+        (Whisper, "embed_audio", encoder_tally),
+        (Whisper, "decode_step", step_tally),
         (transcribe_module, "decode",
          lambda model, tok, feats, opts, langs=None, prompts=None: (f"decode at T={opts.temperature:g}", 1)),
+        (transcribe_module.WindowBatch, "align", lambda self, features, todo, *_: ("alignment passes", len(todo))),
     ]
     with timed_methods(targets, totals):
         t0 = time.perf_counter()
@@ -92,11 +185,14 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
         model_s = time.perf_counter() - t0
     decode = {k: v for k, v in sorted(totals.items()) if k.startswith("decode at")}
     encoder_s, windows = totals.get("encoder", [0.0, 0])
+    align_s, aligned = totals.get("alignment passes", [0.0, 0])
     return {
-        "rows": len(rows), "load_s": load_s, "features_s": features_s, "model_s": model_s,
-        "encoder_s": encoder_s, "encoder_windows": windows, "decode": decode,
-        "decoder_steps": totals.get("decoder steps", [0.0, 0]),
-        "other_s": model_s - encoder_s - sum(s for s, _ in decode.values()),
+        "rows": len(rows), "audio_s": sum(r["duration"] or 0 for r in rows), "load_s": load_s,
+        "features_s": features_s, "model_s": model_s,
+        "encoder_s": encoder_s, "encoder_windows": windows, "encoder_flops": work["flops"], "decode": decode,
+        "decoder_steps": totals.get("decoder steps", [0.0, 0]), "step_bytes": work["bytes"],
+        "align_s": align_s, "aligned_windows": aligned, "dtype": model.dtype,
+        "other_s": model_s - encoder_s - align_s - sum(s for s, _ in decode.values()),
     }
 
 
@@ -184,30 +280,56 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.time_split", description=__doc__.split("\n\n")[0])
     p.add_argument("manifest")
     p.add_argument("--times", type=int, default=4, help="the pipeline's manifest: MANIFEST's rows this many times")
+    p.add_argument("--hours", type=float, default=None,
+                   help="both parts on the steady-state corpus: the long-form sets, then MANIFEST repeated, H hours")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--skip-pipeline", action="store_true", help="part 1 only")
+    p.add_argument("--encoder-profile", action="store_true", help="also torch.profiler's table of an encoder pass")
     args = p.parse_args(argv)
-    m = model_split(args.manifest, args.sets)
-    print(f"one process, one thread, {m['rows']} rows ({' '.join(args.sets) or 'defaults'}):")
-    print(f"  model load {m['load_s']:.2f} s; features (decode + log-mel) {m['features_s']:.2f} s")
-    print(f"  model {m['model_s']:.2f} s: encoder {m['encoder_s']:.2f} s ({m['encoder_windows']} windows encoded)")
-    for key, (s, n) in m["decode"].items():
-        print(f"    {key}: {s:.2f} s over {n} call(s)")
-    steps_s, steps = m["decoder_steps"]
-    print(f"    (of the decoding: {steps} decoder steps, {steps_s:.2f} s)")
-    print(f"    other (batching, segments, text): {m['other_s']:.2f} s")
-    if args.skip_pipeline:
-        return
-    from benchmarks.bench import repeat_manifest
+    from benchmarks.bench import repeat_manifest, steady_manifest
 
+    if args.encoder_profile:
+        print("one encoder pass over 4 windows, one thread:\n" + encoder_profile(args.sets))
     with tempfile.TemporaryDirectory(prefix="wb-time-split-") as folder:
-        manifest = repeat_manifest(args.manifest, args.times, folder) if args.times > 1 else args.manifest
+        steady = steady_manifest(args.manifest, args.hours, folder) if args.hours else None
+        report_model(model_split(steady or args.manifest, args.sets), args.sets)
+        if args.skip_pipeline:
+            return
+        manifest = steady or (repeat_manifest(args.manifest, args.times, folder) if args.times > 1 else args.manifest)
         r = pipeline_split(manifest, args.sets)
-    print(f"pipeline (local Ray, {os.cpu_count()} cores, the manifest x{args.times}):")
+    corpus = f"{args.hours:g} h steady-state corpus" if steady else f"the manifest x{args.times}"
+    print(f"pipeline (local Ray, {os.cpu_count()} cores, {corpus}):")
     print(f"  Ray start {r['ray_start_s']:.2f} s; run {r['run_s']:.2f} s: first model call at "
           f"{r['first_model_call_s']:.2f} s, the last call ends {r['after_last_call_s']:.2f} s before the run does")
     print(f"  actor start-ups (s): {r['actor_init_s']}; model calls per actor (s): {r['model_call_s']}")
     print("  CPU seconds by process: " + ", ".join(f"{name} {s:.1f}" for s, name in r["process_cpu_s"][:8]))
+
+
+def report_model(m: dict[str, Any], sets: list[str]) -> None:
+    """Part 1's table: seconds and share of the model's time per stage, and the bound the encoder and the decoder
+    steps meet on this core."""
+    peaks = core_peaks(m["dtype"])
+    model_s = m["model_s"]
+    print(f"one process, one thread, {m['rows']} rows, {m['audio_s'] / 60:.1f} min of audio "
+          f"({' '.join(sets) or 'defaults'}; model in {str(m['dtype']).removeprefix('torch.')}):")
+    print(f"  model load {m['load_s']:.2f} s; features (decode + log-mel) {m['features_s']:.2f} s")
+    print(f"  model {model_s:.2f} s ({m['audio_s'] / model_s:.1f}x real time on one core):")
+
+    def line(name: str, seconds: float, extra: str = "") -> None:
+        print(f"    {name}: {seconds:.2f} s, {100 * seconds / model_s:.1f} %{extra}")
+
+    gflops = m["encoder_flops"] / max(m["encoder_s"], 1e-9) / 1e9
+    line("encoder", m["encoder_s"], f" ({m['encoder_windows']} windows; {gflops:.0f} GFLOP/s = "
+         f"{100 * gflops / peaks['matmul_gflops']:.0f} % of the core's matmul peak, {peaks['matmul_gflops']:.0f})")
+    for key, (s, n) in m["decode"].items():
+        line(key, s, f" over {n} call(s)")
+    steps_s, steps = m["decoder_steps"]
+    gbs = m["step_bytes"] / max(steps_s, 1e-9) / 1e9
+    print(f"      (of the decoding: {steps} decoder steps, {steps_s:.2f} s, {1e3 * steps_s / max(steps, 1):.2f} ms "
+          f"a step; {gbs:.1f} GB/s = {100 * gbs / peaks['read_gbs']:.0f} % of the core's read bandwidth, "
+          f"{peaks['read_gbs']:.1f})")
+    line("alignment passes (word timing, skip check)", m["align_s"], f" over {m['aligned_windows']} windows")
+    line("other (batching, segments, text)", m["other_s"])
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ CONFIGS: dict[str, list[str]] = {
     "fp32": ["model.dtype=float32"],
     "default": [],
     "int8": ["model.quantize=int8"],
+    "int8-bf16": ["model.quantize=int8", "model.dtype=bfloat16"],
 }
 CPU_FAST = Path(__file__).resolve().parents[1] / "configs" / "cpu-fast.yaml"
 if CPU_FAST.exists():  # a checkout: judge the shipped file itself (an installed wheel has no configs/)

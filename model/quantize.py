@@ -3,8 +3,12 @@
 Every linear layer keeps its weight as int8 with one scale per output channel (row), and quantises its input per
 token (one scale per row of activations, the row's absolute maximum over 127) on every call; the int8 x int8 product
 accumulates in int32 (``torch._int_mm``, oneDNN/fbgemm underneath) and is scaled back to fp32 with the two scales,
-where the bias is added. Everything else stays fp32: the residual stream, layer norms, attention (q k^T and the
-softmax), the convolutions and the embeddings.
+where the bias is added. Everything else runs in the model's dtype (fp32, or bf16 on a CPU that has it): the residual
+stream, attention (q k^T and the softmax), the convolutions and the embeddings; layer norms in fp32 as always.
+
+With ``fused=True`` (``model.compile``) the input quantisation and the rescale are each one compiled loop
+(:mod:`whisper_batch.model.fused`, the same bits) instead of six and four eager passes over the activations, which
+cost more than the int8 product saves on tiny.en's small matmuls.
 
 Per-token activation scales are what ``torch.ao`` dynamic quantisation does not do (it scales the whole activation
 tensor with one number, so one loud token coarsens every other row of the batch; that cost WER on the dev set).
@@ -20,19 +24,13 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from .fused import QMAX, fused_quantize_rows, fused_rescale, quantize_rows, rescale, warm_up
 from .torch_compat import int_mm, int_mm_works, pack_linear_weight, packed_linear
 from .whisper import Linear, MultiHeadAttention, Whisper
 
 logger = logging.getLogger(__name__)
 
-QMAX = 127.0
-
-
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per row: x (M, K) float -> (int8 (M, K), scale (M,) fp32) with x ~= q * scale[:, None]."""
-    scale = x.abs().amax(dim=-1).float().clamp_min(1e-12) / QMAX
-    q = torch.round(x.float() / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, scale
+__all__ = ["QMAX", "FloatProjection", "Int8Linear", "quantize_int8", "quantize_rows"]
 
 
 class Int8Linear(nn.Module):
@@ -42,7 +40,8 @@ class Int8Linear(nn.Module):
     input (an attention's query, key and value) share ``shared``, a one-entry memo, so the input is quantised once.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, use_int_mm: bool = True, shared: list | None = None):
+    def __init__(self, weight: Tensor, bias: Tensor | None, use_int_mm: bool = True, shared: list | None = None,
+                 fused: bool = False):
         super().__init__()
         w = weight.detach().float()
         q, scale = quantize_rows(w)
@@ -52,12 +51,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.use_int_mm = use_int_mm
         self.shared = shared
+        self.quantize, self.rescale = (fused_quantize_rows, fused_rescale) if fused else (quantize_rows, rescale)
 
     def _quantized_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         memo = self.shared
         if memo is not None and memo[0] is x:
             return memo[1], memo[2]
-        q, scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+        q, scale = self.quantize(x.reshape(-1, x.shape[-1]))
         if memo is not None:
             memo[:] = [x, q, scale]
         return q, scale
@@ -65,14 +65,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         q, scale = self._quantized_input(x)
         if self.use_int_mm:
-            acc = int_mm(q, self.weight_t).float()
+            acc = int_mm(q, self.weight_t)
         else:  # exact while a row's sum stays below 2^24 (K * 127^2): K <= 1040; above, off by float rounding
             acc = q.float() @ self.weight_t.float()
-        # the order of these roundings is the one the yardstick measured (a different order flips a few greedy tokens)
-        y = acc.mul_(scale[:, None]).mul_(self.weight_scale)
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return self.rescale(acc, scale, self.weight_scale, self.bias, x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel x per token"
@@ -92,14 +88,18 @@ class FloatProjection(nn.Module):
         return x.float() @ self.weight.T
 
 
-def quantize_int8(model: Whisper, projection: str = "int8") -> Whisper:
-    """Quantise ``model`` (fp32, CPU) in place and return it.
+def quantize_int8(model: Whisper, projection: str = "int8", fused: bool = False) -> Whisper:
+    """Quantise ``model`` (fp32 or bf16, CPU) in place and return it.
 
     Args:
-        projection: ``"int8"`` (the vocabulary projection quantised like the other layers) or ``"float"`` (fp32).
+        projection: ``"int8"`` (the vocabulary projection quantised like the other layers) or ``"float"`` (kept in
+            the model's dtype, packed for oneDNN).
+        fused: the quantisation and rescale around each int8 product compiled into one loop each (compiled here,
+            or loaded from inductor's cache; eager where that fails).
     """
-    if model.dtype != torch.float32 or model.device.type != "cpu":
-        raise ValueError(f"int8 quantisation is for fp32 models on the CPU, not {model.dtype} on {model.device}")
+    if model.dtype not in (torch.float32, torch.bfloat16) or model.device.type != "cpu":
+        raise ValueError(f"int8 quantisation is for fp32 or bf16 models on the CPU, not {model.dtype} on "
+                         f"{model.device}")
     if projection not in ("int8", "float"):
         raise ValueError(f"projection must be 'int8' or 'float', not {projection!r}")
     use_int_mm = int_mm_works()
@@ -112,10 +112,17 @@ def quantize_int8(model: Whisper, projection: str = "int8") -> Whisper:
         for name, child in list(module.named_children()):
             if isinstance(child, Linear):
                 memo = shared if name in ("query", "key", "value") else None
-                setattr(module, name, Int8Linear(child.weight, child.bias, use_int_mm, memo))
+                setattr(module, name, Int8Linear(child.weight, child.bias, use_int_mm, memo, fused))
     emb = model.decoder.token_embedding.weight
-    model.decoder.out_proj = (
-        Int8Linear(emb, None, use_int_mm) if projection == "int8" else FloatProjection(emb)
-    )
+    if projection == "int8":
+        model.decoder.out_proj = Int8Linear(emb, None, use_int_mm, fused=fused)
+    elif model.dtype == torch.float32:
+        model.decoder.out_proj = FloatProjection(emb)
+    # else a bf16 model keeps its own projection (the tied embedding, packed by pack_cpu_weights)
     model.decoder.packed_projection = None
+    if fused:
+        seconds = warm_up()
+        if seconds:
+            logger.info("int8 layers: quantisation and rescale compiled in %.1f s (inductor's cache: later loads "
+                        "are quicker)", seconds)
     return model

@@ -404,8 +404,9 @@ class Whisper(nn.Module):
         """
         layers = [m for m in self.modules() if isinstance(m, Linear)]
         packed = [pack_linear_weight(m.weight) for m in layers]
-        projection = pack_linear_weight(self.decoder.token_embedding.weight)
-        if projection is None or any(p is None for p in packed):
+        own_projection = self.decoder.out_proj is None  # else an int8 (or fp32) copy projects, see model/quantize.py
+        projection = pack_linear_weight(self.decoder.token_embedding.weight) if own_projection else None
+        if (own_projection and projection is None) or any(p is None for p in packed):
             return False
         for layer, p in zip(layers, packed):
             layer.packed = p

@@ -90,8 +90,12 @@ class ModelConfig:
     # 30 s windows per forward pass (windows from many files are batched together); 0 = as many as the free GPU
     # memory holds (16 on cpu). A batch that runs out of memory is halved and retried, and the smaller size kept.
     batch_size: int = 16
-    # none, or int8 for dynamic int8 quantisation of the linear layers (cpu)
+    # none, or int8 for dynamic int8 quantisation of the linear layers (cpu): with dtype auto the rest runs in
+    # float32, with dtype bfloat16 in bf16 (attention included; the vocabulary projection then stays bf16)
     quantize: str = "none"
+    # compile the int8 layers' input quantisation and rescale into one loop each (torch.compile, cached on disk per
+    # node); where compiling fails the same operators run eagerly, with a warning
+    compile: bool = True
     # a batch of windows that takes longer than this many seconds becomes error rows ("timeout: ...")
     timeout_seconds: float = 900.0
 
@@ -209,7 +213,8 @@ _RESULT_SECTIONS = ("model", "decode")
 _RESULT_KEYS = ("audio.sample_rate", "audio.max_window_seconds", "audio.cut_search_seconds", "audio.pack_max_seconds",
                 "audio.pack_gap_seconds", "audio.vad", "audio.vad_threshold", "audio.vad_merge_gap_seconds",
                 "audio.vad_pad_seconds")
-_NO_RESULT_KEYS = ("model.device", "model.batch_size", "model.timeout_seconds")
+# model.compile: the compiled operators give the eager ones' bits (tests/unit/test_fused.py)
+_NO_RESULT_KEYS = ("model.device", "model.batch_size", "model.timeout_seconds", "model.compile")
 
 
 def load_config(source: str | Mapping[str, Any] | None, overrides: list[str] | tuple[str, ...] = (),

@@ -142,8 +142,10 @@ class Transcriber:
         if cfg.model.quantize == "int8" and device == "cpu":
             from whisper_batch.model.quantize import quantize_int8
 
-            self.model = quantize_int8(self.model)
-        elif device == "cpu":
+            # a bf16 model keeps its bf16 projection onto the vocabulary (packed below)
+            projection = "int8" if dtype == torch.float32 else "float"
+            self.model = quantize_int8(self.model, projection=projection, fused=cfg.model.compile)
+        if device == "cpu":
             self.model.pack_cpu_weights()
         elif cfg.model.quantize == "int8":  # int8 kernels are the CPU's: say what runs instead
             logger.warning("model.quantize=int8 is for CPUs: on %s the model runs unquantised in %s", device,

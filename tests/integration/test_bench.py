@@ -62,5 +62,10 @@ def test_time_split_accounts_for_the_model_stage(capsys):
     assert 0 < steps_s <= decode_s  # the decoder steps happen inside the decoding passes
     assert m["encoder_s"] > 0 and m["encoder_s"] + decode_s <= m["model_s"]  # parts of the model's time, not beside it
     assert 0 <= m["other_s"] < 0.5 * m["model_s"]
+    # the bounds' numerators: a 30 s window of tiny.en is 37 GFLOP in the encoder (fewer when cut short); a step
+    # reads the decoder's weights (59 MB in bf16 with the tied projection) at least once
+    assert 5e9 * m["encoder_windows"] < m["encoder_flops"] <= 37.1e9 * m["encoder_windows"]
+    assert m["step_bytes"] > 20e6 * steps
     main([examples, "--skip-pipeline"])
-    assert "encoder" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "% of the core's matmul peak" in out and "% of the core's read bandwidth" in out

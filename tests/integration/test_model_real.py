@@ -52,6 +52,12 @@ def wer(truths: list[str], hypotheses: list[str]) -> float:
     return jiwer.wer([normalize(t) for t in truths], [normalize(h) for h in hypotheses])
 
 
+def word_errors(truths: list[str], hypotheses: list[str]) -> int:
+    normalize = english.EnglishTextNormalizer()
+    out = jiwer.process_words([normalize(t) for t in truths], [normalize(h) for h in hypotheses])
+    return out.substitutions + out.deletions + out.insertions
+
+
 @pytest.fixture(scope="module")
 def reference(real_model):
     """The reference network with the checkpoint's own (fp16) weights, compared in fp32."""
@@ -128,6 +134,8 @@ def test_jfk_word_for_word(real_model, windows):
 
 @pytest.mark.slow
 def test_librispeech_wer_matches_reference(real_model, reference, eval_dir):
+    """Ours on the 42 utterances; the reference's sequential transcribe() (a second an utterance) on every other one,
+    where ours must make the same number of word errors give or take one."""
     model, tokenizer, _ = real_model
     rows = librispeech_rows(eval_dir)
     assert len(rows) == 42
@@ -137,14 +145,16 @@ def test_librispeech_wer_matches_reference(real_model, reference, eval_dir):
         batch = loaded[start : start + 16]
         mel, frames = torch.stack([m for _, m, _ in batch]), [f for _, _, f in batch]
         ours += [r.text for r in transcribe_windows(model, tokenizer, mel, frames, TranscribeOptions())]
-    ref = [
-        whisper.transcribe(reference, audio, temperature=TEMPERATURES, language="en", fp16=False)["text"]
-        for audio, _, _ in loaded
-    ]
     truths = [r["text"] for r in rows]
-    ours_wer, ref_wer = wer(truths, ours), wer(truths, ref)
-    print(f"\nLibriSpeech test-clean ({len(rows)} utterances) WER: ours {ours_wer:.2%}, openai-whisper {ref_wer:.2%}")
-    assert abs(ours_wer - ref_wer) <= 0.002  # 0.2 percentage points
+    ours_wer = wer(truths, ours)
+    paired = range(0, len(rows), 2)
+    ref = [whisper.transcribe(reference, loaded[i][0], temperature=TEMPERATURES, language="en", fp16=False)["text"]
+           for i in paired]
+    ours_errors = word_errors([truths[i] for i in paired], [ours[i] for i in paired])
+    ref_errors = word_errors([truths[i] for i in paired], ref)
+    print(f"\nLibriSpeech test-clean: ours {ours_wer:.2%} on {len(rows)} utterances; on {len(paired)} of them "
+          f"{ours_errors} word errors, openai-whisper {ref_errors}")
+    assert abs(ours_errors - ref_errors) <= 1
     assert ours_wer < 0.035  # tiny.en measures about 2.4 % on these utterances
 
 

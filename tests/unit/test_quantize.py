@@ -59,10 +59,33 @@ def test_shared_input_is_quantised_once_with_the_same_result():
     assert torch.equal(shared[1](y), alone[1](y)) and memo[0] is y
 
 
-def test_quantize_needs_fp32_on_the_cpu(make_random_whisper, tiny_dims, tiny_en_tokenizer):
-    model = make_random_whisper(tiny_dims, tiny_en_tokenizer.eot).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="fp32"):
+def test_quantize_needs_fp32_or_bf16_on_the_cpu(make_random_whisper, tiny_dims, tiny_en_tokenizer):
+    model = make_random_whisper(tiny_dims, tiny_en_tokenizer.eot).to(torch.float16)
+    with pytest.raises(ValueError, match="fp32 or bf16"):
         quantize_int8(model)
+
+
+def test_a_bf16_model_gets_int8_layers_and_keeps_its_bf16_projection(make_random_whisper, tiny_dims,
+                                                                    tiny_en_tokenizer):
+    """model.quantize=int8 with model.dtype=bfloat16: int8 linear layers, attention and the rest in bf16, the
+    vocabulary projection the model's own (bf16, packed); a decoding step's logits stay near the bf16 model's."""
+    from whisper_batch.model.whisper import Linear
+
+    torch.manual_seed(0)
+    model = make_random_whisper(tiny_dims, tiny_en_tokenizer.eot).to(torch.bfloat16)
+    model.pack_cpu_weights()
+    plain = make_random_whisper(tiny_dims, tiny_en_tokenizer.eot).to(torch.bfloat16)
+    plain.load_state_dict(model.state_dict())
+    quantize_int8(model, projection="float")
+    model.pack_cpu_weights()
+    assert not [m for m in model.modules() if isinstance(m, Linear)] and model.decoder.out_proj is None
+    mel = torch.randn(2, tiny_dims.n_mels, 2 * tiny_dims.n_audio_ctx).to(torch.bfloat16)
+    tokens = torch.tensor([[tiny_en_tokenizer.sot]] * 2)
+    with torch.inference_mode():
+        xa, ref = model.embed_audio(mel), plain.embed_audio(mel)
+        assert xa.dtype == torch.bfloat16 and torch.allclose(xa.float(), ref.float(), atol=0.15, rtol=0.1)
+        logits, ref_logits = model.logits(tokens, xa), plain.logits(tokens, ref)
+        assert torch.allclose(logits, ref_logits, atol=0.3, rtol=0.1)
 
 
 def _windows():
