@@ -2,14 +2,13 @@
 
 Eager PyTorch runs an int8 layer's input quantisation as six passes over the activations and its rescale as three or
 four; inductor (torch.compile's CPU backend) turns each into one vectorised C++ loop, with the same arithmetic in the
-same order (its CPU code is built without floating-point contraction: the compiled and eager results are the same
-bits, checked by ``tests/unit/test_fused.py``).
+same order: the compiled and eager results are the same bits (``tests/unit/test_fused.py``).
 
 Compiling needs a C++ compiler and a writable cache folder (inductor's, ``TORCHINDUCTOR_CACHE_DIR``, by default under
 the system's temporary folder: one per node, so a node compiles once and its other actors and later runs load the
 compiled code; inductor writes its cache entries atomically, so actors sharing it is safe). Where compiling fails for
-any reason (no compiler, a read-only cache, a torch without inductor) the eager twin runs from then on, and one
-warning says so.
+any reason (no compiler, a cache folder it cannot write, a torch without inductor) the eager twin runs from then on,
+and one warning says so.
 """
 
 from __future__ import annotations

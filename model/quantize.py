@@ -51,13 +51,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.use_int_mm = use_int_mm
         self.shared = shared
-        self.quantize, self.rescale = (fused_quantize_rows, fused_rescale) if fused else (quantize_rows, rescale)
+        self.fused = fused
 
     def _quantized_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         memo = self.shared
         if memo is not None and memo[0] is x:
             return memo[1], memo[2]
-        q, scale = self.quantize(x.reshape(-1, x.shape[-1]))
+        q, scale = (fused_quantize_rows if self.fused else quantize_rows)(x.reshape(-1, x.shape[-1]))
         if memo is not None:
             memo[:] = [x, q, scale]
         return q, scale
@@ -68,7 +68,8 @@ class Int8Linear(nn.Module):
             acc = int_mm(q, self.weight_t)
         else:  # exact while a row's sum stays below 2^24 (K * 127^2): K <= 1040; above, off by float rounding
             acc = q.float() @ self.weight_t.float()
-        return self.rescale(acc, scale, self.weight_scale, self.bias, x.dtype).view(*x.shape[:-1], self.out_features)
+        y = (fused_rescale if self.fused else rescale)(acc, scale, self.weight_scale, self.bias, x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel x per token"

@@ -110,7 +110,7 @@ def test_without_a_compiler_or_a_cache_folder_the_eager_twin_runs_with_one_warni
 
 def test_actors_compiling_into_one_cache_at_once_both_get_the_compiled_kernels(compiled, tmp_path):
     env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "shared")}
-    procs = [_child(env) for _ in range(2)]
+    procs = [_child(env) for _ in range(2)]  # started together: both compile and write the same entries
     results = [_result(p) for p in procs]
     expected = _expected()
     for got, err in results:
