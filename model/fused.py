@@ -54,6 +54,9 @@ class Fused:
     def __call__(self, *args):
         if self.failed:
             return self.eager(*args)
+        # detached: a view's base is no longer part of the input, so views and fresh tensors share one compiled
+        # kernel (torch.compile guards on a view's base and compiled a kernel per kind of view, up to its limit)
+        args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
         try:
             if self.compiled is None:
                 t0 = time.perf_counter()
@@ -73,14 +76,16 @@ fused_quantize_rows = Fused(quantize_rows)
 fused_rescale = Fused(rescale)
 
 
-def warm_up(width: int = 64) -> float:
-    """Compiles (or loads from the cache) both fused operators on small inputs, so that the first model call does
-    not pay for it; returns the seconds that took (0 where they were ready or compiling failed)."""
+def warm_up(dtype: torch.dtype, width: int = 64) -> float:
+    """Compiles (or loads from the cache) every kernel a model in ``dtype`` calls: quantisation, rescale with and
+    without a bias, each for one row and for several (torch.compile specialises a size of 1), outside inference mode
+    as the decoder runs, so that no model call pays for it and no later call recompiles; returns the seconds that took
+    (0 where compiling failed)."""
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for dtype in (torch.float32, torch.bfloat16):
-            q, scale = fused_quantize_rows(torch.ones(3, width, dtype=dtype))
-            acc = torch.ones(3, 5, dtype=torch.int32)
+    with torch.no_grad():
+        for rows in (1, 3):
+            q, scale = fused_quantize_rows(torch.ones(rows, width, dtype=dtype))
+            acc = torch.ones(rows, 5, dtype=torch.int32)
             fused_rescale(acc, scale, torch.ones(5), torch.zeros(5), dtype)
             fused_rescale(acc, scale, torch.ones(5), None, dtype)
-    return 0.0 if fused_quantize_rows.failed else time.perf_counter() - t0
+    return 0.0 if fused_quantize_rows.failed or fused_rescale.failed else time.perf_counter() - t0

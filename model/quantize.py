@@ -122,7 +122,7 @@ def quantize_int8(model: Whisper, projection: str = "int8", fused: bool = False)
     # else a bf16 model keeps its own projection (the tied embedding, packed by pack_cpu_weights)
     model.decoder.packed_projection = None
     if fused:
-        seconds = warm_up()
+        seconds = warm_up(model.dtype)
         if seconds:
             logger.info("int8 layers: quantisation and rescale compiled in %.1f s (inductor's cache: later loads "
                         "are quicker)", seconds)
