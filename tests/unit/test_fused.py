@@ -139,3 +139,23 @@ def test_the_model_stage_in_int8_gives_the_same_rows_compiled_or_not(compiled, c
     assert len(out[True]) == len(rows) and all(text.strip() for text, _ in out[True])
     assert out[True] == out[False]
     assert "running it eagerly" not in caplog.text
+
+
+def test_after_the_warm_up_model_calls_compile_nothing_more(compiled):
+    """warm_up compiles every kernel a bf16 model calls; batches of any size, views among them (a layer's input is
+    sometimes a view of the attention's output), then run those kernels without compiling again."""
+    from torch._dynamo.utils import counters
+
+    from whisper_batch.model.fused import fused_quantize_rows, fused_rescale, warm_up
+
+    warm_up(torch.bfloat16)
+    before = dict(counters["stats"])
+    with torch.no_grad():
+        for rows in (1, 2, 7, 300):
+            x = torch.randn(rows, 6, 1, 64).to(torch.bfloat16).transpose(1, 2).reshape(rows, 1, 384)  # a view
+            for inp in (x.reshape(-1, 384), torch.randn(rows, 1536).to(torch.bfloat16)):
+                codes, scale = fused_quantize_rows(inp)
+                acc = torch.ones(rows, 96, dtype=torch.int32)
+                fused_rescale(acc, scale, torch.ones(96), torch.zeros(96), torch.bfloat16)
+                fused_rescale(acc, scale, torch.ones(96), None, torch.bfloat16)
+    assert dict(counters["stats"]) == before, (before, dict(counters["stats"]))
