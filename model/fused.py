@@ -49,6 +49,7 @@ class Fused:
         self.eager = eager
         self.compiled: Callable[..., object] | None = None
         self.failed = False
+        self.error = ""  # why compiling failed, where it did
         self.compile_s = 0.0  # seconds of the first call, which compiles (or loads the cached kernel)
 
     def __call__(self, *args):
@@ -67,8 +68,8 @@ class Fused:
             return self.compiled(*args)
         except Exception as e:  # noqa: BLE001 — whatever breaks in the compiler, the eager twin gives the result
             self.failed = True
-            logger.warning("torch.compile of %s failed (%s: %s); running it eagerly", self.eager.__name__,
-                           type(e).__name__, str(e).strip().splitlines()[0][:300] if str(e).strip() else "")
+            self.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            logger.warning("torch.compile of %s failed (%s); running it eagerly", self.eager.__name__, self.error)
             return self.eager(*args)
 
 
