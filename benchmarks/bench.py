@@ -33,10 +33,10 @@ ENGINES = {
     ),
     "whisper-batch-int8": "the same with model.quantize=int8 (the rest in fp32)",
     "whisper-batch-int8-bf16": "the same with model.quantize=int8 and model.dtype=bfloat16 (the rest in bf16)",
-    "whisper-batch-pad10": "the same with decode.padding_seconds=10 (short windows get a shorter encoder pass)",
-    "whisper-batch-fast": (
-        "the same with configs/cpu-fast.yaml (padding_seconds=10, temperatures to 0.4, calls of 8 rows)"
+    "whisper-batch-reference": (
+        "the same with configs/reference.yaml (every encoder pass 30 s, the fallback's whole ladder: the old default)"
     ),
+    "whisper-batch-fast": "the same with configs/cpu-fast.yaml (the fastest configuration that keeps accuracy)",
     "whisper-batch-vad": "the same with audio.vad=true (speech joined into full windows, the rest left out)",
     "whisper-batch-cond": "the same with decode.condition_on_previous_text=true (a file's windows in order, prompted)",
     "openai": "openai-whisper transcribe(), greedy, fp32",
@@ -111,7 +111,7 @@ OUR_SETTINGS: dict[str, tuple[str | None, list[str]]] = {  # engine -> (a file o
     "whisper-batch": (None, []),
     "whisper-batch-int8": (None, ["model.quantize=int8"]),
     "whisper-batch-int8-bf16": (None, ["model.quantize=int8", "model.dtype=bfloat16"]),
-    "whisper-batch-pad10": (None, ["decode.padding_seconds=10"]),
+    "whisper-batch-reference": ("reference.yaml", []),
     "whisper-batch-fast": ("cpu-fast.yaml", []),
     "whisper-batch-vad": (None, ["audio.vad=true"]),
     "whisper-batch-cond": (None, ["decode.condition_on_previous_text=true"]),

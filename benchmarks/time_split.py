@@ -76,7 +76,7 @@ def decoder_weight_bytes(model: Any) -> int:
                if "positional_embedding" not in name)
 
 
-def step_bytes(weights: int, tokens: Any, cache: Any) -> float:
+def step_bytes(weights: int, tokens: Any, cache: Any, n_vocab: int) -> float:
     """Bytes one decoder step moves at least once: the weights, every window's cross-attention keys and values, the
     self-attention cache so far, and the fp32 logits it writes."""
     rows, new = tokens.shape
@@ -84,7 +84,7 @@ def step_bytes(weights: int, tokens: Any, cache: Any) -> float:
     elem = cache.cross_k.element_size()
     cross = 2 * layers * n_audio * heads * ctx * d * elem
     own = 2 * layers * rows * heads * (cache.length + new) * d * elem
-    return weights + cross + own + rows * new * 51865 * 4
+    return weights + cross + own + rows * new * n_vocab * 4
 
 
 def core_peaks(dtype: Any, repeats: int = 5) -> dict[str, float]:
@@ -168,7 +168,7 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
         return "encoder", mel.shape[0]  # counts windows
 
     def step_tally(self, tokens, cache):
-        work["bytes"] += step_bytes(weights, tokens, cache)
+        work["bytes"] += step_bytes(weights, tokens, cache, self.dims.n_vocab)
         return "decoder steps", 1
 
     targets = [

@@ -32,16 +32,19 @@ def file_overrides(path: Path) -> list[str]:
     return [f"{section}.{key}={json.dumps(value)}" for section, fields in data.items() for key, value in fields.items()]
 
 
-# name -> config overrides; "fp32" is the reference every other configuration is compared with
+# name -> config overrides; "fp32" (the reference's windows and fallback, in fp32: configs/reference.yaml) is the
+# reference every other configuration is compared with
+REFERENCE_WINDOWS = ["decode.padding_seconds=null", "decode.temperatures=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0]"]
 CONFIGS: dict[str, list[str]] = {
-    "fp32": ["model.dtype=float32"],
+    "fp32": ["model.dtype=float32", *REFERENCE_WINDOWS],
     "default": [],
     "int8": ["model.quantize=int8"],
     "int8-bf16": ["model.quantize=int8", "model.dtype=bfloat16"],
 }
-CPU_FAST = Path(__file__).resolve().parents[1] / "configs" / "cpu-fast.yaml"
-if CPU_FAST.exists():  # a checkout: judge the shipped file itself (an installed wheel has no configs/)
-    CONFIGS["cpu-fast"] = file_overrides(CPU_FAST)
+CONFIG_FILES = Path(__file__).resolve().parents[1] / "configs"
+for _name in ("reference", "cpu-fast"):  # a checkout: judge the shipped files themselves (a wheel has no configs/)
+    if (CONFIG_FILES / f"{_name}.yaml").exists():
+        CONFIGS[_name] = file_overrides(CONFIG_FILES / f"{_name}.yaml")
 REFERENCE = "fp32"
 # the peers, as engines users run today, on the same weights: openai-whisper's sequential transcribe() (its defaults:
 # temperature fallback, condition_on_previous_text) and faster-whisper's batched pipeline (batch 8, int8, its VAD)
@@ -150,7 +153,13 @@ def _code_digest(quantized: bool) -> str:
 
 
 def config_key(name: str, overrides: list[str], model: str | None) -> str:
-    spec = json.dumps([sorted(overrides), model, _code_digest(any("quantize" in o for o in overrides))])
+    """The cache key of a configuration's transcripts: the settings that make the text (defaults included, so a
+    changed default is a new key) and the code's digest."""
+    from whisper_batch.pipeline.config import config_fingerprint_fields, load_config
+
+    fields = config_fingerprint_fields(load_config(None, overrides))
+    spec = json.dumps([sorted(overrides), model, _code_digest(any("quantize" in o for o in overrides)),
+                       sorted(fields.items())], default=str)
     return f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
 
 

@@ -68,7 +68,8 @@ class Fused:
             return self.compiled(*args)
         except Exception as e:  # noqa: BLE001 — whatever breaks in the compiler, the eager twin gives the result
             self.failed = True
-            self.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            cause = getattr(e, "inner_exception", None) or e.__cause__ or e  # dynamo wraps the compiler's error
+            self.error = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
             logger.warning("torch.compile of %s failed (%s); running it eagerly", self.eager.__name__, self.error)
             return self.eager(*args)
 

@@ -112,8 +112,10 @@ class DecodeConfig:
     patience: float | None = None
     # null ranks beams by sum log-prob / length; a float uses Google NMT's length penalty
     length_penalty: float | None = None
-    # temperatures tried in order; the next is used when a window fails the thresholds below
-    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    # temperatures tried in order; the next is used when a window fails the thresholds below. The reference goes on
+    # to 0.6, 0.8 and 1.0 (configs/reference.yaml); windows failing at 0.4 are mostly noise, music or loops, whose
+    # text hotter samples seldom fix, and they took most of the fallback's time (docs/performance.md)
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4)
     # gzip compression ratio above which a window is re-decoded (too repetitive)
     compression_ratio_threshold: float | None = 2.4
     # average log-prob below which a window is re-decoded
@@ -127,10 +129,11 @@ class DecodeConfig:
     quiet_log_mel: float | None = -6.0
     # greedy/sampled rows (not beam search) stop once their text cannot pass compression_ratio_threshold (a loop)
     stop_loops: bool = True
-    # null pads every window to 30 s, as the model was trained and the reference does. A number: each window's
-    # encoder pass is its audio plus at least this many seconds of silence, rounded up to 5 s (at most 30), so with
-    # 10 a 5 s utterance costs a 15 s pass (configs/cpu-fast.yaml; accuracy kept by the yardstick, docs/accuracy.md)
-    padding_seconds: float | None = None
+    # each window's encoder pass is its audio plus at least this many seconds of silence, rounded up to 5 s (at most
+    # 30, as whisper.cpp's audio_ctx), so a 5 s utterance costs a 15 s pass; accuracy kept on every set of the
+    # yardstick (docs/accuracy.md). null pads every window to 30 s, as the model was trained and the reference does
+    # (configs/reference.yaml)
+    padding_seconds: float | None = 10.0
     # after a pass that ends at a lone timestamp before its window does, the rest is decoded once more at the first
     # temperature and kept when its average log-prob is at least this (no-speech prob <= 0.3); null skips the rest
     # as the reference does (which loses speech after music or a pause at a window's end)

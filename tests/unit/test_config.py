@@ -26,7 +26,9 @@ def test_defaults():
     assert cfg.manifest.shard_size == 256
     assert cfg.model.name is None and cfg.model.batch_size == 16 and cfg.model.dtype == "auto"
     assert cfg.decode.beam_size is None
-    assert cfg.decode.temperatures == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert cfg.decode.temperatures == (0.0, 0.2, 0.4) and cfg.decode.padding_seconds == 10.0
+    reference = load_config(str(CONFIGS / "reference.yaml"))  # the reference's windows, for parity checks
+    assert reference.decode.temperatures == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) and reference.decode.padding_seconds is None
     assert cfg.decode.compression_ratio_threshold == 2.4
     assert cfg.audio.sample_rate == 16000 and cfg.audio.max_window_seconds == 30.0
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -69,7 +71,7 @@ def test_base_yaml_values_read_back_as_written():
     assert yaml_value(["yes", "null", "1.5"]) == '["yes", "null", "1.5"]'
 
 
-@pytest.mark.parametrize("name", ["cpu-tiny.yaml", "cpu-fast.yaml", "gpu-large-v3.yaml"])
+@pytest.mark.parametrize("name", ["cpu-tiny.yaml", "cpu-fast.yaml", "reference.yaml", "gpu-large-v3.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(str(CONFIGS / name))
     assert cfg != RunConfig()

@@ -81,16 +81,16 @@ def test_the_featurizer_yields_a_block_a_few_model_calls_at_a_time(tmp_path):
     assert all(len(r) == 1 for t in tables for r in t.column("mel_frames").to_pylist())
 
 
-def test_with_padding_seconds_a_model_call_gets_rows_of_like_lengths():
+def test_with_padding_seconds_as_by_default_a_model_call_gets_rows_of_like_lengths():
     from whisper_batch.pipeline.graph import ArrowFeaturizer
 
     shapes = [(1, 5), (1, 3), (4, 100), (1, 7), (1, 2), (3, 89), (1, 9), (1, 4)]
     items = [{"id": i, "mel_frames": [3000] * n, "audio_seconds": float(s)} for i, (n, s) in enumerate(shapes)]
-    padded = ArrowFeaturizer(load_config(None, ["decode.padding_seconds=10"]), 80, rows_per_call=4)
+    padded = ArrowFeaturizer(load_config(None, []), 80, rows_per_call=4)  # the default pads to 10 s
     # longest first: the short rows share calls, so their encoder pass is short
     assert [r["id"] for r in padded.order(items)] == [2, 5, 6, 3, 0, 7, 1, 4]
-    plain = ArrowFeaturizer(load_config(None, []), 80, rows_per_call=4)
-    assert [r["id"] for r in plain.order(items)][::4] == [2, 5]  # else each call leads with one of the longest
+    plain = ArrowFeaturizer(load_config(None, ["decode.padding_seconds=null"]), 80, rows_per_call=4)
+    assert [r["id"] for r in plain.order(items)][::4] == [2, 5]  # 30 s passes: each call leads with one of the longest
 
 
 

@@ -66,8 +66,12 @@ def test_noise_is_added_at_the_stated_snr_and_is_seeded():
 
 def test_configurations_by_name_or_overrides_always_with_the_fp32_reference():
     from benchmarks.yardstick import parse_configs
+    from whisper_batch.pipeline.config import load_config
 
-    assert parse_configs("int8") == {"fp32": ["model.dtype=float32"], "int8": ["model.quantize=int8"]}
+    reference = load_config(None, parse_configs("int8")["fp32"])  # fp32 with the reference's windows and fallback
+    assert (reference.model.dtype, reference.decode.padding_seconds) == ("float32", None)
+    assert reference.decode.temperatures == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert parse_configs("int8")["int8"] == ["model.quantize=int8"]
     custom = parse_configs("default,pad10:decode.padding_seconds=10+decode.beam_size=5")
     assert list(custom) == ["fp32", "default", "pad10"]
     assert custom["pad10"] == ["decode.padding_seconds=10", "decode.beam_size=5"] and custom["default"] == []
@@ -84,16 +88,17 @@ def test_bench_needs_a_manifest_unless_yardstick():
     assert result.exit_code == 2 and "MANIFEST is required (or --yardstick)" in result.output
 
 
-def test_the_cpu_fast_configuration_is_the_shipped_file(tmp_path):
-    """The yardstick's "cpu-fast" judges exactly configs/cpu-fast.yaml: its fields as overrides give the file's
-    config."""
+@pytest.mark.parametrize("name", ["cpu-fast", "reference"])
+def test_a_named_configuration_is_the_shipped_file(tmp_path, name):
+    """The yardstick's "cpu-fast" and "reference" judge exactly the files in configs/: their fields as overrides
+    give the file's config."""
     from pathlib import Path
 
     from benchmarks.yardstick import CONFIGS, file_overrides
     from whisper_batch.pipeline.config import RunConfig, load_config
 
-    shipped = Path(__file__).resolve().parents[2] / "configs" / "cpu-fast.yaml"
-    assert load_config(None, CONFIGS["cpu-fast"]) == load_config(str(shipped)) != RunConfig()
+    shipped = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    assert load_config(None, CONFIGS[name]) == load_config(str(shipped)) != RunConfig()
     other = tmp_path / "c.yaml"
     other.write_text("decode:\n  temperatures: [0.0, 0.5]\n  language: en\nmodel:\n  dtype: float32\n")
     assert file_overrides(other) == ['decode.temperatures=[0.0, 0.5]', 'decode.language="en"',
