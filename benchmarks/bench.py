@@ -118,6 +118,16 @@ OUR_SETTINGS: dict[str, tuple[str | None, list[str]]] = {  # engine -> (a file o
 }
 
 
+def our_settings(engine: str) -> tuple[str | None, list[str]] | None:
+    """A whisper-batch engine's config file and overrides: a name of OUR_SETTINGS, optionally with more overrides as
+    ``NAME:KEY=VALUE+KEY=VALUE`` (a candidate measured before it goes into a config file); None for a peer."""
+    name, _, extra = engine.partition(":")
+    if name not in OUR_SETTINGS:
+        return None
+    config, overrides = OUR_SETTINGS[name]
+    return config, overrides + [o for o in extra.split("+") if o]
+
+
 def _run_ours(manifest: str, model: str | None, config: str | None, sets: list[str]) -> dict[str, Any]:
     import pyarrow.dataset as pads
 
@@ -243,8 +253,8 @@ def _seconds(audios) -> float:
 
 
 def run_engine(engine: str, manifest: str, model: str | None, threads: int) -> dict[str, Any]:
-    if engine in OUR_SETTINGS:
-        return _run_ours(manifest, model, *OUR_SETTINGS[engine])
+    if (ours := our_settings(engine)) is not None:
+        return _run_ours(manifest, model, *ours)
     return run_engine_rows(engine, read_rows(manifest), model, threads)
 
 
@@ -319,12 +329,16 @@ def measure(engine: str, manifest: str, model: str | None, threads: int) -> dict
 def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     from whisper_normalizer.english import EnglishTextNormalizer
 
+    from benchmarks.yardstick import part_errors
     from whisper_batch.jobs.evaluate import word_errors
 
     norm = EnglishTextNormalizer()
     pairs = [(norm(r["reference"]), norm(result["texts"].get(r["id"], ""))) for r in rows if r.get("reference")]
     pairs = [p for p in pairs if p[0]]
     wer = word_errors([p[0] for p in pairs], [p[1] for p in pairs])["wer"] if pairs else None
+    # lost speech: runs of RUN_WORDS or more consecutive reference words missing (a VAD or a skipped window loses
+    # whole sentences; a WER alone does not tell that from scattered errors)
+    deletion_runs = sum(part_errors([ref], hyp)[2] for ref, hyp in pairs) if pairs else None
     return {
         "engine": result["engine"],
         "audio_s": result["audio_s"],
@@ -338,6 +352,7 @@ def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         "startup_share": max(0.0, result["process_s"] - result["wall_s"] - result.get("decode_s", 0.0))
         / result["process_s"],
         "wer": wer,
+        "deletion_runs": deletion_runs,
         "peak_rss_mb": result["peak_rss_mb"],
         "note": result.get("note", ""),
     }
@@ -345,18 +360,20 @@ def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(scores: list[dict[str, Any]]) -> str:
     lines = [
-        "| engine | audio s | load s | wall s | RTFx | process s | process RTFx | start-up % | WER % | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | audio s | load s | wall s | RTFx | process s | process RTFx | start-up % | WER % | deletion runs "
+        "| peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in scores:
         if "error" in s:
-            lines.append(f"| {s['engine']} | failed: {' '.join(s['error'])[:80]} | | | | | | | | |")
+            lines.append(f"| {s['engine']} | failed: {' '.join(s['error'])[:80]} | | | | | | | | | |")
             continue
         wer = f"{100 * s['wer']:.2f}" if s["wer"] is not None else "–"
+        runs = s.get("deletion_runs")
         lines.append(
             f"| {s['engine']} | {s['audio_s']:.1f} | {s['load_s']:.1f} | {s['wall_s']:.1f} | {s['rtfx']:.1f} | "
             f"{s['process_s']:.1f} | {s['process_rtfx']:.1f} | {100 * s['startup_share']:.1f} | {wer} | "
-            f"{s['peak_rss_mb']:.0f} |"
+            f"{'–' if runs is None else runs} | {s['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines + [f"\n{line}" for line in ratio_lines(scores)])
 
@@ -370,7 +387,7 @@ def ratio_lines(scores: list[dict[str, Any]]) -> list[str]:
         if "error" not in s:
             t = totals.setdefault(s["engine"], [0.0, 0.0, 0.0])
             t[0], t[1], t[2] = t[0] + s["audio_s"], t[1] + s["wall_s"], t[2] + s["process_s"]
-    peers = {e: t for e, t in totals.items() if e not in OUR_SETTINGS}
+    peers = {e: t for e, t in totals.items() if our_settings(e) is None}
     if not peers:
         return []
     lines = _ratios(totals, peers, "the fastest peer")
@@ -393,7 +410,7 @@ def _ratios(totals: dict[str, list[float]], peers: dict[str, list[float]], what:
     return [
         f"{engine}: {audio / wall / wall_rtfx:.2f}x {what} ({best}) on the wall clock, "
         f"{audio / process / process_rtfx:.2f}x ({best_process}) over the whole process"
-        for engine, (audio, wall, process) in totals.items() if engine in OUR_SETTINGS
+        for engine, (audio, wall, process) in totals.items() if our_settings(engine) is not None
     ]
 
 
@@ -429,7 +446,9 @@ def main(argv: list[str]) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("manifest", required=False)
 @click.option("--engines", default=",".join(("whisper-batch", "whisper-batch-int8", "openai", "faster-int8",
-              "faster-batched-int8")), show_default=True, help="Comma-separated engines to run, alternating.")
+              "faster-batched-int8")), show_default=True,
+              help="Comma-separated engines to run, alternating; ours also as NAME:KEY=VALUE+KEY=VALUE (a candidate "
+                   "setting on top of the engine's).")
 @click.option("--model", "model_spec", default=None, help="Checkpoint for every engine (default: packaged tiny.en).")
 @click.option("--repeat", default=1, show_default=True, help="Rounds; the engine order alternates between rounds.")
 @click.option("--times", default=1, show_default=True, type=click.IntRange(min=1),
@@ -465,7 +484,7 @@ def cli(manifest, engines, model_spec, repeat, times, hours, threads, json_out, 
     if not manifest:
         raise click.UsageError("MANIFEST is required (or --yardstick)")
     chosen = [e.strip() for e in engines.split(",") if e.strip()]
-    if unknown := [e for e in chosen if e not in ENGINES]:
+    if unknown := [e for e in chosen if e not in ENGINES and our_settings(e) is None]:
         raise click.UsageError(f"unknown engine(s) {unknown}; choose from: {', '.join(ENGINES)}")
     scores = bench(manifest, chosen, model_spec, repeat, threads, echo=lambda m: click.echo(m, err=True),
                    times=times, hours=hours)

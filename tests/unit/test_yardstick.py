@@ -104,3 +104,26 @@ def test_a_named_configuration_is_the_shipped_file(tmp_path, name):
     assert file_overrides(other) == ['decode.temperatures=[0.0, 0.5]', 'decode.language="en"',
                                      "model.dtype=\"float32\""]
     assert load_config(None, file_overrides(other)) == load_config(str(other))
+
+
+def test_the_bench_counts_lost_sentences_beside_its_wer():
+    """bench's score: a row missing 6 consecutive reference words is a deletion run, scattered errors are not."""
+    from benchmarks.bench import format_table, score
+
+    rows = [{"id": "a", "reference": "red green blue cyan magenta yellow black white grey brown"},
+            {"id": "b", "reference": "alpha beta gamma delta epsilon zeta eta theta"}]
+    result = {"engine": "openai", "audio_s": 20.0, "load_s": 1.0, "wall_s": 2.0, "process_s": 4.0, "peak_rss_mb": 300,
+              "texts": {"a": "red green blue cyan", "b": "alpha beta gamma dealt a epsilon zeta eta theta"}}
+    s = score(result, rows)
+    assert s["deletion_runs"] == 1  # "magenta ... brown" lost; b's substitution and insertion are no run
+    assert s["wer"] == pytest.approx((6 + 2) / 18)
+    assert "| openai | 20.0 | 1.0 | 2.0 | 10.0 | 4.0 | 5.0 | 50.0 | 44.44 | 1 | 300 |" in format_table([s])
+
+
+def test_a_bench_engine_of_ours_takes_candidate_settings():
+    from benchmarks.bench import our_settings
+
+    assert our_settings("whisper-batch-fast:model.quantize=int8+model.dtype=bfloat16") == (
+        "cpu-fast.yaml", ["model.quantize=int8", "model.dtype=bfloat16"])
+    assert our_settings("whisper-batch-reference") == ("reference.yaml", [])
+    assert our_settings("faster-batched-int8") is None and our_settings("faster-batched-int8:x=1") is None
