@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -370,9 +371,10 @@ def yardstick(configs: dict[str, list[str]], model: str | None = None, data: Pat
 
 
 def parse_configs(spec: str) -> dict[str, list[str]]:
-    """``fp32,default,int8`` or ``NAME:KEY=VALUE+KEY=VALUE`` items -> {name: overrides}; fp32 always included."""
+    """``fp32,default,int8`` or ``NAME:KEY=VALUE+KEY=VALUE`` items -> {name: overrides}; fp32 always included. A
+    value may be a list (``decode.temperatures=[0.0,0.2]``): commas inside brackets do not separate items."""
     out: dict[str, list[str]] = {}
-    for item in (i.strip() for i in spec.split(",")):
+    for item in (i.strip() for i in re.split(r",(?![^\[]*\])", spec)):
         if not item:
             continue
         name, _, sets = item.partition(":")

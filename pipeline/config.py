@@ -130,10 +130,10 @@ class DecodeConfig:
     # greedy/sampled rows (not beam search) stop once their text cannot pass compression_ratio_threshold (a loop)
     stop_loops: bool = True
     # each window's encoder pass is its audio plus at least this many seconds of silence, rounded up to 5 s (at most
-    # 30, as whisper.cpp's audio_ctx), so a 5 s utterance costs a 15 s pass; accuracy kept on every set of the
-    # yardstick (docs/accuracy.md). null pads every window to 30 s, as the model was trained and the reference does
-    # (configs/reference.yaml)
-    padding_seconds: float | None = 10.0
+    # 30, as whisper.cpp's audio_ctx), so a 6 s utterance costs a 15 s pass; accuracy kept on every set of the
+    # yardstick with tiny.en (docs/accuracy.md). null pads every window to 30 s, as the model was trained and the
+    # reference does (configs/reference.yaml)
+    padding_seconds: float | None = 5.0
     # after a pass that ends at a lone timestamp before its window does, the rest is decoded once more at the first
     # temperature and kept when its average log-prob is at least this (no-speech prob <= 0.3); null skips the rest
     # as the reference does (which loses speech after music or a pause at a window's end)

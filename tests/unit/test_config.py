@@ -26,7 +26,7 @@ def test_defaults():
     assert cfg.manifest.shard_size == 256
     assert cfg.model.name is None and cfg.model.batch_size == 16 and cfg.model.dtype == "auto"
     assert cfg.decode.beam_size is None
-    assert cfg.decode.temperatures == (0.0, 0.2, 0.4) and cfg.decode.padding_seconds == 10.0
+    assert cfg.decode.temperatures == (0.0, 0.2, 0.4) and cfg.decode.padding_seconds == 5.0
     reference = load_config(str(CONFIGS / "reference.yaml"))  # the reference's windows, for parity checks
     assert reference.decode.temperatures == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) and reference.decode.padding_seconds is None
     assert cfg.decode.compression_ratio_threshold == 2.4
