@@ -139,6 +139,7 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
     import torch
 
     import whisper_batch.model.transcribe as transcribe_module
+    from whisper_batch.model.constants import FRAMES_PER_SECOND
     from whisper_batch.model.whisper import Whisper
     from whisper_batch.pipeline.config import load_config
     from whisper_batch.pipeline.features import Featurizer
@@ -167,6 +168,17 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
         work["flops"] += mel.shape[0] * encoder_flops(self.dims, mel.shape[-1])
         return "encoder", mel.shape[0]  # counts windows
 
+    passes: dict[str, list[float]] = {}  # kind -> [windows, seconds of audio, seconds encoded]
+
+    def pass_tally(self, todo, length):
+        for s in todo:  # a window's first pass, a continuation after a timestamp, a probe of a rest after a lone one
+            kind = "probe" if s.probe else ("continuation" if s.frame else "first pass")
+            p = passes.setdefault(kind, [0, 0.0, 0.0])
+            p[0] += 1
+            p[1] += (self.frames[s.window] - s.frame) / FRAMES_PER_SECOND
+            p[2] += length / FRAMES_PER_SECOND
+        return "encoder passes", len(todo)
+
     def step_tally(self, tokens, cache):
         work["bytes"] += step_bytes(weights, tokens, cache, self.dims.n_vocab)
         return "decoder steps", 1
@@ -174,6 +186,7 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
     targets = [
         (Whisper, "embed_audio", encoder_tally),
         (Whisper, "decode_step", step_tally),
+        (transcribe_module.WindowBatch, "encode", pass_tally),
         (transcribe_module, "decode",
          lambda model, tok, feats, opts, langs=None, prompts=None: (f"decode at T={opts.temperature:g}", 1)),
         (transcribe_module.WindowBatch, "align", lambda self, features, todo, *_: ("alignment passes", len(todo))),
@@ -191,7 +204,7 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
         "features_s": features_s, "model_s": model_s,
         "encoder_s": encoder_s, "encoder_windows": windows, "encoder_flops": work["flops"], "decode": decode,
         "decoder_steps": totals.get("decoder steps", [0.0, 0]), "step_bytes": work["bytes"],
-        "align_s": align_s, "aligned_windows": aligned, "dtype": model.dtype,
+        "align_s": align_s, "aligned_windows": aligned, "dtype": model.dtype, "passes": passes,
         "other_s": model_s - encoder_s - align_s - sum(s for s, _ in decode.values()),
     }
 
@@ -321,6 +334,8 @@ def report_model(m: dict[str, Any], sets: list[str]) -> None:
     gflops = m["encoder_flops"] / max(m["encoder_s"], 1e-9) / 1e9
     line("encoder", m["encoder_s"], f" ({m['encoder_windows']} windows; {gflops:.0f} GFLOP/s = "
          f"{100 * gflops / peaks['matmul_gflops']:.0f} % of the core's matmul peak, {peaks['matmul_gflops']:.0f})")
+    for kind, (n, audio, encoded) in m["passes"].items():
+        print(f"      {kind}: {n} windows, {audio:.0f} s of audio encoded as {encoded:.0f} s")
     for key, (s, n) in m["decode"].items():
         line(key, s, f" over {n} call(s)")
     steps_s, steps = m["decoder_steps"]

@@ -269,9 +269,14 @@ def check_resume(layout: RunLayout, plan: Plan, cfg: RunConfig, model_name: str 
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:
             diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            earlier = ("decode.padding_seconds" in changed and before.get("decode.padding_seconds") is None
+                       and "decode.padding_seconds" in before)
+            hint = (" (a run started with the defaults before 2026-12-06, when every encoder pass was 30 s, resumes "
+                    "with --config configs/reference.yaml, or with `whisper-batch resume`, which reads its config)"
+                    if earlier else "")
             raise PlanMismatch(
                 f"config values that change results differ from the run in {layout.display_uri} ({diffs}): "
-                f"use the same values to resume, or {start_over}"
+                f"use the same values to resume{hint}, or {start_over}"
             )
     done = sorted(s for s in layout.list_done_shards() if s < plan.n_shards)
     done_set = set(done)

@@ -185,3 +185,18 @@ def test_plan_of_the_shared_eval_manifest():
     assert plan.extra_types == {"source": "string", "dataset": "string"}
     _, records = next(iter_blocks(str(EVAL_MANIFEST), plan, [0], 1))
     assert all(Path(r["uri"]).is_file() for r in records)  # relative paths resolved against the manifest folder
+
+
+def test_a_run_started_on_the_reference_windows_is_told_how_to_resume(tmp_path):
+    """A run started before the defaults' shorter encoder passes (every pass 30 s) resumes with
+    configs/reference.yaml, which gives it its values again; the refusal says so."""
+    from pathlib import Path
+
+    reference = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "reference.yaml"),
+                            ["manifest.shard_size=3"])
+    path = write_manifest(tmp_path / "m.jsonl", 6)
+    layout = RunLayout(str(tmp_path / "out"))
+    start_run(layout, build_plan(path, reference), reference, "tiny.en")
+    with pytest.raises(PlanMismatch, match=r"decode.padding_seconds: None -> 5.0.*--config configs/reference.yaml"):
+        check_resume(layout, build_plan(path, cfg_with(3)), cfg_with(3))
+    assert check_resume(layout, build_plan(path, reference), reference).pending == [0, 1]
