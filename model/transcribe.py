@@ -408,6 +408,10 @@ class WindowBatch:
         if is_silence(r, self.opts) or (s.probe and not self.sure(r)):
             return Pass([], size, True)
         segments, consumed = split_segments(r, self.tokenizer, size)
+        if not _words(r.text) and self.doubted(r):
+            # no word where the model doubts there is speech ("." over a few seconds of white noise, which a short
+            # encoder pass gives at log-prob -0.87): no text; a rest it leaves is still decoded
+            segments = []
         failed = r.temperature == self.opts.temperatures[-1] and needs_fallback(r, self.opts)
         for seg in segments:
             seg.start, seg.end = seg.start + s.frame / FRAMES_PER_SECOND, seg.end + s.frame / FRAMES_PER_SECOND
@@ -415,6 +419,10 @@ class WindowBatch:
         tb = self.tokenizer.timestamp_begin
         lone = len(r.tokens) >= 2 and r.tokens[-1] >= tb and r.tokens[-2] < tb
         return Pass(segments, consumed, False, lone)
+
+    def doubted(self, r: DecodingResult) -> bool:
+        """Whether the model doubts the pass holds speech (its no-speech probability above the no-speech rule's)."""
+        return self.opts.no_speech_threshold is not None and r.no_speech_prob > self.opts.no_speech_threshold
 
     def sure(self, r: DecodingResult) -> bool:
         """Whether a probe's decode is kept (see TranscribeOptions.probe_logprob_threshold)."""

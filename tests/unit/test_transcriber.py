@@ -71,6 +71,30 @@ def test_window_that_failed_every_temperature_is_no_speech_when_the_model_doubte
     assert is_silence(result(0.0, -1.5, 0.7), opts)  # the reference's own rule still holds
 
 
+def test_a_pass_of_no_word_where_the_model_doubts_speech_gives_no_text_but_its_rest_is_still_decoded(
+        tiny_en_tokenizer):
+    """"." over 7 s of white noise (log-prob -0.87, no-speech 0.95: the reference's rule keeps it) is no text; where
+    such a pass ends at a timestamp pair, what follows is still decoded, as for any pass."""
+    from whisper_batch.model.transcribe import Seek, WindowBatch
+
+    tk = tiny_en_tokenizer
+    tb, dot = tk.timestamp_begin, tk.encode(" .")
+    batch = WindowBatch(None, tk, TranscribeOptions(), torch.zeros(1, 80, 3000), [3000], ["en"], [False])
+
+    def decoded(tokens, text, no_speech):
+        return DecodingResult(tokens=tokens, text=text, language="en", avg_logprob=-0.87, no_speech_prob=no_speech,
+                              temperature=0.0, compression_ratio=1.0)
+
+    noise = batch.cut(Seek(0, 0), decoded([tb, *dot, tb + 350], " .", 0.95))  # <0.00> . <7.00>
+    assert noise.segments == [] and noise.consumed == 700 and noise.lone_ending  # a probe of the rest follows
+    paired = batch.cut(Seek(0, 0), decoded([tb, *dot, tb + 500, tb + 500], " .", 0.95))  # <0.00> . <10.00><10.00>
+    assert paired.segments == [] and paired.consumed == 1000  # the rest, from 10 s, is decoded in a further pass
+    heard = batch.cut(Seek(0, 0), decoded([tb, *dot, tb + 350], " .", 0.3))  # the model heard speech: kept
+    assert [seg.text for seg in heard.segments] == [" ."]
+    words = batch.cut(Seek(0, 0), decoded([tb, *tk.encode(" Okay."), tb + 350], " Okay.", 0.95))
+    assert [seg.text.strip() for seg in words.segments] == ["Okay."]
+
+
 # --- features ----------------------------------------------------------------------------------------------------
 
 
