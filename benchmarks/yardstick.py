@@ -159,8 +159,7 @@ def config_key(name: str, overrides: list[str], model: str | None) -> str:
     from whisper_batch.pipeline.config import config_fingerprint_fields, load_config
 
     fields = config_fingerprint_fields(load_config(None, overrides))
-    spec = json.dumps([sorted(overrides), model, _code_digest(any("quantize" in o for o in overrides)),
-                       sorted(fields.items())], default=str)
+    spec = json.dumps([sorted(fields.items()), model, _code_digest(fields["model.quantize"] is not None)], default=str)
     return f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
 
 

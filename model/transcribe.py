@@ -115,6 +115,11 @@ def prompt_after(history: list[int], r: WindowResult) -> list[int]:
     return [] if r.temperature > PROMPT_RESET_TEMPERATURE else history + r.tokens
 
 
+def doubts_speech(r: DecodingResult, opts: TranscribeOptions) -> bool:
+    """Whether the model doubts the pass holds speech: its no-speech probability above the no-speech rule's."""
+    return opts.no_speech_threshold is not None and r.no_speech_prob > opts.no_speech_threshold
+
+
 def is_silence(r: DecodingResult, opts: TranscribeOptions) -> bool:
     if (
         opts.failed_no_speech_threshold is not None
@@ -123,7 +128,7 @@ def is_silence(r: DecodingResult, opts: TranscribeOptions) -> bool:
         and needs_fallback(r, opts)
     ):
         return True
-    if opts.no_speech_threshold is None or r.no_speech_prob <= opts.no_speech_threshold:
+    if not doubts_speech(r, opts):
         return False
     return opts.logprob_threshold is None or r.avg_logprob <= opts.logprob_threshold
 
@@ -146,9 +151,8 @@ def sounding(mel: Tensor, opts: TranscribeOptions) -> Tensor:
 def needs_fallback(r: DecodingResult, opts: TranscribeOptions) -> bool:
     cr, lp = opts.compression_ratio_threshold, opts.logprob_threshold
     failed = (cr is not None and r.compression_ratio > cr) or (lp is not None and r.avg_logprob < lp)
-    # a silent window with a low logprob is silence, not a failure worth re-decoding
-    silent = opts.no_speech_threshold is not None and r.no_speech_prob > opts.no_speech_threshold
-    return failed and not (silent and lp is not None and r.avg_logprob < lp)
+    # a silent window (the model doubts speech) with a low logprob is silence, not a failure worth re-decoding
+    return failed and not (doubts_speech(r, opts) and lp is not None and r.avg_logprob < lp)
 
 
 def options_at(opts: TranscribeOptions, temperature: float) -> DecodingOptions:
@@ -408,7 +412,7 @@ class WindowBatch:
         if is_silence(r, self.opts) or (s.probe and not self.sure(r)):
             return Pass([], size, True)
         segments, consumed = split_segments(r, self.tokenizer, size)
-        if not _words(r.text) and self.doubted(r):
+        if not _words(r.text) and doubts_speech(r, self.opts):
             # no word where the model doubts there is speech ("." over a few seconds of white noise, which a short
             # encoder pass gives at log-prob -0.87): no text; a rest it leaves is still decoded
             segments = []
@@ -419,10 +423,6 @@ class WindowBatch:
         tb = self.tokenizer.timestamp_begin
         lone = len(r.tokens) >= 2 and r.tokens[-1] >= tb and r.tokens[-2] < tb
         return Pass(segments, consumed, False, lone)
-
-    def doubted(self, r: DecodingResult) -> bool:
-        """Whether the model doubts the pass holds speech (its no-speech probability above the no-speech rule's)."""
-        return self.opts.no_speech_threshold is not None and r.no_speech_prob > self.opts.no_speech_threshold
 
     def sure(self, r: DecodingResult) -> bool:
         """Whether a probe's decode is kept (see TranscribeOptions.probe_logprob_threshold)."""

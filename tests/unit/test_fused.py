@@ -32,11 +32,15 @@ print(json.dumps({"failed": [q.failed, r.failed], "codes": codes.tolist(), "y": 
 """
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """This environment, with the checkout importable, for a fresh interpreter."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **extra, "PYTHONPATH": path}
+
+
 def _child(env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, **env_extra, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                                    os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen([sys.executable, "-c", CHILD], env=_env(**env_extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _result(proc: subprocess.Popen) -> tuple[dict, str]:
@@ -58,9 +62,8 @@ def compiled():
 def test_compiled_checks_pass_in_a_fresh_interpreter(compiled):
     """The checks below named ``check_*`` compile in-process, so they run in a fresh interpreter, as the model actors
     compile: each must pass there, none skipped."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o",
-                           "python_functions=check_*", __file__], cwd=REPO, env=env, capture_output=True, text=True,
+                           "python_functions=check_*", __file__], cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert re.search(r"\b5 passed\b", proc.stdout) and "skipped" not in proc.stdout, proc.stdout[-4000:]
