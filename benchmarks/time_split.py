@@ -82,7 +82,8 @@ def step_bytes(weights: int, tokens: Any, cache: Any, n_vocab: int) -> float:
     rows, new = tokens.shape
     layers, n_audio, heads, ctx, d = cache.cross_k.shape
     elem = cache.cross_k.element_size()
-    cross = 2 * layers * n_audio * heads * ctx * d * elem
+    positions = sum(cache.cross_lengths) if cache.cross_lengths is not None else n_audio * ctx  # padding is not read
+    cross = 2 * layers * heads * positions * d * elem
     own = 2 * layers * rows * heads * (cache.length + new) * d * elem
     return weights + cross + own + rows * new * n_vocab * 4
 
@@ -140,6 +141,7 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
 
     import whisper_batch.model.transcribe as transcribe_module
     from whisper_batch.model.constants import FRAMES_PER_SECOND
+    from whisper_batch.model.transcribe import FRAMES_PER_TIMESTAMP
     from whisper_batch.model.whisper import Whisper
     from whisper_batch.pipeline.config import load_config
     from whisper_batch.pipeline.features import Featurizer
@@ -170,13 +172,13 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
 
     passes: dict[str, list[float]] = {}  # kind -> [windows, seconds of audio, seconds encoded]
 
-    def pass_tally(self, todo, length):
-        for s in todo:  # a window's first pass, a continuation after a timestamp, a probe of a rest after a lone one
-            kind = "probe" if s.probe else ("continuation" if s.frame else "first pass")
+    def pass_tally(self, todo, lengths):
+        for s, length in zip(todo, lengths):  # a window's first pass, a continuation after a timestamp, a probe of a
+            kind = "probe" if s.probe else ("continuation" if s.frame else "first pass")  # rest after a lone one
             p = passes.setdefault(kind, [0, 0.0, 0.0])
             p[0] += 1
             p[1] += (self.frames[s.window] - s.frame) / FRAMES_PER_SECOND
-            p[2] += length / FRAMES_PER_SECOND
+            p[2] += length * FRAMES_PER_TIMESTAMP / FRAMES_PER_SECOND
         return "encoder passes", len(todo)
 
     def step_tally(self, tokens, cache):
@@ -188,7 +190,7 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
         (Whisper, "decode_step", step_tally),
         (transcribe_module.WindowBatch, "encode", pass_tally),
         (transcribe_module, "decode",
-         lambda model, tok, feats, opts, langs=None, prompts=None: (f"decode at T={opts.temperature:g}", 1)),
+         lambda model, tok, feats, opts, *_: (f"decode at T={opts.temperature:g}", 1)),
         (transcribe_module.WindowBatch, "align", lambda self, features, todo, *_: ("alignment passes", len(todo))),
     ]
     with timed_methods(targets, totals):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .constants import CHUNK_LENGTH, TASKS
+from .kv_cache import runs_of
 from .tokenizer import Tokenizer
 from .whisper import Whisper
 
@@ -109,15 +110,20 @@ class LoopStop:
 
 @torch.no_grad()
 def detect_language(
-    model: Whisper, tokenizer: Tokenizer, audio_features: Tensor
+    model: Whisper, tokenizer: Tokenizer, audio_features: Tensor, lengths: Sequence[int] | None = None
 ) -> tuple[list[str], list[dict[str, float]]]:
-    """Most likely language per window, from the logits after <|startoftranscript|>. audio_features: (n, S, C)."""
+    """Most likely language per window, from the logits after <|startoftranscript|>. audio_features: (n, S, C);
+    ``lengths``: per window its real encoder positions (windows of several lengths, zero-padded to S)."""
     if not tokenizer.multilingual:
         raise ValueError("this model is English-only: it has no language tokens to detect with")
     lang_tokens = torch.tensor(tokenizer.all_language_tokens[: model.num_languages], device=audio_features.device)
     codes = tokenizer.all_language_codes[: model.num_languages]
     sot = torch.full((audio_features.shape[0], 1), tokenizer.sot, device=audio_features.device)
-    logits = model.logits(sot, audio_features)[:, 0]
+    runs = runs_of(list(lengths) if lengths is not None else None, audio_features.shape[1])
+    if runs is None:
+        logits = model.logits(sot, audio_features)[:, 0]
+    else:
+        logits = torch.cat([model.logits(sot[a:b], audio_features[a:b, :n])[:, 0] for a, b, n in runs])
     probs = logits.index_select(-1, lang_tokens).softmax(-1).cpu()
     best = probs.argmax(-1).tolist()
     return [codes[i] for i in best], [dict(zip(codes, p.tolist())) for p in probs]
@@ -260,6 +266,7 @@ def resolve_languages(
     audio_features: Tensor,
     options: DecodingOptions,
     languages: Sequence[str | None] | None,
+    lengths: Sequence[int] | None = None,
 ) -> tuple[list[str], list[dict[str, float] | None]]:
     """Per window: the given language, else the option's, else (multilingual models) the detected one."""
     n = audio_features.shape[0]
@@ -272,7 +279,8 @@ def resolve_languages(
     probs: list[dict[str, float] | None] = [None] * n
     unknown = [i for i, lang in enumerate(langs) if lang is None]
     if unknown:
-        detected, detected_probs = detect_language(model, tokenizer, audio_features[unknown])
+        sub = [lengths[i] for i in unknown] if lengths is not None else None
+        detected, detected_probs = detect_language(model, tokenizer, audio_features[unknown], sub)
         for i, lang, p in zip(unknown, detected, detected_probs):
             langs[i], probs[i] = lang, p
     return langs, probs
@@ -286,6 +294,7 @@ def decode(
     options: DecodingOptions = DecodingOptions(),
     languages: Sequence[str | None] | None = None,
     prompts: Sequence[Sequence[int] | None] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> list[DecodingResult]:
     """Decode a batch of windows at one temperature.
 
@@ -294,12 +303,15 @@ def decode(
         languages: optional per-window language codes (None entries are detected on multilingual models).
         prompts: optional per-window prompt tokens (the previous windows' text), in place of ``options.prompt``
             where not None; windows with shorter prompts are left-padded, and no real position sees the padding.
+        lengths: optional per-window encoder positions, where windows encoded at several lengths share the batch
+            (their features zero-padded to the longest): each window attends to its own positions only, as alone.
     """
     from .search import BeamSearch, Sampler, run_search
 
     options.validate()
     n_ctx = model.dims.n_text_ctx
-    langs, lang_probs = resolve_languages(model, tokenizer, audio_features, options, languages)
+    lengths = list(lengths) if lengths is not None else None
+    langs, lang_probs = resolve_languages(model, tokenizer, audio_features, options, languages, lengths)
     if prompts is not None and len(prompts) != len(langs):
         raise ValueError(f"{len(prompts)} prompts given for {len(langs)} windows")
     initial = [initial_tokens(tokenizer, options, lang, n_ctx, prompts[i] if prompts else None)
@@ -322,7 +334,7 @@ def decode(
     if options.stop_compression_ratio is not None and isinstance(search, Sampler):
         stop = LoopStop(tokenizer, sample_begin, options.stop_compression_ratio)
     found = run_search(
-        model, audio_features, initial_t, search, rules, sample_len, sot_index, tokenizer.no_speech, stop, pad
+        model, audio_features, initial_t, search, rules, sample_len, sot_index, tokenizer.no_speech, stop, pad, lengths
     )
 
     results = []

@@ -7,6 +7,9 @@ with ``torch.cat`` every step. Here the cache is a plain object the decoder writ
 - cross-attention K/V are computed once per batch of windows (one entry per *audio*, shared by the ``group`` rows —
   beams or best-of samples — decoded for that audio), so beams never copy the 1500-position encoder keys;
 - ``length`` is the next write position and therefore the positional-embedding offset;
+- audios whose encoder passes differ in length share one batch: the cross K/V are padded to the longest, and
+  ``cross_lengths`` says how many positions of each are real; cross-attention reads each run of like-length audios
+  against its own positions only (``KVCache.cross_runs``), so no audio sees another's padding;
 - on the CPU in bf16/fp16 the self-attention keys are stored transposed, (..., d_head, max_len) in memory, and
   ``self_k`` is the (..., max_len, d_head) view of them: a step's ``q @ k^T`` (plain matmuls there, see
   ``whisper_batch.model.whisper.attention``) then reads the written prefix as it lies, where the plain layout made
@@ -33,6 +36,11 @@ class KVCache:
     length: int = 0  # tokens written so far = next position
     # per row, the padding tokens before its first real one (prompts of different lengths, left-padded); None: none
     pad: Tensor | None = None
+    # per audio, its encoder positions (passes of several lengths in one batch); None: every audio all of cross_k's
+    cross_lengths: list[int] | None = None
+    # cross_lengths as runs of consecutive like-length audios (first, end, positions), set with them: read by every
+    # layer at every step; None: one attention call for the whole batch
+    cross_runs: list[tuple[int, int, int]] | None = None
 
     @classmethod
     def allocate(
@@ -63,6 +71,11 @@ class KVCache:
     def max_len(self) -> int:
         return self.self_k.shape[3]
 
+    def set_cross_lengths(self, lengths: list[int] | None, positions: int) -> None:
+        """Each audio's encoder positions, of ``positions`` in the padded cross K/V."""
+        self.cross_lengths = lengths
+        self.cross_runs = runs_of(lengths, positions)
+
     def write_self(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new keys/values (n_rows, n_head, T, d_head) of ``layer`` at ``length``; return all so far."""
         end = self.length + k.shape[2]
@@ -92,6 +105,8 @@ class KVCache:
         if self.cross_k is not None:
             self.cross_k = self.cross_k.index_select(1, audios)
             self.cross_v = self.cross_v.index_select(1, audios)
+        if self.cross_lengths is not None:
+            self.set_cross_lengths([self.cross_lengths[a] for a in audios.tolist()], self.cross_k.shape[3])
 
 
 def empty_keys(shape: tuple[int, ...], device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
@@ -101,3 +116,17 @@ def empty_keys(shape: tuple[int, ...], device: torch.device | str | None, dtype:
     if torch.device(device or "cpu").type != "cpu" or dtype == torch.float32:
         return torch.empty(shape, device=device, dtype=dtype)
     return torch.empty(*shape[:-2], shape[-1], shape[-2], device=device, dtype=dtype).transpose(-1, -2)
+
+
+def runs_of(lengths: list[int] | None, positions: int) -> list[tuple[int, int, int]] | None:
+    """Runs of consecutive equal ``lengths`` as (first, end, length); None when there are no lengths or every one is
+    ``positions`` (the whole tensor, one call)."""
+    if lengths is None or all(n == positions for n in lengths):
+        return None
+    runs: list[tuple[int, int, int]] = []
+    for i, n in enumerate(lengths):
+        if runs and runs[-1][2] == n:
+            runs[-1] = (runs[-1][0], i + 1, n)
+        else:
+            runs.append((i, i + 1, n))
+    return runs

@@ -169,17 +169,19 @@ def run_search(
     no_speech: int | None,
     stop=None,
     pad: Tensor | None = None,
+    lengths: list[int] | None = None,
 ) -> list[Candidates]:
     """Decode every audio of ``audio_features`` (n_audio, S, C) from its ``initial`` tokens (n_audio, L0).
 
     ``pad`` (n_audio,): padding tokens at the start of each audio's ``initial`` (prompts of different lengths).
+    ``lengths`` (n_audio,): each audio's real encoder positions, where passes of several lengths share the batch.
 
     ``stop(tokens, length)``, if given, names rows to end now (their next token is forced to end-of-text).
     """
     n_audio, begin = initial.shape
     group = search.group
     max_len = begin + sample_len
-    cache = model.new_cache(audio_features, group, max_len=min(max_len, model.dims.n_text_ctx))
+    cache = model.new_cache(audio_features, group, max_len=min(max_len, model.dims.n_text_ctx), lengths=lengths)
     if pad is not None and bool(pad.any()):
         cache.pad = pad.to(initial.device).repeat_interleave(group)
     tokens = torch.empty(n_audio * group, max_len + 1, dtype=torch.long, device=initial.device)

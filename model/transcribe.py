@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .constants import FRAMES_PER_SECOND, N_FRAMES, TIME_PRECISION
 from .decoding import DecodingOptions, DecodingResult, decode
+from .kv_cache import runs_of
 from .results import Segment, WindowResult
 from .timing import (
     add_word_timestamps,
@@ -87,8 +88,8 @@ class TranscribeOptions:
     # None: every window is padded to 30 s, as the model was trained. A number: each window's encoder pass is its
     # audio (from where the pass starts) plus at least this many seconds of padding, rounded up to a multiple of 5 s
     # and at most 30 s (encoder_frames); the length depends on the window alone, never on its batch, and windows of
-    # the same length share an encoder pass. A short window costs a shorter encoder pass and fewer cross-attention
-    # positions per decoded token
+    # the same length share an encoder pass (and windows of every length one decode, each attending to its own
+    # positions). A short window costs a shorter encoder pass and fewer cross-attention positions per decoded token
     padding_seconds: float | None = None
     # a pass that ends at a lone timestamp before its window's audio does is followed by a probe of the rest: one
     # pass at the first temperature, kept only when this sure of itself (average logprob at least this, no-speech
@@ -172,16 +173,19 @@ def decode_with_fallback(
     languages: Sequence[str | None] | None = None,
     first_only: Sequence[bool] | None = None,
     prompts: Sequence[Sequence[int] | None] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> list[DecodingResult]:
     """Decode every window at the first temperature, then re-decode only the failing ones at the next (never those
-    marked ``first_only``). ``prompts``: per window, as :func:`~whisper_batch.model.decoding.decode` takes them."""
+    marked ``first_only``). ``prompts`` and ``lengths``: per window, as :func:`~whisper_batch.model.decoding.decode`
+    takes them."""
     n = audio_features.shape[0]
     results: list[DecodingResult | None] = [None] * n
     langs = list(languages) if languages is not None else [None] * n
     todo = list(range(n))
     for temperature in opts.temperatures:
         out = decode(model, tokenizer, audio_features[todo], options_at(opts, temperature), [langs[i] for i in todo],
-                     [prompts[i] for i in todo] if prompts is not None else None)
+                     [prompts[i] for i in todo] if prompts is not None else None,
+                     [lengths[i] for i in todo] if lengths is not None else None)
         redo = []
         for i, r in zip(todo, out):
             if results[i] is not None and r.language_probs is None:
@@ -330,9 +334,7 @@ class WindowBatch:
         todo = [Seek(i, 0) for i in range(len(self.frames))]
         while todo:
             heard = self.skip_quiet(todo)
-            todo = []
-            for length, group in self.by_encoder_length(heard):
-                todo += self.decode_pass(group, length)
+            todo = self.decode_pass(heard) if heard else []
         for r, n, t in zip(self.results, self.frames, self.timed):
             if t:  # the first-word rules of a continued pass may reach into the one before
                 tidy_words(r.segments, n / FRAMES_PER_SECOND)
@@ -353,31 +355,27 @@ class WindowBatch:
                 self.results[i] = WindowResult("", [], self.langs[i] or "en", [], 0.0, 0.0, 1.0, 0.0, no_speech=True)
         return heard
 
-    def by_encoder_length(self, todo: list[Seek]) -> list[tuple[int, list[Seek]]]:
-        """``todo`` grouped by the length of their encoder passes (one group unless padding_seconds), longest first:
-        windows whose passes have the same length share a batch."""
-        groups: dict[int, list[Seek]] = {}
-        for s in todo:
-            groups.setdefault(encoder_frames(self.frames[s.window] - s.frame, self.opts), []).append(s)
-        return sorted(groups.items(), reverse=True)
-
-    def decode_pass(self, todo: list[Seek], length: int) -> list[Seek]:
-        """One batched encoder pass and decode over ``todo``, each window encoded at ``length`` mel frames; folds
+    def decode_pass(self, todo: list[Seek]) -> list[Seek]:
+        """One decoding pass over ``todo``: an encoder pass per length of window (one length unless
+        padding_seconds), then one batched decode of them all, each window attending to its own length only; folds
         the results into ``results`` and returns the windows to continue, from their new first frame."""
-        features = self.encode(todo, length)
+        lengths = [encoder_frames(self.frames[s.window] - s.frame, self.opts) for s in todo]
+        order = sorted(range(len(todo)), key=lambda k: -lengths[k])  # like lengths side by side: one run each
+        todo, lengths = [todo[k] for k in order], [lengths[k] // FRAMES_PER_TIMESTAMP for k in order]
+        features = self.encode(todo, lengths)
         langs = [self.langs[s.window] for s in todo]
         decoded = decode_with_fallback(self.model, self.tokenizer, features, self.opts, langs, [s.probe for s in todo],
-                                       self.prompts_of(todo))
+                                       self.prompts_of(todo), lengths)
         passes = []
         for s, r in zip(todo, decoded):
             self.langs[s.window] = r.language
             passes.append(self.cut(s, r))
         sel = [k for k, p in enumerate(passes) if self.slow_segment(p)]
         if sel:
-            self.cut_skips(features[sel], *([xs[k] for k in sel] for xs in (todo, decoded, passes)))
+            self.cut_skips(features[sel], *([xs[k] for k in sel] for xs in (todo, decoded, passes, lengths)))
         sel = [k for k, s in enumerate(todo) if self.timed[s.window]]
         if sel:
-            self.time_words(features[sel], *([xs[k] for k in sel] for xs in (todo, decoded, passes)))
+            self.time_words(features[sel], *([xs[k] for k in sel] for xs in (todo, decoded, passes, lengths)))
         later = []
         for (i, seek, _), r, p in zip(todo, decoded, passes):
             if seek and self.results[i] is not None and rereads(self.results[i].text, p.segments):
@@ -398,13 +396,23 @@ class WindowBatch:
             out.append(None if base is None else list(base) + (done.tokens if done is not None else []))
         return out
 
-    def encode(self, todo: list[Seek], length: int) -> Tensor:
-        """Encoder output (len(todo), length // 2, n_audio_state) of each window's audio from its first frame on,
-        zero-padded to ``length`` frames (at least the audio's: :func:`encoder_frames`)."""
-        batch = torch.zeros(len(todo), self.mel.shape[1], length, dtype=self.mel.dtype)
-        for k, (i, seek, _) in enumerate(todo):
-            batch[k, :, : self.frames[i] - seek] = self.mel[i, :, seek : self.frames[i]]
-        return self.model.embed_audio(batch.to(self.model.device, self.model.dtype))
+    def encode(self, todo: list[Seek], lengths: list[int]) -> Tensor:
+        """Encoder output (len(todo), max(lengths), n_audio_state) of each window's audio from its first frame on,
+        zero-padded to 2 * its ``lengths`` mel frames (at least the audio's: :func:`encoder_frames`): one encoder
+        pass per run of like lengths, its output zero-padded to the longest (positions no decoder reads)."""
+        runs = runs_of(lengths, max(lengths)) or [(0, len(todo), lengths[0])]
+        features = None
+        for a, b, n in runs:
+            batch = torch.zeros(b - a, self.mel.shape[1], n * FRAMES_PER_TIMESTAMP, dtype=self.mel.dtype)
+            for k, (i, seek, _) in enumerate(todo[a:b]):
+                batch[k, :, : self.frames[i] - seek] = self.mel[i, :, seek : self.frames[i]]
+            out = self.model.embed_audio(batch.to(self.model.device, self.model.dtype))
+            if len(runs) == 1:
+                return out
+            if features is None:
+                features = out.new_zeros(len(todo), max(lengths), out.shape[2])
+            features[a:b, :n] = out
+        return features
 
     def cut(self, s: Seek, r: DecodingResult) -> Pass:
         """A window's decode as segments on the window's clock (none where the no-speech rule says silence)."""
@@ -437,11 +445,12 @@ class WindowBatch:
         return any(seg.end - seg.start >= self.opts.skip_seconds + 1 and _words(seg.text)
                    and len(seg.text.strip()) < SLOW_CHARS_PER_SECOND * (seg.end - seg.start) for seg in p.segments[1:])
 
-    def cut_skips(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass]) -> None:
+    def cut_skips(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass],
+                  lengths: list[int]) -> None:
         """The skip check (see TranscribeOptions.skip_seconds) on passes with a slow segment, in place: one batched
         alignment pass; a pass that skipped speech keeps its segments before the skip, and its ``consumed`` ends
         at the last word before it, so the rest is decoded again."""
-        for (i, seek, _), alignment, p in zip(todo, self.align(features, todo, decoded, passes), passes):
+        for (i, seek, _), alignment, p in zip(todo, self.align(features, todo, decoded, passes, lengths), passes):
             clip_sentence_boundaries(alignment)  # the word before a skip absorbs the skipped audio: its full stop
             offset = seek / FRAMES_PER_SECOND  # per segment, (first word's start, last word's end), window's clock
             spans = [(offset + ws[0].start, offset + ws[-1].end) if ws else None
@@ -460,16 +469,22 @@ class WindowBatch:
                     p.segments, p.consumed, p.lone_ending = p.segments[:j], resume, False
                 break
 
-    def align(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass]) -> list:
-        """The words of each pass's segments as the alignment heads time them (one batched pass; seconds from each
-        pass's first frame)."""
+    def align(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass],
+              lengths: list[int]) -> list:
+        """The words of each pass's segments as the alignment heads time them (a batched pass per run of like
+        encoder lengths; seconds from each pass's first frame)."""
         eot = self.tokenizer.eot
         texts = [[t for seg in p.segments for t in seg.tokens if t < eot] for p in passes]
         sizes = [self.frames[i] - seek for i, seek, _ in todo]
-        return find_alignments(self.model, self.tokenizer, features, texts, sizes, [r.language for r in decoded],
-                               self.opts.decoding.task)
+        langs = [r.language for r in decoded]
+        out = []
+        for a, b, n in runs_of(lengths, features.shape[1]) or [(0, len(todo), features.shape[1])]:
+            out += find_alignments(self.model, self.tokenizer, features[a:b, :n], texts[a:b], sizes[a:b], langs[a:b],
+                                   self.opts.decoding.task)
+        return out
 
-    def time_words(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass]) -> None:
+    def time_words(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass],
+                   lengths: list[int]) -> None:
         """Word timestamps for one decoding pass over many windows, in place: one batched alignment pass, then per
         window the words go into its pass's segments.
 
@@ -477,10 +492,12 @@ class WindowBatch:
         after the last word is not trusted), so the pass's ``consumed`` may change.
 
         Args:
-            features: (len(todo), n_audio_ctx, n_audio_state) encoder output of the windows.
+            features: (len(todo), S, n_audio_state) encoder output of the windows, each zero-padded past its
+                ``lengths`` positions.
         """
         tk, frames = self.tokenizer, self.frames
-        for (i, seek, _), r, alignment, p in zip(todo, decoded, self.align(features, todo, decoded, passes), passes):
+        alignments = self.align(features, todo, decoded, passes, lengths)
+        for (i, seek, _), r, alignment, p in zip(todo, decoded, alignments, passes):
             if not p.segments:
                 continue
             offset = seek / FRAMES_PER_SECOND

@@ -153,17 +153,22 @@ class MultiHeadAttention(nn.Module):
         """Encoder output (n_audio, S, C) -> keys and values (n_audio, H, S, D), computed once per batch."""
         return self.heads(self.key(xa)), self.heads(self.value(xa))
 
-    def attend_cross(self, x: Tensor, k: Tensor, v: Tensor, group: int) -> Tensor:
+    def attend_cross(self, x: Tensor, k: Tensor, v: Tensor, group: int, runs: list | None = None) -> Tensor:
         """Cross-attention of ``group`` rows per audio against that audio's keys, without repeating them.
 
         Cross-attention has no mask and each query is independent, so the group's queries can be stacked along the
         time axis of one attention call per audio: (n_audio*group, H, T, D) -> (n_audio, H, group*T, D).
+        ``runs`` (``KVCache.cross_runs``): audios of several encoder lengths, each run of like-length audios attends
+        to its own first positions only (a view of the padded keys: no copy, no mask).
         """
         q = self.heads(self.query(x))
         rows, h, t, d = q.shape
         if group > 1:
             q = q.view(rows // group, group, h, t, d).transpose(1, 2).reshape(rows // group, h, group * t, d)
-        o = attention(q, k, v)
+        if runs is None:
+            o = attention(q, k, v)
+        else:
+            o = torch.cat([attention(q[a:b], k[a:b, :, :n], v[a:b, :, :n]) for a, b, n in runs])
         if group > 1:
             o = o.view(rows // group, h, group, t, d).transpose(1, 2).reshape(rows, h, t, d)
         return self.merge(o)
@@ -212,7 +217,7 @@ class ResidualAttentionBlock(nn.Module):
     def forward_cached(self, x: Tensor, cache: KVCache) -> Tensor:
         x = x + self.attn.attend_cached(self.attn_ln(x), cache, self.layer)
         k, v = cache.cross_k[self.layer], cache.cross_v[self.layer]
-        x = x + self.cross_attn.attend_cross(self.cross_attn_ln(x), k, v, cache.group)
+        x = x + self.cross_attn.attend_cross(self.cross_attn_ln(x), k, v, cache.group, cache.cross_runs)
         return x + self.mlp(self.mlp_ln(x))
 
 
@@ -369,8 +374,14 @@ class Whisper(nn.Module):
     def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
         return self.decoder(tokens, self.encoder(mel))
 
-    def new_cache(self, audio_features: Tensor, group: int = 1, max_len: int | None = None) -> KVCache:
-        """Allocate a cache for ``group`` rows per audio and fill its cross-attention K/V from the encoder output."""
+    def new_cache(
+        self, audio_features: Tensor, group: int = 1, max_len: int | None = None, lengths: list[int] | None = None
+    ) -> KVCache:
+        """Allocate a cache for ``group`` rows per audio and fill its cross-attention K/V from the encoder output.
+
+        ``lengths``: per audio, its real encoder positions where passes of several lengths share the batch (the
+        features zero-padded to the longest); best ordered so like lengths are neighbours (one attention call per
+        run of them)."""
         d = self.dims
         cache = KVCache.allocate(
             n_layer=d.n_text_layer,
@@ -382,17 +393,23 @@ class Whisper(nn.Module):
             device=audio_features.device,
             dtype=audio_features.dtype,
         )
+        if lengths is not None and len(lengths) != audio_features.shape[0]:
+            raise ValueError(f"{len(lengths)} lengths given for {audio_features.shape[0]} audios")
+        cache.set_cross_lengths(lengths, audio_features.shape[1])
         self.prefill_cross(audio_features, cache)
         return cache
 
     def prefill_cross(self, audio_features: Tensor, cache: KVCache) -> None:
-        d, n = self.dims, audio_features.shape[0]
-        shape = (d.n_text_layer, n, d.n_text_head, audio_features.shape[1], d.n_text_state // d.n_text_head)
+        """The cross K/V of every layer; with runs of several lengths only their real positions (the padding's are
+        never read)."""
+        d, n, positions = self.dims, audio_features.shape[0], audio_features.shape[1]
+        shape = (d.n_text_layer, n, d.n_text_head, positions, d.n_text_state // d.n_text_head)
         cache.cross_k, cache.cross_v = audio_features.new_empty(shape), audio_features.new_empty(shape)
-        for layer, block in enumerate(self.decoder.blocks):  # copy_ of the head-split views: 2x faster than stack
-            k, v = block.cross_attn.cross_kv(audio_features)
-            cache.cross_k[layer].copy_(k)
-            cache.cross_v[layer].copy_(v)
+        for a, b, m in cache.cross_runs or [(0, n, positions)]:
+            for layer, block in enumerate(self.decoder.blocks):  # copy_ of the head-split views: 2x faster than stack
+                k, v = block.cross_attn.cross_kv(audio_features[a:b, :m])
+                cache.cross_k[layer, a:b, :, :m].copy_(k)
+                cache.cross_v[layer, a:b, :, :m].copy_(v)
 
     def pack_cpu_weights(self) -> bool:
         """Pack every linear layer's weight, and the vocabulary projection, for oneDNN (CPU inference, fp32/bf16).

@@ -395,13 +395,13 @@ def test_a_continuation_that_only_rereads_the_last_words_is_dropped():
 
 @pytest.fixture
 def decode_calls(monkeypatch) -> list[tuple[torch.Tensor, DecodingOptions, list[DecodingResult]]]:
-    """Records every ``decode`` call made by model.transcribe: (audio features, options, results)."""
+    """Records every ``decode`` call made by model.transcribe: (audio features, options, results, lengths)."""
     calls = []
     real = transcribe_module.decode
 
-    def spy(model, tokenizer, audio_features, options, languages=None, prompts=None):
-        results = real(model, tokenizer, audio_features, options, languages, prompts)
-        calls.append((audio_features.clone(), options, results))
+    def spy(model, tokenizer, audio_features, options, languages=None, prompts=None, lengths=None):
+        results = real(model, tokenizer, audio_features, options, languages, prompts, lengths)
+        calls.append((audio_features.clone(), options, results, lengths))
         return results
 
     monkeypatch.setattr(transcribe_module, "decode", spy)
@@ -428,11 +428,11 @@ def test_fallback_redecodes_only_the_failing_rows(random_model, tiny_en_tokenize
     )
     results = decode_with_fallback(random_model, tiny_en_tokenizer, af, opts)
 
-    rows = [window_ids(batch, af) for batch, _, _ in decode_calls]
+    rows = [window_ids(batch, af) for batch, *_ in decode_calls]
     assert rows[0] == list(range(6)) and decode_calls[0][1].temperature == 0.0
     assert rows[1] == [i for i, r in enumerate(greedy) if r.avg_logprob < threshold] and len(rows[1]) == 3
     final: dict[int, DecodingResult] = {}
-    for k, (ids, (_, options, out)) in enumerate(zip(rows, decode_calls)):
+    for k, (ids, (_, options, out, _)) in enumerate(zip(rows, decode_calls)):
         assert options.temperature == opts.temperatures[k]
         if k:  # hotter passes sample best-of candidates
             assert options.best_of == 2 and options.beam_size is None
@@ -457,8 +457,8 @@ def test_fallback_tries_every_temperature_when_all_fail(random_model, tiny_en_to
         best_of=3,
     )
     results = decode_with_fallback(random_model, tiny_en_tokenizer, af, opts)
-    assert [len(batch) for batch, _, _ in decode_calls] == [3, 3, 3]
-    assert [o.temperature for _, o, _ in decode_calls] == [0.0, 0.3, 0.6]
+    assert [len(batch) for batch, *_ in decode_calls] == [3, 3, 3]
+    assert [o.temperature for _, o, *_ in decode_calls] == [0.0, 0.3, 0.6]
     assert decode_calls[0][1].beam_size == 2 and decode_calls[1][1].beam_size is None
     assert decode_calls[1][1].best_of == 3  # TranscribeOptions.best_of
     assert [r.temperature for r in results] == [0.6, 0.6, 0.6]
@@ -536,7 +536,7 @@ def test_transcribe_windows_continues_after_the_last_timestamp(random_model, tin
     ])
     seen = []
 
-    def fake_decode(model, tokenizer, audio_features, options, languages=None, prompts=None):
+    def fake_decode(model, tokenizer, audio_features, options, languages=None, prompts=None, lengths=None):
         seen.append(audio_features.clone())
         return [make_result(tokens) for tokens in next(scripted)]
 
@@ -571,7 +571,7 @@ def test_the_rest_after_a_lone_timestamp_is_probed(random_model, tiny_en_tokeniz
     ])
     temperatures = []
 
-    def fake_decode(model, tokenizer, audio_features, options, languages=None, prompts=None):
+    def fake_decode(model, tokenizer, audio_features, options, languages=None, prompts=None, lengths=None):
         temperatures.append(options.temperature)
         logprob = -0.9 if case == "unsure" and len(temperatures) > 1 else -0.3
         return [DecodingResult(next(scripted), "", "en", logprob, 0.1, options.temperature, 1.2)]
@@ -623,16 +623,40 @@ def test_padding_rule_gives_steps_of_five_seconds_up_to_a_full_window():
 
 def test_with_padding_a_windows_encoder_pass_does_not_depend_on_its_batch(random_model, tiny_en_tokenizer,
                                                                           decode_calls):
-    """Each window is encoded at its own length: batched with a longer window it is decoded as it is alone (the
-    two lengths make two passes), so its text cannot depend on what it was batched with."""
-    frames = [2600, 300]
+    """Each window is encoded at its own length: batched with a longer window it shares the decode (one batch, the
+    features zero-padded to the longest, with each window's length) and is decoded as it is alone, so its text
+    cannot depend on what it was batched with."""
+    frames = [300, 2600]
     mel = padded_mel(frames)
     opts = TranscribeOptions(decoding=DecodingOptions(sample_len=10), temperatures=(0.0,), padding_seconds=10.0)
     together = transcribe_windows(random_model, tiny_en_tokenizer, mel, frames, opts)
-    shapes = sorted(tuple(c[0].shape[:2]) for c in decode_calls)
-    assert shapes[:2] == [(1, 750), (1, 1500)]  # 3 s + 10 s -> 15 s; 26 s + 10 s -> 30 s
-    alone = transcribe_windows(random_model, tiny_en_tokenizer, mel[1:], frames[1:], opts)
-    assert together[1].tokens == alone[0].tokens and together[1].text == alone[0].text
+    features, _, _, lengths = decode_calls[0]
+    assert tuple(features.shape[:2]) == (2, 1500) and lengths == [1500, 750]  # longest first: 26 s + 10 s -> 30 s
+    with torch.no_grad():  # 3 s + 10 s -> 15 s: 750 positions, zeros after
+        torch.testing.assert_close(features[1, :750], random_model.embed_audio(mel[:1, :, :1500])[0])
+    assert not features[1, 750:].any()
+    for k in range(2):
+        alone = transcribe_windows(random_model, tiny_en_tokenizer, mel[k : k + 1], frames[k : k + 1], opts)
+        assert together[k].tokens == alone[0].tokens and together[k].text == alone[0].text
+
+
+@pytest.mark.parametrize("beam_size", [None, 2])
+def test_windows_of_several_lengths_decode_in_one_batch_as_each_alone(random_setup, beam_size):
+    """decode() over features of 1500, 750 and 250 positions, zero-padded together with their lengths (the
+    language detected per length on a multilingual model), gives each window the tokens it gets alone."""
+    model, tokenizer = random_setup
+    lengths = [1500, 750, 750, 250]
+    with torch.no_grad():
+        alone = [model.embed_audio(random_mel(1, seed=20 + k)[:, :, : 2 * n]) for k, n in enumerate(lengths)]
+    padded = torch.zeros(len(lengths), 1500, alone[0].shape[2])
+    for k, (f, n) in enumerate(zip(alone, lengths)):
+        padded[k, :n] = f[0]
+    opts = DecodingOptions(sample_len=12, beam_size=beam_size)
+    together = decode(model, tokenizer, padded, opts, lengths=lengths)
+    for k, f in enumerate(alone):
+        own = decode(model, tokenizer, f, opts)[0]
+        assert (together[k].tokens, together[k].language) == (own.tokens, own.language)
+        assert together[k].avg_logprob == pytest.approx(own.avg_logprob, abs=1e-4)
 
 
 def test_short_windows_are_encoded_with_their_padding_trimmed(random_model, tiny_en_tokenizer, decode_calls):

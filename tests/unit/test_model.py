@@ -195,6 +195,42 @@ def test_keep_audios_keeps_the_right_rows(on_device, device):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_audios_of_several_encoder_lengths_share_a_cache_each_seeing_its_own_positions(random_model, dtype):
+    """Features of 1500, 750 and 250 positions zero-padded into one batch with their lengths: every row's logits,
+    through the prompt, steps and a compaction, equal those of its audio decoded alone at its own length."""
+    model = copy.deepcopy(random_model).to(dtype)
+    lengths = [1500, 1500, 750, 250, 250]
+    alone = [model.embed_audio(random_mel(1, seed=10 + k, frames=2 * n).to(dtype)) for k, n in enumerate(lengths)]
+    padded = torch.zeros(len(lengths), 1500, alone[0].shape[2], dtype=dtype)
+    for k, (f, n) in enumerate(zip(alone, lengths)):
+        padded[k, :n] = f[0]
+        padded[k, n:] = float("nan")  # nothing may read the padding
+    tokens = random_tokens(2 * len(lengths), 8, seed=11)  # 2 rows per audio
+    cache = model.new_cache(padded, group=2, max_len=8, lengths=lengths)
+    assert cache.cross_runs == [(0, 2, 1500), (2, 3, 750), (3, 5, 250)]
+    steps = [model.decode_step(tokens[:, :5], cache), model.decode_step(tokens[:, 5:6], cache)]
+    cache.keep_audios(torch.tensor([0, 2, 4]))  # drops one audio of 1500 and one of 250
+    assert cache.cross_lengths == [1500, 750, 250] and cache.cross_runs == [(0, 1, 1500), (1, 2, 750), (2, 3, 250)]
+    rows = torch.tensor([0, 1, 4, 5, 8, 9])
+    last = model.decode_step(tokens[rows, 6:7], cache)
+    tol = dict(atol=ATOL, rtol=0) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    for k, f in enumerate(alone):
+        own = model.new_cache(f, group=2, max_len=8)
+        mine = slice(2 * k, 2 * k + 2)
+        expected = torch.cat([model.decode_step(tokens[mine, :5], own), model.decode_step(tokens[mine, 5:6], own)], 1)
+        torch.testing.assert_close(torch.cat([s[mine] for s in steps], dim=1), expected, **tol)
+        if k in (0, 2, 4):
+            j = [0, 2, 4].index(k)
+            torch.testing.assert_close(last[2 * j : 2 * j + 2], model.decode_step(tokens[mine, 6:7], own), **tol)
+
+
+def test_lengths_must_match_the_audios(random_model, features):
+    with pytest.raises(ValueError, match="2 lengths given for 3 audios"):
+        random_model.new_cache(features, lengths=[1500, 750])
+
+
+@torch.no_grad()
 def test_cache_overflow_is_an_error(random_model, features):
     cache = random_model.new_cache(features[:1], max_len=4)
     random_model.decode_step(random_tokens(1, 3), cache)

@@ -255,7 +255,7 @@ def test_word_timestamps_resume_after_the_last_word(random_model, tiny_en_tokeni
     ])
     seen = []
 
-    def fake_decode(model, tokenizer, audio_features, options, languages=None, prompts=None):
+    def fake_decode(model, tokenizer, audio_features, options, languages=None, prompts=None, lengths=None):
         seen.append(audio_features.clone())
         return [DecodingResult(t, "", "en", -0.2, 0.01, 0.0, 1.5) for t in next(scripted)]
 
