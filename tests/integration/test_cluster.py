@@ -54,7 +54,7 @@ FEATURES = "ArrowFeaturizer"
 # after a node is lost, a run without progress for this long stops (the product's default is minutes); where no
 # node is left for the model stage, a shorter wait suffices
 LOST_NODE_TIMEOUT_S = 30
-SHRUNK_TIMEOUT_S = 15
+SHRUNK_TIMEOUT_S = 10
 # the drivers and the nodes: no token authentication (tests/integration/test_token_auth.py covers it)
 ENV = {"RAY_AUTH_MODE": "disabled"}
 # the GCS declares a killed node dead after ~8 s instead of ~15 s (health checks every 2 s, 4 missed)
@@ -67,8 +67,9 @@ def cluster():
         c.env[GATE_ENV] = str(c.root / "model-gate")  # closed while the file exists (only runs with the gate hook)
         c.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # tests.faults
         c.start_head(num_cpus=1)
-        c.add_node(num_cpus=2, num_gpus=1)
-        c.add_node(num_cpus=2, num_gpus=1)
+        workers = [c.add_node(num_cpus=2, num_gpus=1, timeout=0) for _ in range(2)]  # started side by side
+        for node in workers:
+            node.wait_started()
         yield c
 
 
