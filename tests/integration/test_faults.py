@@ -2,7 +2,7 @@
 connections reset / cut / stalled by a proxy, hung decodes and model calls, two drivers on one OUTPUT, and
 credentials that must never show up.
 
-The runs share one Ray cluster that this module starts (``ray start --head --block`` in a private temp dir) and stops,
+The runs share one Ray cluster that this module starts (``ray start --head --block`` in a private temp dir) and kills,
 so each run pays a driver connect instead of a Ray start. Every run installs the model-hang hook in the cluster's
 workers (``ray.worker_setup_hook``, :func:`tests.faults.install_model_hang`): a model call on a row whose id contains
 ``hang-me`` hangs; no other row is affected. Every run transcribes the same 8 short espeak
