@@ -15,7 +15,9 @@
 
 ``--hours H`` runs both parts on the bench's steady-state corpus instead (the yardstick's long-form sets, then
 MANIFEST's rows repeated to H hours: ``benchmarks.bench.steady_manifest``). ``--encoder-profile`` adds torch.profiler's
-table of one encoder pass over 4 windows (the ops the encoder's time goes to beside its matmuls).
+table of one encoder pass over 4 windows (the ops the encoder's time goes to beside its matmuls); ``--step-profile``
+one greedy decoder step's time over 16 windows of 15 s, the vocabulary projection's and the logit rules', and its
+table.
 
 Figures are for the machine it runs on; two cores are shared by every process of the pipeline, so part 2's seconds
 are wall seconds of a contended machine, part 1's those of one core.
@@ -132,6 +134,49 @@ def encoder_profile(overrides: list[str], windows: int = 4) -> str:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model.embed_audio(mel)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+
+
+def step_profile(overrides: list[str], rows: int = 16, positions: int = 750, steps: int = 40) -> str:
+    """One greedy decoder step as a model actor takes it, one thread: ``rows`` windows of ``positions`` encoder
+    positions each (750: a 15 s pass), 30 tokens into their text. The step's mean time, the vocabulary projection's
+    and the logit rules' (timed alone), and torch.profiler's table of 10 steps (ops by their own CPU time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from whisper_batch.model.decoding import DecodingOptions, LogitRules, initial_tokens
+    from whisper_batch.pipeline.config import load_config
+    from whisper_batch.pipeline.transcriber import Transcriber
+
+    torch.set_num_threads(1)
+    transcriber = Transcriber(load_config(None, overrides))
+    model, tk = transcriber.model, transcriber.tokenizer
+    features = torch.randn(rows, positions, model.dims.n_audio_state).to(model.dtype)
+    prompt = initial_tokens(tk, DecodingOptions(), "en", model.dims.n_text_ctx)
+    tokens = torch.tensor([prompt] * rows)
+    text = torch.cat([tokens, torch.full((rows, 30), tk.encode(" the")[0])], dim=1)
+    rules = LogitRules(tk, DecodingOptions(), len(prompt), model.dims.n_vocab, model.dims.n_audio_ctx, "cpu")
+    x = torch.randn(rows, 1, model.dims.n_text_state).to(model.dtype)
+
+    def mean_ms(f) -> float:
+        f()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            f()
+        return (time.perf_counter() - t0) / steps * 1e3
+
+    with torch.inference_mode():
+        cache = model.new_cache(features, max_len=len(prompt) + 30 + steps + 20)
+        model.decode_step(text[:, :-1], cache)
+        step_ms = mean_ms(lambda: model.decode_step(text[:, -1:], cache))
+        logits = model.decode_step(text[:, -1:], cache)[:, -1]
+        rules_ms = mean_ms(lambda: rules.apply(logits.clone(), text))
+        projection_ms = mean_ms(lambda: model.decoder.project(x))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                model.decode_step(text[:, -1:], cache)
+    return (f"{rows} rows x {positions} positions: a step {step_ms:.2f} ms, of which the vocabulary projection "
+            f"{projection_ms:.2f} ms; the logit rules {rules_ms:.2f} ms beside it\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
 def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
@@ -300,11 +345,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--skip-pipeline", action="store_true", help="part 1 only")
     p.add_argument("--encoder-profile", action="store_true", help="also torch.profiler's table of an encoder pass")
+    p.add_argument("--step-profile", action="store_true",
+                   help="also a decoder step's time and torch.profiler's table (16 windows of 15 s)")
     args = p.parse_args(argv)
     from benchmarks.bench import repeat_manifest, steady_manifest
 
     if args.encoder_profile:
         print("one encoder pass over 4 windows, one thread:\n" + encoder_profile(args.sets))
+    if args.step_profile:
+        print("one decoder step, one thread:\n" + step_profile(args.sets))
     with tempfile.TemporaryDirectory(prefix="wb-time-split-") as folder:
         steady = steady_manifest(args.manifest, args.hours, folder) if args.hours else None
         report_model(model_split(steady or args.manifest, args.sets), args.sets)
