@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .constants import CHUNK_LENGTH, TASKS
-from .kv_cache import runs_of
+from .kv_cache import every_run
 from .tokenizer import Tokenizer
 from .whisper import Whisper
 
@@ -119,11 +119,8 @@ def detect_language(
     lang_tokens = torch.tensor(tokenizer.all_language_tokens[: model.num_languages], device=audio_features.device)
     codes = tokenizer.all_language_codes[: model.num_languages]
     sot = torch.full((audio_features.shape[0], 1), tokenizer.sot, device=audio_features.device)
-    runs = runs_of(list(lengths) if lengths is not None else None, audio_features.shape[1])
-    if runs is None:
-        logits = model.logits(sot, audio_features)[:, 0]
-    else:
-        logits = torch.cat([model.logits(sot[a:b], audio_features[a:b, :n])[:, 0] for a, b, n in runs])
+    runs = every_run(lengths, audio_features.shape[0], audio_features.shape[1])
+    logits = torch.cat([model.logits(sot[a:b], audio_features[a:b, :n])[:, 0] for a, b, n in runs])
     probs = logits.index_select(-1, lang_tokens).softmax(-1).cpu()
     best = probs.argmax(-1).tolist()
     return [codes[i] for i in best], [dict(zip(codes, p.tolist())) for p in probs]

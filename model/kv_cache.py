@@ -20,6 +20,7 @@ Rows are kept audio-major: row ``r`` decodes audio ``r // group``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +119,7 @@ def empty_keys(shape: tuple[int, ...], device: torch.device | str | None, dtype:
     return torch.empty(*shape[:-2], shape[-1], shape[-2], device=device, dtype=dtype).transpose(-1, -2)
 
 
-def runs_of(lengths: list[int] | None, positions: int) -> list[tuple[int, int, int]] | None:
+def runs_of(lengths: Sequence[int] | None, positions: int) -> list[tuple[int, int, int]] | None:
     """Runs of consecutive equal ``lengths`` as (first, end, length); None when there are no lengths or every one is
     ``positions`` (the whole tensor, one call)."""
     if lengths is None or all(n == positions for n in lengths):
@@ -130,3 +131,8 @@ def runs_of(lengths: list[int] | None, positions: int) -> list[tuple[int, int, i
         else:
             runs.append((i, i + 1, n))
     return runs
+
+
+def every_run(lengths: Sequence[int] | None, n: int, positions: int) -> list[tuple[int, int, int]]:
+    """:func:`runs_of` for ``n`` items, as one run of all ``positions`` where that gives None."""
+    return runs_of(lengths, positions) or [(0, n, positions)]

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .constants import FRAMES_PER_SECOND, N_FRAMES, TIME_PRECISION
 from .decoding import DecodingOptions, DecodingResult, decode
-from .kv_cache import runs_of
+from .kv_cache import every_run
 from .results import Segment, WindowResult
 from .timing import (
     add_word_timestamps,
@@ -400,17 +400,17 @@ class WindowBatch:
         """Encoder output (len(todo), max(lengths), n_audio_state) of each window's audio from its first frame on,
         zero-padded to 2 * its ``lengths`` mel frames (at least the audio's: :func:`encoder_frames`): one encoder
         pass per run of like lengths, its output zero-padded to the longest (positions no decoder reads)."""
-        runs = runs_of(lengths, max(lengths)) or [(0, len(todo), lengths[0])]
-        features = None
-        for a, b, n in runs:
+        longest = max(lengths)
+        outs = []
+        for a, b, n in every_run(lengths, len(todo), longest):
             batch = torch.zeros(b - a, self.mel.shape[1], n * FRAMES_PER_TIMESTAMP, dtype=self.mel.dtype)
             for k, (i, seek, _) in enumerate(todo[a:b]):
                 batch[k, :, : self.frames[i] - seek] = self.mel[i, :, seek : self.frames[i]]
-            out = self.model.embed_audio(batch.to(self.model.device, self.model.dtype))
-            if len(runs) == 1:
-                return out
-            if features is None:
-                features = out.new_zeros(len(todo), max(lengths), out.shape[2])
+            outs.append((a, b, n, self.model.embed_audio(batch.to(self.model.device, self.model.dtype))))
+        if len(outs) == 1:
+            return outs[0][3]
+        features = outs[0][3].new_zeros(len(todo), longest, outs[0][3].shape[2])
+        for a, b, n, out in outs:
             features[a:b, :n] = out
         return features
 
@@ -478,7 +478,7 @@ class WindowBatch:
         sizes = [self.frames[i] - seek for i, seek, _ in todo]
         langs = [r.language for r in decoded]
         out = []
-        for a, b, n in runs_of(lengths, features.shape[1]) or [(0, len(todo), features.shape[1])]:
+        for a, b, n in every_run(lengths, len(todo), features.shape[1]):
             out += find_alignments(self.model, self.tokenizer, features[a:b, :n], texts[a:b], sizes[a:b], langs[a:b],
                                    self.opts.decoding.task)
         return out

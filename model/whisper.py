@@ -405,7 +405,7 @@ class Whisper(nn.Module):
         d, n, positions = self.dims, audio_features.shape[0], audio_features.shape[1]
         shape = (d.n_text_layer, n, d.n_text_head, positions, d.n_text_state // d.n_text_head)
         cache.cross_k, cache.cross_v = audio_features.new_empty(shape), audio_features.new_empty(shape)
-        for a, b, m in cache.cross_runs or [(0, n, positions)]:
+        for a, b, m in cache.cross_runs or [(0, n, positions)]:  # the runs set just now, or the whole batch
             for layer, block in enumerate(self.decoder.blocks):  # copy_ of the head-split views: 2x faster than stack
                 k, v = block.cross_attn.cross_kv(audio_features[a:b, :m])
                 cache.cross_k[layer, a:b, :, :m].copy_(k)
