@@ -55,7 +55,7 @@ FEATURES = "ArrowFeaturizer"
 # node is left for the model stage, a shorter wait suffices
 LOST_NODE_TIMEOUT_S = 30
 SHRUNK_TIMEOUT_S = 10
-# the drivers and the nodes: no token authentication (tests/integration/test_token_auth.py covers it)
+# the drivers and the nodes: no token authentication (tests/integration/test_jobs.py covers it)
 ENV = {"RAY_AUTH_MODE": "disabled"}
 # the GCS declares a killed node dead after ~8 s instead of ~15 s (health checks every 2 s, 4 missed)
 HEALTH_CHECKS = {"RAY_health_check_period_ms": "2000", "RAY_health_check_failure_threshold": "4"}

@@ -1,29 +1,39 @@
 """Cluster jobs end to end: a real Ray head on this machine (job server + dashboard) and a real S3 server.
 
 The head is ``ray start --head --block`` in a session of its own, with the S3 server's endpoint and credentials in
-its environment (as a cluster node has its instance role) and Ray's token authentication on. The client side (the
-CLI run here) has no AWS credentials at all: the jobs can only work with the nodes' own.
+its environment (as a cluster node has its instance role). The client side (the CLI run here) has no AWS
+credentials at all: the jobs can only work with the nodes' own.
+
+Ray's token authentication, as a plain ``ray start --head`` sets it up: Ray 2.60 turns it on when the machine has a
+token (``~/.ray/auth_token``, which ``ray get-auth-token --generate`` and any local ``ray.init()`` create), and Ray's
+own job client then sends nothing unless ``RAY_AUTH_MODE=token`` is set. Here HOME is a fresh folder for the head and
+the client alike: the token is made there by Ray's own command, the head is started with no RAY_AUTH_* variable, and
+the client is given no token: it must find the one in HOME as Ray's CLI does. The head's job server must really
+refuse a request without it (checked), so every successful command proves the client authenticated. Bad input, each
+a clear error before any work: a token that is not the head's, no token at all, an address where something answers
+that is not a Ray job server (a plain HTTP server; the head's GCS port).
 
 Only this head is stopped at teardown: SIGTERM to its ``ray start --block`` process (which shuts down what it
 started), then SIGKILL for anything left in its session. ``ray stop`` is never used: it kills every Ray process on
 the machine, other people's included.
 """
 
+import http.server
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import job_server_missing
+from tests.integration.conftest import count_ids, job_server_missing, read_jsonl, read_rows
 from tests.servers import free_port, moto_s3
 from tests.shards import read_committed
 from tests.speech import have_espeak, make_speech
@@ -54,6 +64,7 @@ LONG = {
                "It is quiet, warm and close to the station.",
 }
 JOB_SETTINGS = ["--config", "configs/cpu-tiny.yaml", "--set", "manifest.shard_size=1"]
+EXAMPLES = REPO / "examples"
 
 
 def _fs(endpoint: str):
@@ -117,22 +128,27 @@ def _stop_head(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def head(s3):
-    """A Ray head with its job server; yields (address, client environment, token)."""
+def head(s3, tmp_path_factory):
+    """A Ray head with its job server, token authentication on as plain `ray start` turns it on; yields (address,
+    client environment, token, GCS address)."""
     import requests
 
-    token = secrets.token_hex(16)
+    home = tmp_path_factory.mktemp("home")
+    client_env = {**_clean_env(), "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}  # no token given: HOME has it
+    made = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+                          env=client_env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and (home / ".ray" / "auth_token").is_file(), made.stderr
+    token = (home / ".ray" / "auth_token").read_text().strip()
     temp_dir = tempfile.mkdtemp(prefix="wbray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    env = {**_clean_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # a test head has nothing to drain: stop at once
     node_env = {
-        **env, "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+        **client_env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # a test head has nothing to drain: stop at once
+        "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": s3, "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_SHARED_CREDENTIALS_FILE": f"{temp_dir}/no-credentials", "AWS_CONFIG_FILE": f"{temp_dir}/no-config",
     }
-    dashboard = free_port()
+    dashboard, gcs = free_port(), free_port()
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+           f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
            f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
            "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats",
            f"--temp-dir={temp_dir}"]
@@ -151,7 +167,11 @@ def head(s3):
             except requests.exceptions.RequestException:
                 pass
             time.sleep(1)
-        yield address, env, token
+        mode = requests.get(f"{address}/api/authentication_mode", timeout=10).json()
+        assert mode == {"authentication_mode": "token"}, f"ray start did not turn token authentication on: {mode}"
+        bare = requests.get(f"{address}/api/jobs/", timeout=10)
+        assert bare.status_code == 401, f"the job server answered a request without a token: {bare.status_code}"
+        yield address, client_env, token, f"127.0.0.1:{gcs}"
     finally:
         _stop_head(proc)
         log.close()
@@ -204,7 +224,7 @@ def _no_secrets(*texts: str) -> None:
 
 
 def test_submit_follows_the_job_to_success(s3, head):
-    address, env, token = head
+    address, env, token, _ = head
     out = _ok(_cli(["submit", "s3://jobs/short/manifest.jsonl", "-o", "s3://jobs/out-short", "--address", address,
                     "--wait", *JOB_SETTINGS], env))
     submission_id = out.strip().splitlines()[-1]
@@ -227,7 +247,7 @@ def test_submit_follows_the_job_to_success(s3, head):
 
 
 def test_stop_midway_then_resume_exactly_once(s3, head):
-    address, env, token = head
+    address, env, token, _ = head
     output = "s3://jobs/out-long"
     args = ["submit", "s3://jobs/long/manifest.jsonl", "-o", output, "--address", address, *JOB_SETTINGS,
             "--set", "ray.model_batch_size=1", "--set", "model.batch_size=1", "--set", "decode.beam_size=5",
@@ -242,7 +262,7 @@ def test_stop_midway_then_resume_exactly_once(s3, head):
         assert time.monotonic() < deadline, "no shard committed in 180 s"
         time.sleep(0.25)
     # asked at once, over the job server's API: a CLI's start-up took longer than the rest of the shards
-    # (`jobs stop` itself is tested with the other job commands in test_token_auth.py)
+    # (`jobs stop` itself: test_jobs_stop_stops_a_job_at_once)
     import requests
 
     requests.post(f"{address}/api/jobs/{first}/stop", headers=_auth(token), timeout=10).raise_for_status()
@@ -273,10 +293,79 @@ def test_stop_midway_then_resume_exactly_once(s3, head):
 
 
 def test_resume_and_status_of_unknown_things_say_so(s3, head):
-    address, env, _ = head
+    address, env, _, _ = head
     result = _cli(["resume", "s3://jobs/never-written", "--address", address], {**env, "AWS_ENDPOINT_URL": s3,
                   "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"})
     assert result.returncode == 1
     assert "nothing to resume: no job on this cluster wrote s3://jobs/never-written" in result.stderr
     bad = _cli(["jobs", "status", "raysubmit_doesnotexist", "--address", address], env)
     assert bad.returncode == 1 and "no job 'raysubmit_doesnotexist'" in bad.stderr
+
+
+def test_jobs_stop_stops_a_job_at_once(s3, head):
+    address, env, _, _ = head
+    job = _ok(_cli(["submit", "s3://jobs/short/manifest.jsonl", "-o", "s3://jobs/out-stopped", "--address", address,
+                    *JOB_SETTINGS], env)).strip().splitlines()[-1]
+    stopped = _ok(_cli(["jobs", "stop", job, "--address", address], env))
+    assert "STOPPED" in stopped, stopped
+    assert re.search(r"status\s+STOPPED", _ok(_cli(["jobs", "status", job, "--address", address], env)))
+
+
+def test_a_driver_joining_by_address_sends_the_token(head, tmp_path):
+    """`run --set ray.address=HEAD:PORT`: Ray itself sends no token to an address it is given; the driver does."""
+    _, env, _, gcs = head
+    manifest, out = EXAMPLES / "manifest.jsonl", tmp_path / "out"
+    _ok(_cli(["run", str(manifest), "-o", str(out), *JOB_SETTINGS, "--set", f"ray.address={gcs}"], env))
+    assert count_ids(read_rows(out)) == {r["id"]: 1 for r in read_jsonl(manifest)}
+    empty = tmp_path / "empty-home"
+    empty.mkdir()
+    refused = _cli(["run", str(manifest), "-o", str(tmp_path / "never"), *JOB_SETTINGS, "--set",
+                    f"ray.address={gcs}"], {**env, "HOME": str(empty)}, timeout=120)
+    assert refused.returncode != 0, refused.stdout[-2000:]
+    assert f"cannot join the Ray cluster at {gcs}" in refused.stderr and "RAY_AUTH_TOKEN" in refused.stderr, \
+        refused.stderr
+
+
+def test_a_token_that_is_not_the_heads_is_refused_with_what_to_set(head, tmp_path):
+    address, env, _, _ = head
+    wrong = _cli(["jobs", "status", "nope", "--address", address], {**env, "RAY_AUTH_TOKEN": "0" * 32})
+    assert wrong.returncode != 0, wrong.stdout[-2000:]
+    assert "refused this machine's token (from RAY_AUTH_TOKEN)" in wrong.stderr, wrong.stderr
+    assert "ray get-auth-token" in wrong.stderr, wrong.stderr
+
+    empty = tmp_path / "empty-home"
+    empty.mkdir()
+    out = tmp_path / "never"
+    none = _cli(["submit", str(EXAMPLES / "manifest.jsonl"), "-o", str(out), "--address", address, *JOB_SETTINGS],
+                {**env, "HOME": str(empty)})
+    assert none.returncode != 0, none.stdout[-2000:]
+    assert "requires a token and this machine has none" in none.stderr, none.stderr
+    assert "RAY_AUTH_TOKEN" in none.stderr and ".ray/auth_token" in none.stderr, none.stderr
+    assert not out.exists(), "a refused submission must do no work"
+
+
+class _NotRay(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(404)
+        self.end_headers()
+        self.wfile.write(b"not here")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_address_that_answers_but_has_no_job_server(head, tmp_path):
+    _, env, _, gcs = head
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotRay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for url in (f"http://127.0.0.1:{server.server_address[1]}", f"http://{gcs}"):
+            out = tmp_path / "never"
+            err = _cli(["submit", str(EXAMPLES / "manifest.jsonl"), "-o", str(out), "--address", url, *JOB_SETTINGS],
+                       env, timeout=60)
+            assert err.returncode != 0, err.stdout[-2000:]
+            assert "not a Ray job server" in err.stderr or "not as an HTTP server" in err.stderr, (url, err.stderr)
+            assert "8265" in err.stderr, err.stderr  # says where the job server is
+            assert not out.exists()
+    finally:
+        server.shutdown()

@@ -1,7 +1,7 @@
 """Ray's private internals that pipeline/ray_compat.py uses, checked on the installed Ray: a Ray that moved one fails
 here (and pyproject.toml's pin says which Rays passed). The GCS actor table on a running Ray is exercised by
 tests/integration/test_start_failures.py; token authentication against a real head by
-tests/integration/test_token_auth.py."""
+tests/integration/test_jobs.py."""
 
 from __future__ import annotations
 
