@@ -32,6 +32,7 @@ from tests.integration.conftest import (
     write_manifest,
 )
 from tests.speech import make_speech, requires_espeak
+from whisper_batch.pipeline.schema import BASE_NAMES, extra_column_name
 
 pytestmark = pytest.mark.integration
 
@@ -245,9 +246,46 @@ def test_export_srt_timestamps_monotone(eval_run: Path, tmp_path: Path):
 # --- 3. bad inputs are rows with an error, and --retry-failed ----------------------------------------------------
 
 
+# the row contract: per row, manifest fields that collide with output columns, start with extra_, nest, are null,
+# or are numbers
+AWKWARD = [
+    {"speaker": "ann", "model": "user-model-1", "error": "none-here", "shard_id": "abc", "extra_note": "n1",
+     "score": 0.5, "count": 3, "flag": True, "nested": {"a": [1, 2], "b": None}, "maybe": None,
+     "reference": "the user's reference column", "row_index": 70, "segments": "user segments"},
+    {"speaker": "bob", "model": "user-model-2", "error": "none-here-either", "shard_id": "def", "extra_note": None,
+     "score": 2, "count": -4, "flag": False, "nested": [{"k": "v"}], "maybe": "now a string",
+     "reference": None, "row_index": 71, "segments": None},
+    {"speaker": None, "model": None, "error": None, "shard_id": "ghi", "extra_note": "n3",
+     "score": None, "count": 0, "flag": None, "nested": {}, "maybe": None,
+     "reference": "r3", "row_index": 72, "segments": "s3"},
+]
+
+
+def _expected(value: Any) -> Any:
+    """A field's value in its output column: strings, numbers and booleans as they are, nested values as JSON."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def _check_fields(rows: dict[str, dict[str, Any]], ids: list[str], model: str) -> None:
+    for row_id, fields in zip(ids, AWKWARD):
+        row = rows[row_id]
+        for name, value in fields.items():
+            column = extra_column_name(name)
+            assert column != name or name not in BASE_NAMES
+            got = row[column]
+            if name == "score" and value is not None:  # a field with ints and floats is a float column
+                assert got == float(value), (row_id, name, got)
+            else:
+                assert got == _expected(value), (row_id, name, got, value)
+        # ours are ours: the fixed columns hold what the pipeline wrote, not the user's fields of the same name
+        assert row["model"] == model and row["shard_id"] in (0, 1) and row["row_index"] in (0, 1, 2)
+
+
 @requires_espeak
 @pytest.mark.slow
-def test_bad_files_become_error_rows_and_retry_failed_redoes_only_them(tmp_path: Path):
+def test_bad_files_become_error_rows_and_retry_failed_redoes_only_them_keeping_every_field(tmp_path: Path):
     audio = tmp_path / "audio"
     audio.mkdir()
     # espeak-ng's voice is hard for tiny.en: rows are checked by the share of their words heard, not verbatim
@@ -264,7 +302,11 @@ def test_bad_files_become_error_rows_and_retry_failed_redoes_only_them(tmp_path:
     missing = audio / "missing.flac"
     # shard_size 2: shard 0 has only good rows, shard 1 two failures, shard 2 one failure and one good row
     names = ["dog.wav", "kitchen.flac", "missing.flac", "empty.wav", "notes.mp3", "blue.mp3"]
-    manifest = write_manifest(tmp_path / "manifest.jsonl", [{"id": n, "audio_filepath": str(audio / n)} for n in names])
+    # the first three rows carry the manifest's own fields of every awkward kind: unchanged in the committed shard,
+    # named by the one documented rule, and unchanged through --retry-failed (missing.flac's among them)
+    fields = [*AWKWARD, {}, {}, {}]
+    manifest = write_manifest(tmp_path / "manifest.jsonl",
+                              [{"id": n, "audio_filepath": str(audio / n), **f} for n, f in zip(names, fields)])
     out = tmp_path / "out"
     args = ("run", manifest, "-o", out, "--set", "manifest.shard_size=2")
     whisper_batch_ok(*args)
@@ -279,6 +321,12 @@ def test_bad_files_become_error_rows_and_retry_failed_redoes_only_them(tmp_path:
         assert rows[name]["error"] is None, f"{name}: {rows[name]['error']}"
         assert word_recall(sentence, rows[name]["text"]) >= 0.5, f"{name}: {rows[name]['text']!r} for {sentence!r}"
 
+    model = rows["dog.wav"]["model"]
+    assert model
+    _check_fields(rows, names[:3], model)
+    # the user's own `reference` field is carried as extra_reference, apart from the reference text (`text`): none
+    assert rows["dog.wav"]["reference"] is None and rows["dog.wav"]["extra_reference"] == "the user's reference column"
+
     st = status_json(out)
     assert st["rows_done"] == 6 and st["rows_failed"] == 3 and st["complete"] is True
     assert st["failures_by_cause"] == {"not found": 1, "empty": 1, "decode failed": 1}
@@ -291,7 +339,10 @@ def test_bad_files_become_error_rows_and_retry_failed_redoes_only_them(tmp_path:
     assert count_ids(after_rows) == {n: 1 for n in names}
     after = {r["id"]: r for r in after_rows}
     assert after["missing.flac"]["error"] is None, after["missing.flac"]["error"]
-    assert word_recall(spoken["dog.wav"], after["missing.flac"]["text"]) >= 0.5, after["missing.flac"]["text"]
+    assert after["missing.flac"]["text"] == rows["dog.wav"]["text"]  # the same audio as dog.wav's
+    _check_fields(after, names[:3], model)
+    for name in ("dog.wav", "kitchen.flac"):  # shard 0 had no failed row: every column as it was
+        assert after[name] == rows[name]
     for name in ("empty.wav", "notes.mp3"):
         assert after[name]["error"] == rows[name]["error"]
     for name in spoken:  # good rows are kept as they were, not redone
