@@ -50,13 +50,17 @@ def _result(proc: subprocess.Popen) -> tuple[dict, str]:
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    """Whether torch.compile works on this machine, asked of a fresh interpreter as a model actor is: a long pytest
-    process that has run the whole suite in-process is not what the product compiles in."""
-    got, err = _result(_child({}))
-    if got["failed"] != [False, False]:
-        why = err.strip().splitlines()[-1:]
+def compiled(tmp_path_factory):
+    """Whether torch.compile works on this machine, asked of fresh interpreters as model actors ask it: a long pytest
+    process that has run the whole suite in-process is not what the product compiles in. Two of them, started
+    together on one new cache folder, as two actors of a node compile into one cache at once; yields what each
+    printed and wrote to stderr."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor") / "shared")}
+    results = [_result(p) for p in [_child(env) for _ in range(2)]]
+    if all(got["failed"] == [True, True] for got, _ in results):
+        why = results[0][1].strip().splitlines()[-1:]
         pytest.skip(f"torch.compile does not work here ({why}): the eager twins are what runs")
+    yield results
 
 
 def test_compiled_checks_pass_in_a_fresh_interpreter(compiled):
@@ -121,12 +125,9 @@ def test_without_a_compiler_or_a_cache_folder_the_eager_twin_runs_with_one_warni
         assert len(warnings) == 2 and all("running it eagerly" in w for w in warnings), (name, err[-2000:])
 
 
-def test_actors_compiling_into_one_cache_at_once_both_get_the_compiled_kernels(compiled, tmp_path):
-    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "shared")}
-    procs = [_child(env) for _ in range(2)]  # started together: both compile and write the same entries
-    results = [_result(p) for p in procs]
+def test_actors_compiling_into_one_cache_at_once_both_get_the_compiled_kernels(compiled):
     expected = _expected()
-    for got, err in results:
+    for got, err in compiled:  # the two started together on one new cache folder (the fixture)
         assert got["failed"] == [False, False], err[-2000:]
         assert "WARNING" not in err, err[-2000:]
         assert got["codes"] == expected["codes"] and got["y"] == expected["y"]
