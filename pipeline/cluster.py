@@ -35,7 +35,7 @@ class ModelPlan:
     rows_per_call: int  # manifest rows per actor call
 
 
-def model_resources(cfg: RunConfig) -> ModelPlan:
+def model_resources(cfg: RunConfig, rows: int | None = None) -> ModelPlan:
     """The model stage's plan, from the config and the cluster.
 
     ``ray.model_actors: 0`` means one actor per GPU, or on a CPU cluster one per core: single-threaded replicas
@@ -43,6 +43,11 @@ def model_resources(cfg: RunConfig) -> ModelPlan:
     threads waiting. The CPU count is capped so that the replicas fit in half of the cluster's memory.
     ``ray.model_batch_size: 0`` means 64 rows per call on GPUs, where a batch should fill the device, and 4 on
     CPUs, where a batch gains little and small calls spread a shard's long files over the actors.
+
+    ``rows``: the rows this run sends to the model stage, where known. With ``ray.model_actors: 0`` there are then
+    no more actors than model calls (``rows_per_call`` rows each, a file's windows all in one call): an actor more
+    would load the model and get no work (a small run, a retry of a few failed rows on a large cluster). On a CPU
+    node the fewer actors each get more of its cores.
     """
     nodes = usable_nodes()
     cluster = _total(nodes) if nodes else ray.cluster_resources()
@@ -50,20 +55,26 @@ def model_resources(cfg: RunConfig) -> ModelPlan:
     gpus = cfg.ray.gpus_per_model_actor
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    per_call = cfg.ray.model_batch_size or (64 if gpus > 0 else 4)
+
+    def auto(most: int) -> int:
+        if cfg.ray.model_actors:
+            return cfg.ray.model_actors
+        calls = -(-rows // per_call) if rows is not None else most
+        return max(1, min(most, calls))
+
     if gpus > 0:
-        actors = cfg.ray.model_actors or max(1, int(cluster.get("GPU", 0) // gpus))
-        return ModelPlan(actors, gpus, 1.0, None, cfg.ray.model_batch_size or 64)
+        return ModelPlan(auto(int(cluster.get("GPU", 0) // gpus)), gpus, 1.0, None, per_call)
+    fit = int(cluster.get("memory", 0) / 2 // actor_memory(cfg))  # as many as half the memory holds
     if len(nodes) > 1:
         # several nodes: whole cores, so the actors pack onto nodes whatever their sizes (shares of the cluster's
         # total would not: a node that holds a feature actor has no room left for a 0.67-core share)
-        fit = int(cluster.get("memory", 0) / 2 // actor_memory(cfg))  # as many as half the memory holds
-        actors = cfg.ray.model_actors or max(1, min(cores - cfg.ray.cpu_actors, fit))
-        return ModelPlan(actors, 0.0, 1.0, 1, cfg.ray.model_batch_size or 4)
-    actors = cfg.ray.model_actors or max(1, min(cores, int(cluster.get("memory", 0) / 2 // actor_memory(cfg))))
+        return ModelPlan(auto(min(cores - cfg.ray.cpu_actors, fit)), 0.0, 1.0, 1, per_call)
+    actors = auto(min(cores, fit))
     # CPU inference: the actors share the cores the feature actors leave (logical shares: the feature actors only
     # decode and compute log-mels, a small fraction of the model's work), each runs torch on its share of the cores
     cpus = max(0.01, min(1.0, (cores - cfg.ray.cpu_actors) / actors))
-    return ModelPlan(actors, 0.0, cpus, max(1, cores // actors), cfg.ray.model_batch_size or 4)
+    return ModelPlan(actors, 0.0, cpus, max(1, cores // actors), per_call)
 
 
 def alive_nodes() -> list[dict[str, Any]]:

@@ -167,7 +167,8 @@ class RayConfig:
     # CPU actors doing audio decode + log-mel features
     cpu_actors: int = 1
     # model actors (one model copy each); 0: one per GPU, or on CPUs one per core with one torch thread each (as
-    # many as half the memory holds)
+    # many as half the memory holds), and never more than the run's model calls (a run of 4 rows on CPUs: one actor,
+    # with every core's thread)
     model_actors: int = 0
     # GPUs per model actor; null means 1.0 when the cluster has GPUs, else 0
     gpus_per_model_actor: float | None = None

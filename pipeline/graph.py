@@ -190,15 +190,17 @@ def build_dataset(
     invocation_id: str,
     extra_types: dict[str, str],
     n_mels: int,
+    rows: int | None = None,
 ) -> "ray.data.Dataset":
-    """The streaming dataset whose rows are part records; iterating it runs the whole graph.
+    """The streaming dataset whose rows are part records; iterating it runs the whole graph (``rows``: how many
+    rows the input blocks hold, where known: no more model actors than they make model calls).
 
     Two stages, both actor pools: the feature actors (which read the input blocks ``invocation_id`` staged) and the
     model actors (which write the part files). Every block holds one row (:data:`MAX_BLOCK_BYTES`), so that Ray's
     bundling gives each model call the next ``rows_per_call`` rows in the featurizer's order, and a shard's calls
     spread over every model actor, without a split stage (tasks and worker processes of its own) between the two.
     """
-    plan = model_resources(cfg)
+    plan = model_resources(cfg, rows)
     check_cluster(cfg, plan)  # a clear error before any work
     ds = ray.data.from_items([{"path": f} for f in input_files], override_num_blocks=len(input_files))
     ds = ds.map_batches(
@@ -267,7 +269,8 @@ def run_graph(
     watch = GraphWatch(cfg, committer.progress)
     try:
         with committer:
-            stream = _stream(build_dataset(input_files, cfg, layout, invocation_id, extra_types, n_mels))
+            stream = _stream(build_dataset(input_files, cfg, layout, invocation_id, extra_types, n_mels,
+                                           sum(expected.values())))
             for part in watch.guard(stream):
                 watch.check()  # raises ActorStartError when actors keep dying as they start
                 if part is None:  # no output yet: commits may still finish, and a stall must not go unnoticed
