@@ -326,8 +326,8 @@ def test_a_driver_joining_by_address_sends_the_token(head, tmp_path):
         refused.stderr
 
 
-def test_a_token_that_is_not_the_heads_is_refused_with_what_to_set(head, tmp_path):
-    address, env, _, _ = head
+def test_a_token_in_the_environment_is_used_and_a_wrong_or_missing_one_refused_with_what_to_set(head, tmp_path):
+    address, env, token, _ = head
     wrong = _cli(["jobs", "status", "nope", "--address", address], {**env, "RAY_AUTH_TOKEN": "0" * 32})
     assert wrong.returncode != 0, wrong.stdout[-2000:]
     assert "refused this machine's token (from RAY_AUTH_TOKEN)" in wrong.stderr, wrong.stderr
@@ -335,6 +335,10 @@ def test_a_token_that_is_not_the_heads_is_refused_with_what_to_set(head, tmp_pat
 
     empty = tmp_path / "empty-home"
     empty.mkdir()
+    # the head's token in RAY_AUTH_TOKEN, and none in HOME: accepted (the job server answers that there is no such job)
+    given = _cli(["jobs", "status", "raysubmit_doesnotexist", "--address", address],
+                 {**env, "HOME": str(empty), "RAY_AUTH_TOKEN": token})
+    assert given.returncode == 1 and "no job 'raysubmit_doesnotexist'" in given.stderr, given.stderr
     out = tmp_path / "never"
     none = _cli(["submit", str(EXAMPLES / "manifest.jsonl"), "-o", str(out), "--address", address, *JOB_SETTINGS],
                 {**env, "HOME": str(empty)})
