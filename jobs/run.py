@@ -56,9 +56,13 @@ def init_ray(cfg: RunConfig) -> None:
     runtime_env = {"worker_process_setup_hook": hook} if hook else None
     if cfg.ray.address:
         join_cluster(cfg.ray.address, runtime_env)
+    elif os.environ.get("RAY_ADDRESS"):  # a driver Ray started, as `ray job submit` starts one: join its cluster
+        join_cluster(os.environ["RAY_ADDRESS"], runtime_env, source="RAY_ADDRESS")
     else:
-        # a local Ray: this machine's cores; the dashboard is not needed for a batch job
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+        # a local Ray of its own ("local": ray.init would join a `ray start` cluster left on this machine), with this
+        # machine's cores; the dashboard is not needed for a batch job
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 runtime_env=runtime_env)
     # Ray Data's operator bars: on (Ray's default) unless whisper_batch.jobs.progress.quiet_screen turned them off
 
 
@@ -73,7 +77,7 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-def join_cluster(address: str, runtime_env: dict[str, Any] | None) -> None:
+def join_cluster(address: str, runtime_env: dict[str, Any] | None, source: str = "ray.address") -> None:
     """Joins the Ray cluster at ``address``, with this machine's token when it has one.
 
     ``ray.init`` sends a token to a cluster it finds itself (``auto``) but not to an address it is given, unless
@@ -92,7 +96,7 @@ def join_cluster(address: str, runtime_env: dict[str, Any] | None) -> None:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     except ConnectionError as e:
         cause = f": {e.__cause__}" if e.__cause__ else ""
-        raise ValueError(f"cannot join the Ray cluster at {address} (ray.address){cause}"[:1500]) from None
+        raise ValueError(f"cannot join the Ray cluster at {address} ({source}){cause}"[:1500]) from None
 
 
 def run(

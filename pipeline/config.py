@@ -162,7 +162,8 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    # Ray cluster address (auto, ray://host:10001); null starts a local Ray
+    # Ray cluster address (auto, ray://host:10001); null: the cluster in RAY_ADDRESS where it is set (a Ray job's
+    # driver), else a local Ray of its own, even where `ray start` left a cluster on this machine
     address: str | None = None
     # CPU actors doing audio decode + log-mel features
     cpu_actors: int = 1

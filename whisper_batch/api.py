@@ -37,9 +37,9 @@ def run(input: str, output: str, config: Config = None, *, retry_failed: bool = 
     into Parquet shards under ``output``, as ``whisper-batch run`` does: every row committed exactly once; calling it
     again with the same arguments resumes.
 
-    Joins the Ray the process is connected to, else ``ray.address``, else starts a local Ray (and stops it at the
-    end). ``progress`` prints a line per committed shard. Returns the run's summary (shards and rows committed,
-    rows failed); ``whisper-batch status OUTPUT`` tells the same later.
+    Joins the Ray the process is connected to, else ``ray.address``, else the cluster in ``RAY_ADDRESS``, else starts
+    a local Ray (and stops it at the end). ``progress`` prints a line per committed shard. Returns the run's summary
+    (shards and rows committed, rows failed); ``whisper-batch status OUTPUT`` tells the same later.
     """
     import ray
 

@@ -326,6 +326,42 @@ def test_a_driver_joining_by_address_sends_the_token(head, tmp_path):
         refused.stderr
 
 
+INIT_RAY = """
+import json, ray
+from whisper_batch.jobs.run import init_ray, stop_ray
+from whisper_batch.pipeline.config import load_config
+init_ray(load_config(None, []))
+print(json.dumps({"gcs_port": ray.get_runtime_context().gcs_address.rsplit(":", 1)[1], "nodes": len(ray.nodes())}))
+stop_ray()
+"""
+
+
+def test_no_ray_address_joins_RAY_ADDRESS_else_starts_its_own_ray_beside_a_ray_start_cluster(head, tmp_path):
+    """``ray.address: null``: a driver that `ray job submit` starts has RAY_ADDRESS and joins that cluster (with the
+    token); elsewhere the command starts a Ray of its own, even on a machine where `ray start` left a cluster, which
+    a bare ``ray.init()`` would join (and refuse the cores it is given: "When connecting to an existing cluster,
+    num_cpus and num_gpus must not be provided")."""
+    _, env, _, gcs = head
+    port = gcs.rsplit(":", 1)[1]
+
+    def init(extra: dict[str, str]) -> dict:
+        proc = subprocess.run([sys.executable, "-c", INIT_RAY], cwd=REPO, env={**env, **extra}, capture_output=True,
+                              text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert init({"RAY_ADDRESS": gcs}) == {"gcs_port": port, "nodes": 1}
+    # `ray start` (without --temp-dir) records its cluster in Ray's temp folder, where ray.init() looks for one
+    ray_tmp = Path(tempfile.mkdtemp(prefix="wbtmp-", dir="/tmp"))  # short: Ray's socket paths stay < 108 bytes
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(gcs)
+        own = init({"RAY_TMPDIR": str(ray_tmp)})
+        assert own["gcs_port"] != port and own["nodes"] == 1, own
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def test_a_token_in_the_environment_is_used_and_a_wrong_or_missing_one_refused_with_what_to_set(head, tmp_path):
     address, env, token, _ = head
     wrong = _cli(["jobs", "status", "nope", "--address", address], {**env, "RAY_AUTH_TOKEN": "0" * 32})
