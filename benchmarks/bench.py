@@ -2,9 +2,11 @@
 today, engines alternating in one run, each in its own process (so one's memory or threads can't help another).
 
 Per engine: audio seconds, wall seconds (model load measured separately), RTFx = audio / wall, the whole process's
-seconds (from its start to its exit: imports, model load, audio decoding, Ray start for ours), WER (Whisper's English
-normalizer) over rows with a reference, and peak memory (RSS summed over the engine's process session, sampled).
-Below the table, whisper-batch's speed as a multiple of the fastest peer's, on both clocks. ``--times N`` runs a
+seconds (from its start to its exit: imports, model load, audio decoding, Ray start for ours), the start-up's share
+of them and the steady rate without it (for ours the start-up runs to the run's first model call: Ray, the actors,
+the model load, the first features), WER (Whisper's English normalizer) over rows with a reference, and peak memory
+(RSS summed over the engine's process session, sampled). Below the table, whisper-batch's speed as a multiple of the
+fastest peer's, on the three clocks (wall, process, steady). ``--times N`` runs a
 manifest that repeats MANIFEST's rows N times (ids suffixed ``#k``), a corpus large enough for the start-up not to
 dominate. Peers need the optional extra ``bench`` (openai-whisper, faster-whisper); missing ones are reported and
 skipped.
@@ -13,6 +15,7 @@ skipped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -131,6 +134,7 @@ def our_settings(engine: str) -> tuple[str | None, list[str]] | None:
 def _run_ours(manifest: str, model: str | None, config: str | None, sets: list[str]) -> dict[str, Any]:
     import pyarrow.dataset as pads
 
+    from benchmarks.time_split import first_model_call
     from whisper_batch.jobs.run import init_ray, run, stop_ray
     from whisper_batch.pipeline.config import load_config
 
@@ -140,17 +144,20 @@ def _run_ours(manifest: str, model: str | None, config: str | None, sets: list[s
     init_ray(cfg)
     load = time.perf_counter() - t0
     out = tempfile.mkdtemp(prefix="wb-bench-")
-    t0 = time.perf_counter()
+    t0, epoch = time.perf_counter(), time.time()
     run(manifest, out, cfg, echo=lambda *_: None)
     wall = time.perf_counter() - t0
+    first_call = first_model_call(epoch)  # before it, the run starts its actors and featurizes the first rows
+    first_call = 0.0 if math.isnan(first_call) else first_call  # no model call: every row was silent or failed
     table = pads.dataset(f"{out}/transcripts").to_table(columns=["id", "text", "duration"]).to_pylist()
     stop_ray()  # as `whisper-batch run` does: the process clock ends with Ray's shutdown
     return {
         "load_s": load,
         "wall_s": wall,
+        "first_call_s": first_call,
         "texts": {r["id"]: r["text"] or "" for r in table},
         "audio_s": sum(r["duration"] or 0.0 for r in table),
-        "note": "load = Ray start; the actors' model load is inside the wall time",
+        "note": "load = Ray start; the wall time starts the actors (model load) before its first model call",
     }
 
 
@@ -339,6 +346,8 @@ def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     # lost speech: runs of RUN_WORDS or more consecutive reference words missing (a VAD or a skipped window loses
     # whole sentences; a WER alone does not tell that from scattered errors)
     deletion_runs = sum(part_errors([ref], hyp)[2] for ref, hyp in pairs) if pairs else None
+    steady_s = result["wall_s"] - result.get("first_call_s", 0.0) + result.get("decode_s", 0.0)
+    startup = max(0.0, result["process_s"] - steady_s)
     return {
         "engine": result["engine"],
         "audio_s": result["audio_s"],
@@ -347,10 +356,14 @@ def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         "rtfx": result["audio_s"] / result["wall_s"] if result["wall_s"] else None,
         "process_s": result["process_s"],
         "process_rtfx": result["audio_s"] / result["process_s"],
-        # the process's seconds that were neither model work nor audio decoding: imports, model load, Ray's start
-        # and shutdown; a steady-state run keeps this share small
-        "startup_share": max(0.0, result["process_s"] - result["wall_s"] - result.get("decode_s", 0.0))
-        / result["process_s"],
+        # the process's seconds before its steady work and after it: imports, model load, Ray's start and shutdown,
+        # and for ours the run's start up to its first model call (its actors' start and model load, the first
+        # rows' features); a steady-state run keeps this share small
+        "startup_s": startup,
+        "startup_share": startup / result["process_s"],
+        # the rate of the steady work alone (a corpus of many hours runs at this rate): for a peer its model work and
+        # audio decoding, for ours the run from its first model call to its end
+        "steady_rtfx": result["audio_s"] / (result["process_s"] - startup),
         "wer": wer,
         "deletion_runs": deletion_runs,
         "peak_rss_mb": result["peak_rss_mb"],
@@ -360,19 +373,20 @@ def score(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(scores: list[dict[str, Any]]) -> str:
     lines = [
-        "| engine | audio s | load s | wall s | RTFx | process s | process RTFx | start-up % | WER % | deletion runs "
-        "| peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | audio s | load s | wall s | RTFx | process s | process RTFx | start-up % | steady RTFx | WER % "
+        "| deletion runs | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in scores:
         if "error" in s:
-            lines.append(f"| {s['engine']} | failed: {' '.join(s['error'])[:80]} | | | | | | | | | |")
+            lines.append(f"| {s['engine']} | failed: {' '.join(s['error'])[:80]} | | | | | | | | | | |")
             continue
         wer = f"{100 * s['wer']:.2f}" if s["wer"] is not None else "–"
         runs = s.get("deletion_runs")
         lines.append(
             f"| {s['engine']} | {s['audio_s']:.1f} | {s['load_s']:.1f} | {s['wall_s']:.1f} | {s['rtfx']:.1f} | "
-            f"{s['process_s']:.1f} | {s['process_rtfx']:.1f} | {100 * s['startup_share']:.1f} | {wer} | "
+            f"{s['process_s']:.1f} | {s['process_rtfx']:.1f} | {100 * s['startup_share']:.1f} | "
+            f"{s['steady_rtfx']:.1f} | {wer} | "
             f"{'–' if runs is None else runs} | {s['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines + [f"\n{line}" for line in ratio_lines(scores)])
@@ -380,13 +394,14 @@ def format_table(scores: list[dict[str, Any]]) -> str:
 
 def ratio_lines(scores: list[dict[str, Any]]) -> list[str]:
     """Each whisper-batch engine's speed over the fastest peer's (RTFx summed over rounds: total audio / total
-    seconds), on the wall clock (model work; the peers' audio decoded and model loaded beforehand) and on the whole
-    process's clock."""
+    seconds), on the wall clock (model work; the peers' audio decoded and model loaded beforehand), on the whole
+    process's clock, and at steady state (the process without its start-up and end: see ``score``)."""
     totals: dict[str, list[float]] = {}
     for s in scores:
         if "error" not in s:
-            t = totals.setdefault(s["engine"], [0.0, 0.0, 0.0])
+            t = totals.setdefault(s["engine"], [0.0, 0.0, 0.0, 0.0])
             t[0], t[1], t[2] = t[0] + s["audio_s"], t[1] + s["wall_s"], t[2] + s["process_s"]
+            t[3] += s["process_s"] - s["startup_s"]
     peers = {e: t for e, t in totals.items() if our_settings(e) is None}
     if not peers:
         return []
@@ -404,13 +419,13 @@ ACCURATE_WER_RATIO = 1.25
 
 
 def _ratios(totals: dict[str, list[float]], peers: dict[str, list[float]], what: str) -> list[str]:
-    best = max(peers, key=lambda e: peers[e][0] / peers[e][1])
-    best_process = max(peers, key=lambda e: peers[e][0] / peers[e][2])
-    wall_rtfx, process_rtfx = peers[best][0] / peers[best][1], peers[best_process][0] / peers[best_process][2]
+    best = [max(peers, key=lambda e: peers[e][0] / peers[e][k]) for k in (1, 2, 3)]  # per clock: wall, process, steady
+    rtfx = [peers[e][0] / peers[e][k] for e, k in zip(best, (1, 2, 3))]
     return [
-        f"{engine}: {audio / wall / wall_rtfx:.2f}x {what} ({best}) on the wall clock, "
-        f"{audio / process / process_rtfx:.2f}x ({best_process}) over the whole process"
-        for engine, (audio, wall, process) in totals.items() if our_settings(engine) is not None
+        f"{engine}: {audio / wall / rtfx[0]:.2f}x {what} ({best[0]}) on the wall clock, "
+        f"{audio / process / rtfx[1]:.2f}x ({best[1]}) over the whole process, "
+        f"{audio / steady / rtfx[2]:.2f}x ({best[2]}) at steady state"
+        for engine, (audio, wall, process, steady) in totals.items() if our_settings(engine) is not None
     ]
 
 
@@ -455,7 +470,7 @@ def main(argv: list[str]) -> None:
               help="Run a manifest of MANIFEST's rows repeated this many times (a larger corpus, same references).")
 @click.option("--hours", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Steady state: the yardstick's long-form sets, then MANIFEST's rows repeated, to this many hours "
-              "of audio per engine (start-up then weighs a few per cent; see the start-up % column).")
+              "of audio per engine (see the start-up % and steady RTFx columns).")
 @click.option("--threads", default=os.cpu_count(), show_default=True, help="CPU threads for the peers.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the figures here.")
 @click.option("--yardstick", is_flag=True, help="Accuracy instead: WER per yardstick set for --configs, each paired "

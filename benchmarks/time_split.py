@@ -284,29 +284,47 @@ def pipeline_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
     sampler.join()
     seen.update(ray_processes())
     seen[os.getpid()] = (process_cpu(os.getpid()) - own_before, "this driver")
-    calls: dict[str, list[tuple[float, float]]] = {}
-    inits: dict[str, tuple[float, float]] = {}
-    for e in ray.timeline():
-        if e.get("ph") != "X":
-            continue
-        start, dur = e["ts"] / 1e6 - t_ray, e["dur"] / 1e6
-        if e["name"] == "__init__":
-            inits[e["tid"]] = (start, dur)
-        elif e["name"] == "task:execute" and dur > 0.05:
-            calls.setdefault(e["tid"], []).append((start, dur))
-    for t, (start, dur) in inits.items():  # an actor's creation task runs its __init__: not a call
-        calls[t] = [c for c in calls.get(t, []) if c[0] >= start + dur - 1e-3]
-    model_actors = [t for t in inits if len(calls[t]) > 2]  # the actors that serve many calls
+    inits, calls = actor_calls(t_ray)
+    model_actors = [t for t, (_, _, cls) in inits.items() if "ArrowTranscriber" in cls]
     first = min((s for t in model_actors for s, _ in calls[t]), default=float("nan"))
     last = max((s + d for t in model_actors for s, d in calls[t]), default=float("nan"))
     cpu = sorted(((round(c, 2), name) for c, name in seen.values()), reverse=True)
     ray.shutdown()
     return {
         "ray_start_s": t_ray - t0, "run_s": t_end - t_ray, "first_model_call_s": first,
-        "actor_init_s": sorted(round(d, 2) for _, d in inits.values() if d > 0.5),
+        "actor_init_s": sorted(round(d, 2) for _, d, _ in inits.values() if d > 0.5),
         "model_call_s": {t[-8:]: round(sum(d for _, d in calls[t]), 2) for t in model_actors},
         "after_last_call_s": (t_end - t_ray) - last, "process_cpu_s": cpu,
     }
+
+
+def actor_calls(t0: float) -> tuple[dict[str, tuple[float, float, str]], dict[str, list[tuple[float, float]]]]:
+    """From the connected Ray's task timeline, per actor (worker id): its ``__init__`` (start in seconds after ``t0``,
+    a ``time.time()``; duration; the actor's class, e.g. ``MapWorker(MapBatches(ArrowTranscriber))``) and its calls
+    (start, duration)."""
+    import ray
+
+    calls: dict[str, list[tuple[float, float]]] = {}
+    inits: dict[str, tuple[float, float, str]] = {}
+    for e in ray.timeline():
+        if e.get("ph") != "X":
+            continue
+        start, dur = e["ts"] / 1e6 - t0, e["dur"] / 1e6
+        if e["name"] == "__init__":
+            inits[e["tid"]] = (start, dur, e.get("cat", "").removeprefix("task::").removesuffix(".__init__"))
+        elif e["name"] == "task:execute" and dur > 0.05:
+            calls.setdefault(e["tid"], []).append((start, dur))
+    for t, (start, dur, _) in inits.items():  # an actor's creation task runs its __init__: not a call
+        calls[t] = [c for c in calls.get(t, []) if c[0] >= start + dur - 1e-3]
+    return inits, calls
+
+
+def first_model_call(t0: float) -> float:
+    """Seconds after ``t0`` (a ``time.time()``) at which the run's first model call started (the model actors: the
+    ``ArrowTranscriber`` pool's)."""
+    inits, calls = actor_calls(t0)
+    return min((s for t, (_, _, cls) in inits.items() if "ArrowTranscriber" in cls for s, _ in calls[t]),
+               default=float("nan"))
 
 
 def process_cpu(pid: int) -> float:
