@@ -27,12 +27,20 @@ def test_each_model_call_holds_one_of_the_longest_rows():
     assert [r["id"] for r in balance_order(items, 16)][:3] == [8, 9, 7]
 
 
-def test_model_stage_plan_from_the_cluster(monkeypatch):
+@pytest.fixture
+def plan(monkeypatch):
+    """plan(resources, *sets, rows=None): the model stage's plan on a cluster of ``resources`` for a run of ``rows``."""
     import whisper_batch.pipeline.cluster as cluster
 
-    def plan(resources, *sets):
+    def plan(resources, *sets, rows=None):
         monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: resources)
-        return cluster.model_resources(load_config(None, list(sets)))
+        return cluster.model_resources(load_config(None, list(sets)), rows)
+
+    return plan
+
+
+def test_model_stage_plan_from_the_cluster(plan):
+    import whisper_batch.pipeline.cluster as cluster
 
     # CPUs: one single-threaded actor per core, sharing the cores the feature actor leaves; small calls
     assert plan({"CPU": 2.0, "memory": 16e9}) == cluster.ModelPlan(2, 0.0, 0.5, 1, 4)
@@ -51,24 +59,20 @@ def test_model_stage_plan_from_the_cluster(monkeypatch):
     assert plan({"CPU": 16.0, "GPU": 4.0}, "ray.gpus_per_model_actor=0.5").actors == 8
 
 
-def test_no_more_model_actors_than_the_run_has_model_calls(monkeypatch):
+def test_no_more_model_actors_than_the_run_has_model_calls(plan):
     """A run of a few rows (a small job, a retry of failed rows) starts only the actors its model calls can keep
     busy; on a CPU node the fewer actors get more of its cores. A count the config gives is kept."""
     import whisper_batch.pipeline.cluster as cluster
 
-    def plan(resources, rows, *sets):
-        monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: resources)
-        return cluster.model_resources(load_config(None, list(sets)), rows)
-
     cpu2, cpu16, gpu4 = {"CPU": 2.0, "memory": 16e9}, {"CPU": 16.0, "memory": 64e9}, {"CPU": 16.0, "GPU": 4.0}
-    assert plan(cpu2, 4) == cluster.ModelPlan(1, 0.0, 1.0, 2, 4)  # one call of 4 rows: one actor, both cores
-    assert plan(cpu2, 5) == plan(cpu2, None) == cluster.ModelPlan(2, 0.0, 0.5, 1, 4)
-    assert plan(cpu16, 9) == cluster.ModelPlan(3, 0.0, 1.0, 5, 4)  # 3 calls
-    assert plan(cpu16, 1000) == plan(cpu16, None)
-    assert plan(gpu4, 100) == cluster.ModelPlan(2, 1.0, 1.0, None, 64)  # 2 calls of 64 rows
-    assert plan(gpu4, 3, "ray.model_batch_size=1").actors == 3
-    assert plan(cpu2, 1, "ray.model_actors=2").actors == 2  # the config wins
-    assert plan(cpu2, 0).actors == 1
+    assert plan(cpu2, rows=4) == cluster.ModelPlan(1, 0.0, 1.0, 2, 4)  # one call of 4 rows: one actor, both cores
+    assert plan(cpu2, rows=5) == plan(cpu2) == cluster.ModelPlan(2, 0.0, 0.5, 1, 4)
+    assert plan(cpu16, rows=9) == cluster.ModelPlan(3, 0.0, 1.0, 5, 4)  # 3 calls
+    assert plan(cpu16, rows=1000) == plan(cpu16)
+    assert plan(gpu4, rows=100) == cluster.ModelPlan(2, 1.0, 1.0, None, 64)  # 2 calls of 64 rows
+    assert plan(gpu4, "ray.model_batch_size=1", rows=3).actors == 3
+    assert plan(cpu2, "ray.model_actors=2", rows=1).actors == 2  # the config wins
+    assert plan(cpu2, rows=0).actors == 1
 
 
 # --- the featurizer -----------------------------------------------------------------------------------------------
