@@ -117,7 +117,11 @@ def test_the_bench_counts_lost_sentences_beside_its_wer():
     s = score(result, rows)
     assert s["deletion_runs"] == 1  # "magenta ... brown" lost; b's substitution and insertion are no run
     assert s["wer"] == pytest.approx((6 + 2) / 18)
-    assert "| openai | 20.0 | 1.0 | 2.0 | 10.0 | 4.0 | 5.0 | 50.0 | 44.44 | 1 | 300 |" in format_table([s])
+    # start-up: the process without the peer's model work (the wall s), 2 of its 4 s; steady: 20 s of audio in 2 s
+    assert "| openai | 20.0 | 1.0 | 2.0 | 10.0 | 4.0 | 5.0 | 50.0 | 10.0 | 44.44 | 1 | 300 |" in format_table([s])
+    # ours: the run's seconds before its first model call are start-up too
+    ours = score({**result, "engine": "whisper-batch", "first_call_s": 0.5}, rows)
+    assert ours["startup_s"] == pytest.approx(2.5) and ours["steady_rtfx"] == pytest.approx(20 / 1.5)
 
 
 def test_a_bench_engine_of_ours_takes_candidate_settings():
