@@ -35,7 +35,8 @@ def file_overrides(path: Path) -> list[str]:
 
 # name -> config overrides; "fp32" (the reference's windows and fallback, in fp32: configs/reference.yaml) is the
 # reference every other configuration is compared with
-REFERENCE_WINDOWS = ["decode.padding_seconds=null", "decode.temperatures=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0]"]
+REFERENCE_WINDOWS = ["decode.padding_seconds=null", "decode.temperatures=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0]",
+                     "decode.probe_logprob_threshold=-0.7"]
 CONFIGS: dict[str, list[str]] = {
     "fp32": ["model.dtype=float32", *REFERENCE_WINDOWS],
     "default": [],
