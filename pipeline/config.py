@@ -136,9 +136,9 @@ class DecodeConfig:
     padding_seconds: float | None = 5.0
     # after a pass that ends at a lone timestamp before its window does, the rest is decoded once more at the first
     # temperature and kept when its average log-prob is at least this (no-speech prob <= 0.3). null (the default)
-    # skips the rest as the reference does: with the default's short passes the probes kept no word on any set of
-    # the yardstick (docs/accuracy.md); with 30 s passes (configs/reference.yaml: -0.7) they keep speech after music
-    # or a pause at a window's end
+    # skips the rest as the reference does: with the default's short passes every yardstick set's text is the same
+    # without probes, but telephone-8k's, where they had added words (docs/accuracy.md); with 30 s passes
+    # (configs/reference.yaml: -0.7) they keep speech after music or a pause at a window's end
     probe_logprob_threshold: float | None = None
     # decode each file's windows in order, each prompted with the file's text so far (the reference's
     # condition_on_previous_text); windows of many files still share batches, one window per file at a time
