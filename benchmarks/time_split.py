@@ -236,7 +236,8 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
         (transcribe_module.WindowBatch, "encode", pass_tally),
         (transcribe_module, "decode",
          lambda model, tok, feats, opts, *_: (f"decode at T={opts.temperature:g}", 1)),
-        (transcribe_module.WindowBatch, "align", lambda self, features, todo, *_: ("alignment passes", len(todo))),
+        (transcribe_module.WindowBatch, "align",
+         lambda self, features, todo, *_, **__: ("alignment passes", len(todo))),
     ]
     with timed_methods(targets, totals):
         t0 = time.perf_counter()

@@ -450,7 +450,8 @@ class WindowBatch:
         """The skip check (see TranscribeOptions.skip_seconds) on passes with a slow segment, in place: one batched
         alignment pass; a pass that skipped speech keeps its segments before the skip, and its ``consumed`` ends
         at the last word before it, so the rest is decoded again."""
-        for (i, seek, _), alignment, p in zip(todo, self.align(features, todo, decoded, passes, lengths), passes):
+        alignments = self.align(features, todo, decoded, passes, lengths, probabilities=False)
+        for (i, seek, _), alignment, p in zip(todo, alignments, passes):
             clip_sentence_boundaries(alignment)  # the word before a skip absorbs the skipped audio: its full stop
             offset = seek / FRAMES_PER_SECOND  # per segment, (first word's start, last word's end), window's clock
             spans = [(offset + ws[0].start, offset + ws[-1].end) if ws else None
@@ -470,9 +471,9 @@ class WindowBatch:
                 break
 
     def align(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass],
-              lengths: list[int]) -> list:
+              lengths: list[int], probabilities: bool = True) -> list:
         """The words of each pass's segments as the alignment heads time them (a batched pass per run of like
-        encoder lengths; seconds from each pass's first frame)."""
+        encoder lengths; seconds from each pass's first frame; without ``probabilities``, NaN for theirs)."""
         eot = self.tokenizer.eot
         texts = [[t for seg in p.segments for t in seg.tokens if t < eot] for p in passes]
         sizes = [self.frames[i] - seek for i, seek, _ in todo]
@@ -480,7 +481,7 @@ class WindowBatch:
         out = []
         for a, b, n in every_run(lengths, len(todo), features.shape[1]):
             out += find_alignments(self.model, self.tokenizer, features[a:b, :n], texts[a:b], sizes[a:b], langs[a:b],
-                                   self.opts.decoding.task)
+                                   self.opts.decoding.task, probabilities=probabilities)
         return out
 
     def time_words(self, features: Tensor, todo: list[Seek], decoded: list[DecodingResult], passes: list[Pass],

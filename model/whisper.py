@@ -301,7 +301,8 @@ class TextDecoder(nn.Module):
         cache.length += tokens.shape[-1]
         return self.project(x)
 
-    def forward_with_cross_weights(self, tokens: Tensor, xa: Tensor, heads: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_with_cross_weights(self, tokens: Tensor, xa: Tensor, heads: Tensor, project: bool = True
+                                   ) -> tuple[Tensor, Tensor]:
         """Uncached pass over whole sequences, one row per audio, keeping the cross-attention of ``heads``.
 
         Args:
@@ -310,8 +311,9 @@ class TextDecoder(nn.Module):
             heads: (n_layer, n_head) bool mask of the heads to keep.
 
         Returns:
-            logits (B, T, n_vocab) fp32, and the kept heads' pre-softmax scores (B, n_kept, T, n_audio_ctx) fp32,
-            in (layer, head) order.
+            logits (B, T, n_vocab) fp32 (with ``project=False``, the last block's output (B, T, n_text_state) instead,
+            for :meth:`project` to take the rows that are needed), and the kept heads' pre-softmax scores
+            (B, n_kept, T, n_audio_ctx) fp32, in (layer, head) order.
         """
         x = self.embed(tokens, 0).to(xa.dtype)
         heads = heads.cpu()  # read per layer below: no device sync per layer
@@ -323,7 +325,7 @@ class TextDecoder(nn.Module):
             else:
                 x = block(x, xa, causal=True)
         weights = torch.cat(kept, dim=1) if kept else x.new_zeros(x.shape[0], 0, x.shape[1], xa.shape[1]).float()
-        return self.project(x), weights
+        return (self.project(x) if project else x), weights
 
 
 class Whisper(nn.Module):
@@ -434,7 +436,8 @@ class Whisper(nn.Module):
         """New tokens (rows, T) -> logits (rows, T, n_vocab); advances the cache."""
         return self.decoder(tokens, None, cache)
 
-    def alignment_weights(self, tokens: Tensor, audio_features: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher-forced pass for word timing: logits (B, T, n_vocab) and the alignment heads' cross-attention
-        scores (B, n_alignment_heads, T, n_audio_ctx), both fp32. tokens (B, T), one row per audio."""
-        return self.decoder.forward_with_cross_weights(tokens, audio_features, self.alignment_heads)
+    def alignment_weights(self, tokens: Tensor, audio_features: Tensor, project: bool = True) -> tuple[Tensor, Tensor]:
+        """Teacher-forced pass for word timing: logits (B, T, n_vocab) (``project=False``: the decoder's output
+        before its projection onto the vocabulary) and the alignment heads' cross-attention scores
+        (B, n_alignment_heads, T, n_audio_ctx), both fp32. tokens (B, T), one row per audio."""
+        return self.decoder.forward_with_cross_weights(tokens, audio_features, self.alignment_heads, project)

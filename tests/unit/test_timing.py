@@ -8,6 +8,7 @@ windows aligned one at a time, and the output invariants (words ordered and insi
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -19,6 +20,9 @@ from whisper_batch.jobs.export import export, to_srt, to_vtt
 from whisper_batch.model.decoding import DecodingOptions, DecodingResult
 from whisper_batch.model.results import Segment, WindowResult, Word
 from whisper_batch.model.timing import (
+    MEDIAN7,
+    SORT7,
+    SORT7_WIDTH,
     WordTiming,
     add_word_timestamps,
     dtw,
@@ -85,6 +89,21 @@ def test_median_filter_matches_reference(frames):
     assert torch.equal(median_filter(x, 7), ref_timing.median_filter(x, 7))
     with pytest.raises(ValueError, match="odd"):
         median_filter(x, 4)
+
+
+def test_median_network_sorts_every_input_and_filters_as_the_reference_at_any_size():
+    # the 0-1 principle: a network that sorts every 0/1 input sorts every input
+    for bits in itertools.product([0, 1], repeat=SORT7_WIDTH):
+        lanes = list(bits)
+        for a, b in SORT7:
+            lanes[a], lanes[b] = min(lanes[a], lanes[b]), max(lanes[a], lanes[b])
+        assert lanes == sorted(bits)
+    assert len(MEDIAN7) < len(SORT7)
+    # more rows than one run of the network (MEDIAN_ROWS), ties (rounded values), and the other widths' sort
+    x = torch.randn(6, 50, 1500, generator=torch.Generator().manual_seed(0)).mul(4).round()
+    assert torch.equal(median_filter(x, 7), ref_timing.median_filter(x, 7))
+    for width in (3, 5, 9):
+        assert torch.equal(median_filter(x[:1], width), ref_timing.median_filter(x[:1], width))
 
 
 # --------------------------------------------------------------------------- punctuation and duration heuristics
@@ -222,6 +241,11 @@ def test_batched_alignment_equals_each_window_alone(random_model, tiny_en_tokeni
         alone = find_alignments(random_model, tk, features[k : k + 1], texts[k : k + 1], frames[k : k + 1], ["en"])
         assert [(w.word, w.start, w.end) for w in batched[k]] == [(w.word, w.start, w.end) for w in alone[0]]
         assert [w.probability for w in batched[k]] == pytest.approx([w.probability for w in alone[0]], abs=1e-5)
+    # timing alone (the skip check): the same words and times, no probabilities
+    untimed = find_alignments(random_model, tk, features, texts, frames, ["en"] * 4, probabilities=False)
+    assert [[(w.word, w.start, w.end) for w in ws] for ws in untimed] == [
+        [(w.word, w.start, w.end) for w in ws] for ws in batched]
+    assert all(np.isnan(w.probability) for ws in untimed for w in ws)
 
 
 def test_transcribe_windows_word_timestamps(random_model, tiny_en_tokenizer):
