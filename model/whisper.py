@@ -311,9 +311,9 @@ class TextDecoder(nn.Module):
             heads: (n_layer, n_head) bool mask of the heads to keep.
 
         Returns:
-            logits (B, T, n_vocab) fp32 (with ``project=False``, the last block's output (B, T, n_text_state) instead,
-            for :meth:`project` to take the rows that are needed), and the kept heads' pre-softmax scores
-            (B, n_kept, T, n_audio_ctx) fp32, in (layer, head) order.
+            logits (B, T, n_vocab) fp32 (with ``project=False``, the last block's output (B, T, n_text_state) in
+            xa's dtype instead, for :meth:`project` to take the rows that are needed), and the kept heads'
+            pre-softmax scores (B, n_kept, T, n_audio_ctx) fp32, in (layer, head) order.
         """
         x = self.embed(tokens, 0).to(xa.dtype)
         heads = heads.cpu()  # read per layer below: no device sync per layer
@@ -437,7 +437,7 @@ class Whisper(nn.Module):
         return self.decoder(tokens, None, cache)
 
     def alignment_weights(self, tokens: Tensor, audio_features: Tensor, project: bool = True) -> tuple[Tensor, Tensor]:
-        """Teacher-forced pass for word timing: logits (B, T, n_vocab) (``project=False``: the decoder's output
-        before its projection onto the vocabulary) and the alignment heads' cross-attention scores
-        (B, n_alignment_heads, T, n_audio_ctx), both fp32. tokens (B, T), one row per audio."""
+        """Teacher-forced pass for word timing: logits (B, T, n_vocab) fp32 (``project=False``: the last block's
+        output (B, T, n_text_state) in the model's dtype, before ``decoder.project``) and the alignment heads'
+        cross-attention scores (B, n_alignment_heads, T, n_audio_ctx) fp32. tokens (B, T), one row per audio."""
         return self.decoder.forward_with_cross_weights(tokens, audio_features, self.alignment_heads, project)
