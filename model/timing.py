@@ -86,7 +86,7 @@ def median_exchanges(network: Sequence[tuple[int, int]], middle: int) -> list[tu
 # a sorting network for 7 values (16 compare-exchanges; Knuth, TAOCP 5.3.4), of which the median needs 14
 SORT7 = ((0, 6), (2, 3), (4, 5), (0, 2), (1, 4), (3, 6), (0, 1), (2, 5), (3, 4), (1, 2), (4, 6), (2, 3), (4, 5),
          (1, 2), (3, 4), (5, 6))
-SORT7_WIDTH = 7
+SORT7_WIDTH = 1 + max(b for _, b in SORT7)  # the inputs it sorts
 MEDIAN7 = median_exchanges(SORT7, SORT7_WIDTH // 2)
 MEDIAN_ROWS = 64  # rows of 1,500 frames per run: the lanes stay in the core's L2 cache
 
