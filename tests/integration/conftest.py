@@ -39,6 +39,10 @@ RUN_TIMEOUT_S = 420
 
 # --- the CLI ---------------------------------------------------------------------------------------------------
 
+# The session's shared Ray head while a JOINS_SHARED_RAY module runs (see _shared_ray): its RayCluster, and the
+# address cli_env gives the CLI.
+_shared: dict[str, Any] = {"cluster": None, "address": None}
+
 
 def job_server_missing() -> bool:
     """Whether this Ray lacks what `ray start` needs for the dashboard and its job server (ray[default])."""
@@ -50,12 +54,18 @@ def job_server_missing() -> bool:
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a `whisper-batch` subprocess: a private local Ray, no usage-stats upload."""
+    """Environment for a `whisper-batch` subprocess: a private local Ray (in a ``JOINS_SHARED_RAY`` module, the
+    session's shared head: :func:`_shared_ray`; ``RAY_ADDRESS: ""`` in ``extra`` still starts a local one), no
+    usage-stats upload."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join someone else's cluster
+    if _shared["address"]:
+        env["RAY_ADDRESS"] = _shared["address"]
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # this environment's tools
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.update(extra or {})
+    if not env.get("RAY_ADDRESS"):  # "" in extra: a local Ray
+        env.pop("RAY_ADDRESS", None)
     return env
 
 
@@ -339,3 +349,42 @@ def librispeech_rows(eval_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not rows:
         pytest.skip("the eval manifest has no LibriSpeech rows")
     return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_ray(request):
+    """Runs a module's `whisper-batch` commands on one shared `ray start` head when the module sets
+    ``JOINS_SHARED_RAY = True``: for modules whose runs are about the output, not about Ray's start or stop.
+
+    A local Ray of a run's own costs 13-18 s on 2 cores (Ray's daemons, the API server it waits for, Ray Data's
+    detached helper actors, the shutdown); joining a running head costs none of it, and the helpers are reused. The
+    head starts with the first such module and stops (by pid, as every test cluster does) after the last one, so it
+    does not idle beside the other tests. Each run is still a job of its own: its actors and workers end with it.
+    """
+    module = request.module
+    if not getattr(module, "JOINS_SHARED_RAY", False):
+        yield
+        return
+    if _shared["cluster"] is None:
+        from tests.integration.ray_cluster import RayCluster
+
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        cluster = RayCluster(env=env)
+        try:
+            cluster.start_head(num_cpus=os.cpu_count() or 1)
+        except BaseException:
+            cluster.stop()
+            raise
+        _shared["cluster"] = cluster
+    _shared["address"] = _shared["cluster"].address
+    try:
+        yield
+    finally:
+        _shared["address"] = None
+        done = _shared.setdefault("done", set())
+        done.add(module.__name__)
+        later = {item.module.__name__ for item in request.session.items
+                 if getattr(item.module, "JOINS_SHARED_RAY", False)} - done
+        if not later:
+            _shared["cluster"].stop()
+            _shared["cluster"] = None

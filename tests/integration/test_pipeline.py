@@ -35,6 +35,7 @@ from tests.speech import make_speech, requires_espeak
 from whisper_batch.pipeline.schema import BASE_NAMES, extra_column_name
 
 pytestmark = pytest.mark.integration
+JOINS_SHARED_RAY = True  # its runs are about the output: they join one shared Ray head (conftest._shared_ray)
 
 # fake credentials handed to the run: they must never reach OUTPUT
 CANARY_KEY = "AKIACANARY0000000000"
@@ -67,7 +68,8 @@ def eval_run(eval_dir: Path, tmp_path_factory) -> Path:
         "--set", f"manifest.shard_size={EVAL_SHARD_SIZE}",
         "--set", f"storage.storage_options.key={CANARY_KEY}",
         "--set", f"storage.storage_options.secret={CANARY_SECRET}",
-        env={"AWS_SECRET_ACCESS_KEY": CANARY_SECRET, "AWS_SESSION_TOKEN": CANARY_TOKEN},
+        # a local Ray of its own, not the shared head: its workers inherit these secrets, as a user's local run's do
+        env={"AWS_SECRET_ACCESS_KEY": CANARY_SECRET, "AWS_SESSION_TOKEN": CANARY_TOKEN, "RAY_ADDRESS": ""},
     )
     return out
 

@@ -41,6 +41,7 @@ from tests.integration.conftest import (
 from tests.speech import make_speech
 
 pytestmark = pytest.mark.integration
+JOINS_SHARED_RAY = True  # its runs are about the output: they join one shared Ray head (conftest._shared_ray)
 
 SR = 16000
 DECODED_HOUR_MB = 3600 * SR * 4 / 2**20  # one hour of float32 mono 16 kHz: ~220 MiB

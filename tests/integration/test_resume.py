@@ -27,6 +27,7 @@ from tests.integration.conftest import (
 )
 
 pytestmark = pytest.mark.integration
+JOINS_SHARED_RAY = True  # its runs are about the output: they join one shared Ray head (conftest._shared_ray)
 
 
 @pytest.fixture(scope="module")

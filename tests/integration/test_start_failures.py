@@ -12,6 +12,7 @@ from tests.faults import START_FAILURE
 from tests.integration.conftest import REPO, whisper_batch
 
 pytestmark = pytest.mark.integration
+JOINS_SHARED_RAY = True  # its runs are about the output: they join one shared Ray head (conftest._shared_ray)
 
 
 def _error_line(stderr: str) -> str:
