@@ -280,6 +280,27 @@ def test_chunked_encoder_attention_matches_fused_attention(dtype):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_encoder_batch_in_chunks_gives_the_whole_batchs_bits(random_setup, monkeypatch, dtype):
+    """On the CPU ``embed_audio`` encodes a batch a few windows at a time (ENCODER_CHUNK_BYTES of MLP activations):
+    the same bits as one pass over the whole batch, the last chunk short included."""
+    from whisper_batch.model import whisper as whisper_module
+
+    model, _ = random_setup
+    model = Whisper(model.dims).to(dtype)
+    model.load_state_dict(random_setup[0].state_dict())
+    model.pack_cpu_weights()  # as the product runs it
+    mel = torch.cat([random_mel(1, seed=s) for s in range(5)]).to(dtype)
+    whole = model.encoder(mel)
+    per_window = (mel.shape[-1] // 2) * 4 * model.dims.n_audio_state * mel.element_size()
+    monkeypatch.setattr(whisper_module, "ENCODER_CHUNK_BYTES", 2 * per_window)  # chunks of 2, 2 and 1 windows
+    calls = []
+    model.encoder.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    assert torch.equal(model.embed_audio(mel), whole)
+    assert calls == [2, 2, 1]
+
+
+@torch.no_grad()
 def test_bf16_encoder_stays_close_to_fp32(random_setup):
     """The whole encoder in bf16 (chunked attention) against fp32, on the random model."""
     model, _ = random_setup
