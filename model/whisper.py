@@ -85,7 +85,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causa
 
 
 # Bytes of MLP activations per encoder pass on the CPU (Whisper.embed_audio): 16 windows of 30 s in one pass took
-# 4.8 s and faulted in 390,000 pages; in passes of 2 windows (9 MB), 4.1 s and none (tiny.en, bf16, one thread).
+# 4.5-4.8 s and faulted in about 400,000 pages; in passes of 2 windows (9 MB), 3.9-4.1 s and none (tiny.en, bf16).
 ENCODER_CHUNK_BYTES = 10 << 20
 
 ATTENTION_CHUNK = 128  # query rows per step of chunked_attention: their scores against 1500 keys stay in cache
