@@ -377,18 +377,11 @@ class Whisper(nn.Module):
         On the CPU, a few windows at a time (:data:`ENCODER_CHUNK_BYTES`), which gives the same bits: a whole batch's
         activations are large enough that glibc maps every one afresh and the kernel faults it in page by page, and
         each op's output falls out of the cache before the next op reads it."""
-        b = mel.shape[0]
         per_window = (mel.shape[-1] // 2) * 4 * self.dims.n_audio_state * mel.element_size()  # its MLP activations
-        step = ENCODER_CHUNK_BYTES // max(1, per_window)
-        if mel.device.type != "cpu" or mel.dim() != 3 or step >= b:  # (a wrong shape: the encoder's own error)
+        step = max(1, ENCODER_CHUNK_BYTES // max(1, per_window))
+        if mel.device.type != "cpu" or mel.dim() != 3 or step >= mel.shape[0]:  # (a wrong shape: the encoder's error)
             return self.encoder(mel)
-        step = max(1, step)
-        first = self.encoder(mel[:step])
-        out = first.new_empty(b, *first.shape[1:])
-        out[:step] = first
-        for i in range(step, b, step):
-            out[i : i + step] = self.encoder(mel[i : i + step])
-        return out
+        return torch.cat([self.encoder(chunk) for chunk in mel.split(step)])
 
     def logits(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
         return self.decoder(tokens, audio_features)

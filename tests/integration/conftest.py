@@ -39,9 +39,9 @@ RUN_TIMEOUT_S = 420
 
 # --- the CLI ---------------------------------------------------------------------------------------------------
 
-# The session's shared Ray head while a JOINS_SHARED_RAY module runs (see _shared_ray): its RayCluster, and the
-# address cli_env gives the CLI.
-_shared: dict[str, Any] = {"cluster": None, "address": None}
+# The session's shared Ray head (see _shared_ray): its RayCluster, the address cli_env gives the CLI while a
+# JOINS_SHARED_RAY module runs, and the modules done with it.
+_shared: dict[str, Any] = {"cluster": None, "address": None, "done": set()}
 
 
 def job_server_missing() -> bool:
@@ -381,10 +381,9 @@ def _shared_ray(request):
         yield
     finally:
         _shared["address"] = None
-        done = _shared.setdefault("done", set())
-        done.add(module.__name__)
+        _shared["done"].add(module.__name__)
         later = {item.module.__name__ for item in request.session.items
-                 if getattr(item.module, "JOINS_SHARED_RAY", False)} - done
+                 if getattr(item.module, "JOINS_SHARED_RAY", False)} - _shared["done"]
         if not later:
             _shared["cluster"].stop()
             _shared["cluster"] = None

@@ -286,9 +286,9 @@ def test_encoder_batch_in_chunks_gives_the_whole_batchs_bits(random_setup, monke
     the same bits as one pass over the whole batch, the last chunk short included."""
     from whisper_batch.model import whisper as whisper_module
 
-    model, _ = random_setup
-    model = Whisper(model.dims).to(dtype)
-    model.load_state_dict(random_setup[0].state_dict())
+    base, _ = random_setup
+    model = Whisper(base.dims).to(dtype)
+    model.load_state_dict(base.state_dict())
     model.pack_cpu_weights()  # as the product runs it
     mel = torch.cat([random_mel(1, seed=s) for s in range(5)]).to(dtype)
     whole = model.encoder(mel)
