@@ -15,6 +15,7 @@ import queue
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,7 +37,7 @@ from .cluster import (
 from .committer import Incomplete, ShardCommitter  # noqa: F401 - Incomplete: raised by run_graph, for its callers
 from .config import RunConfig
 from .layout import RunLayout
-from .ray_compat import set_blocks_ahead
+from .ray_compat import set_blocks_ahead, stop_executions
 from .schema import features_table, transcripts_table
 from .stager import read_inputs
 
@@ -346,27 +347,54 @@ def _class_of(error: Exception) -> str:
 
 def _stream(ds: "ray.data.Dataset", poll: float = 2.0):
     """Iterate the dataset's rows in a thread; yield None every ``poll`` seconds without a row, so the caller can
-    watch for a stall instead of blocking forever inside Ray."""
+    watch for a stall instead of blocking forever inside Ray.
+
+    When the caller stops early (a stall, actors dying as they start, any error), the graph's execution is shut down
+    and the thread joined before the error goes on: a driver that stops Ray while a thread is still inside it can
+    crash (a segmentation fault instead of the run's message and exit status)."""
     q: queue.Queue = queue.Queue(maxsize=64)
     done = object()
+    stop = threading.Event()
+    ds.set_name(f"whisper-batch-{uuid.uuid4().hex[:12]}")  # how stop_executions finds this graph's execution
 
     def produce() -> None:
         try:
             for row in ds.iter_rows():
-                q.put(row)
-            q.put(done)
+                if not _put(q, row, stop):
+                    return  # leaving the loop shuts Ray Data's execution down
+            _put(q, done, stop)
         except BaseException as e:  # noqa: BLE001 - surfaced in the driver's thread, which raises it
-            q.put(e)
+            _put(q, e, stop)
 
-    threading.Thread(target=produce, name="graph-output", daemon=True).start()
-    while True:
+    producer = threading.Thread(target=produce, name="graph-output", daemon=True)
+    producer.start()
+    try:
+        while True:
+            try:
+                item = q.get(timeout=poll)
+            except queue.Empty:
+                yield None
+                continue
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        if producer.is_alive():
+            stop_executions(ds.name)  # a producer waiting inside Ray for the next row gets the end of the stream
+            producer.join(timeout=60)
+            if producer.is_alive():
+                logger.warning("the graph's output thread did not stop within 60 s of the run's end")
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Puts ``item`` on ``q`` unless ``stop`` is set first; False when it was not put."""
+    while not stop.is_set():
         try:
-            item = q.get(timeout=poll)
-        except queue.Empty:
-            yield None
+            q.put(item, timeout=0.5)
+            return True
+        except queue.Full:
             continue
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    return False

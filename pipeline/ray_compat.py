@@ -9,6 +9,9 @@ docs/performance.md).
 - :func:`set_blocks_ahead`: how many blocks a map task may yield before its consumer takes them
   (``DataContext._max_num_blocks_in_streaming_gen_buffer``); Ray Data has no public setting for it, and the graph's
   one-row blocks need more than its default to keep the model actors fed all through a run.
+- :func:`stop_executions`: Ray Data's ``StreamingExecutor``, a thread named after its dataset, and its ``shutdown``
+  (what Ray's own iterator calls when a loop over it ends early). A consumer waiting inside ``iter_rows`` for the next
+  row cannot be interrupted otherwise, and a driver must not stop Ray under it.
 - :func:`enable_local_token`, :func:`token_source`, :func:`auth_mode`, :func:`has_local_token`: Ray's token
   authentication (``ray._private.authentication``, ``ray._raylet.AuthenticationTokenLoader``): a client joins or
   submits to a token-authenticated cluster only with the token, found here as Ray's own CLI finds it.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +90,16 @@ def set_blocks_ahead(context: Any, blocks: int) -> None:
     """Lets a map task of a dataset with this ``DataContext`` yield ``blocks`` blocks before its consumer has taken
     them (Ray Data's default: 2)."""
     context._max_num_blocks_in_streaming_gen_buffer = blocks
+
+
+def stop_executions(dataset_name: str) -> int:
+    """Shuts down this process's running executions of the dataset named ``dataset_name`` (its map actors are
+    killed, its iterators end); returns how many there were."""
+    prefix = f"StreamingExecutor-{dataset_name}_"  # the thread's name: StreamingExecutor-<name>_<uuid>_<run index>
+    running = [t for t in threading.enumerate() if t.name.startswith(prefix) and hasattr(t, "shutdown")]
+    for executor in running:
+        executor.shutdown(force=True)
+    return len(running)
 
 
 AUTH_MODE_ENV_VAR = "RAY_AUTH_MODE"

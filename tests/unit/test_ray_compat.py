@@ -97,3 +97,42 @@ def test_without_a_token_or_with_the_mode_set_nothing_changes(tmp_path):
                                       "source": str(tmp_path / ".ray" / "auth_token")}
     got = _token_state(tmp_path, RAY_AUTH_TOKEN="0" * 32, RAY_AUTH_MODE="disabled")
     assert (got["before"], got["mode"], got["has"]) == ("disabled", "disabled", True)
+
+
+def test_a_graph_stopped_while_its_output_waits_inside_ray_leaves_no_thread_in_ray():
+    """The graph's output stream closed early (as a run's error closes it) while its thread waits inside Ray Data for
+    a row that never comes: the execution is shut down through its dataset's name and the thread ends, so the driver
+    can stop Ray without a thread inside it. Run in a fresh process with a local Ray of its own."""
+    script = textwrap.dedent(
+        """
+        import json, threading, time
+        import ray
+        from whisper_batch.pipeline import ray_compat
+        from whisper_batch.pipeline.graph import _stream
+
+        def never(batch):
+            time.sleep(600)
+            return batch
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        stream = _stream(ray.data.range(2, override_num_blocks=2).map_batches(never), poll=0.2)
+        first = next(stream)  # None: no row yet, the producer waits inside Ray
+        executors = lambda: [t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor-")]
+        deadline = time.monotonic() + 60
+        while not executors() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        running, t0 = executors(), time.monotonic()
+        stream.close()
+        print(json.dumps({"first": first, "running": running, "close_s": time.monotonic() - t0,
+                          "after": executors(), "other": ray_compat.stop_executions("no-such-dataset"),
+                          "producers": [t.name for t in threading.enumerate() if t.name == "graph-output"]}))
+        ray.shutdown()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["first"] is None
+    assert len(got["running"]) == 1 and got["running"][0].startswith("StreamingExecutor-whisper-batch-"), got
+    assert got["after"] == [] and got["producers"] == [], got
+    assert got["other"] == 0 and got["close_s"] < 30, got
