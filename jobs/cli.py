@@ -3,6 +3,7 @@ commands are in :mod:`whisper_batch.jobs.cli_jobs`."""
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -23,7 +24,8 @@ from whisper_batch.pipeline.secrets import scrub
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
     """Batch transcription with Whisper: one machine or a Ray cluster, resumable, exactly-once Parquet output."""
-    faulthandler.enable()  # a native library's crash prints every thread's Python stack, not a bare exit status
+    with contextlib.suppress(ValueError):  # a native library's crash prints every thread's Python stack, not a bare
+        faulthandler.enable()  # exit status (a stderr without a file descriptor, as click's test runner's: nothing)
     configure_logging(verbose)
 
 
