@@ -44,6 +44,11 @@ RUN_TIMEOUT_S = 420
 _shared: dict[str, Any] = {"cluster": None, "address": None, "done": set()}
 
 
+def shared_ray_address() -> str | None:
+    """The shared head's address while a ``JOINS_SHARED_RAY`` module runs (for its in-process runs), else None."""
+    return _shared["address"]
+
+
 def job_server_missing() -> bool:
     """Whether this Ray lacks what `ray start` needs for the dashboard and its job server (ray[default])."""
     try:
@@ -351,6 +356,20 @@ def librispeech_rows(eval_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _joins_shared_ray(item: pytest.Item) -> bool:
+    return bool(getattr(getattr(item, "module", None), "JOINS_SHARED_RAY", False))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The ``JOINS_SHARED_RAY`` modules' tests run one after another (from where the first of them is), so the shared
+    head lives only while they run, not idle beside the modules between them."""
+    shared = [item for item in items if _joins_shared_ray(item)]
+    if shared:
+        rest = [item for item in items if not _joins_shared_ray(item)]
+        first = items.index(shared[0])
+        items[:] = rest[:first] + shared + rest[first:]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _shared_ray(request):
     """Runs a module's `whisper-batch` commands on one shared `ray start` head when the module sets
@@ -382,8 +401,7 @@ def _shared_ray(request):
     finally:
         _shared["address"] = None
         _shared["done"].add(module.__name__)
-        later = {item.module.__name__ for item in request.session.items
-                 if getattr(item.module, "JOINS_SHARED_RAY", False)} - _shared["done"]
+        later = {item.module.__name__ for item in request.session.items if _joins_shared_ray(item)} - _shared["done"]
         if not later:
             _shared["cluster"].stop()
             _shared["cluster"] = None

@@ -1,8 +1,8 @@
 """Corpora as they are stored: WebDataset tar shards and Parquet files with embedded audio, end to end.
 
 The example set packed into tars (audio + .json with text and an extra field) and into Parquet (HF datasets'
-{bytes, path} struct), each transcribed from local disk and from the S3 server on loopback, in one Ray session
-(the runs are in-process: one Ray start for all of them): every sample exactly once, ids equal to the keys / the id
+{bytes, path} struct), each transcribed from local disk and from the S3 server on loopback (the runs in-process,
+joined to the output-focused modules' shared Ray head): every sample exactly once, ids equal to the keys / the id
 column, the extra field carried, text equal to the manifest run's. Then a driver killed mid-run on a tar input
 (the CLI with its own local Ray, its whole process group SIGKILLed after the first commit plus a random delay) resumes
 exactly once. The delay's seed is printed and taken from WB_KILL_SEED when set, so a failing case can be replayed:
@@ -30,6 +30,7 @@ from tests.integration.conftest import (
     descendants,
     output_of,
     read_rows,
+    shared_ray_address,
     sigkill,
     start_whisper_batch,
     stop_processes,
@@ -40,6 +41,9 @@ from tests.servers import moto_s3
 from whisper_batch.pipeline.config import load_config
 
 pytestmark = pytest.mark.integration
+JOINS_SHARED_RAY = True  # its runs are about the output: they join one shared Ray head (conftest._shared_ray)
+# the killed driver's runs keep a local Ray of their own: its kill takes that Ray down with the driver
+OWN_RAY = {"RAY_ADDRESS": ""}
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -101,7 +105,7 @@ def _fs(endpoint: str):
 
 @pytest.fixture(scope="module")
 def runs(endpoint, tmp_path_factory):
-    """The manifest run and the four container runs, in one in-process Ray session."""
+    """The manifest run and the four container runs, in-process, joined to the shared head."""
     import ray
 
     from whisper_batch.jobs.run import run
@@ -128,7 +132,7 @@ def runs(endpoint, tmp_path_factory):
     out = {}
     try:
         for name, uri in inputs.items():
-            cfg = load_config(None, so if name.endswith("s3") else [])
+            cfg = load_config(None, [*(so if name.endswith("s3") else []), f"ray.address={shared_ray_address()}"])
             t0 = time.monotonic()
             run(uri, str(base / name), cfg, echo=lambda s: None)
             print(f"{name}: {time.monotonic() - t0:.1f} s")
@@ -167,7 +171,7 @@ def test_killed_driver_on_a_tar_input_resumes_exactly_once(tmp_path):
     delay = random.Random(seed).uniform(0.0, MAX_EXTRA_DELAY_S)
     print(f"kill after the first commit + {delay:.2f} s (WB_KILL_SEED={seed})")
     out = tmp_path / "out"
-    proc = start_whisper_batch("run", uri, "-o", out, *sets, log=tmp_path / "killed.log")
+    proc = start_whisper_batch("run", uri, "-o", out, *sets, log=tmp_path / "killed.log", env=OWN_RAY)
     try:
         if not wait_until(lambda: bool(completion_records(out)), proc, RUN_TIMEOUT_S, poll=0.1):
             pytest.fail(f"no shard committed before the driver ended:\n{(tmp_path / 'killed.log').read_text()[-3000:]}")
@@ -182,7 +186,7 @@ def test_killed_driver_on_a_tar_input_resumes_exactly_once(tmp_path):
         pq.read_table(path)
 
     # the rerun starts while the killed run's Ray workers may still be winding down
-    proc2 = whisper_batch("run", uri, "-o", out, *sets)
+    proc2 = whisper_batch("run", uri, "-o", out, *sets, env=OWN_RAY)
     stragglers = stop_processes(tree)
     assert proc2.returncode == 0, f"the rerun after the kill (seed {seed}) failed:\n{output_of(proc2)[-4000:]}"
     got = read_rows(out)
