@@ -86,11 +86,14 @@ class TranscribeOptions:
     # timestamp is then continued from its last word's end
     word_timestamps: bool = False
     # None: every window is padded to 30 s, as the model was trained. A number: each window's encoder pass is its
-    # audio (from where the pass starts) plus at least this many seconds of padding, rounded up to a multiple of 5 s
-    # and at most 30 s (encoder_frames); the length depends on the window alone, never on its batch, and windows of
-    # the same length share an encoder pass (and windows of every length one decode, each attending to its own
-    # positions). A short window costs a shorter encoder pass and fewer cross-attention positions per decoded token
+    # audio (from where the pass starts) plus at least this many seconds of padding, rounded up to a multiple of
+    # padding_step_seconds and at most 30 s (encoder_frames); the length depends on the window alone, never on its
+    # batch, and windows of the same length share an encoder pass (and windows of every length one decode, each
+    # attending to its own positions). A short window costs a shorter encoder pass and fewer cross-attention
+    # positions per decoded token
     padding_seconds: float | None = None
+    # with padding_seconds, encoder passes are a multiple of this long (a multiple of 0.02 s: the encoder's stride)
+    padding_step_seconds: float = 1.0
     # a pass that ends at a lone timestamp before its window's audio does is followed by a probe of the rest: one
     # pass at the first temperature, kept only when this sure of itself (average logprob at least this, no-speech
     # probability at most PROBE_NO_SPEECH), else the rest is silence. None: the rest is skipped, as the reference does
@@ -523,20 +526,16 @@ def rereads(before: str, segments: list[Segment]) -> bool:
     return bool(words) and _words(before)[-len(words) :] == words
 
 
-PADDING_STEP_SECONDS = 5  # with padding_seconds, encoder passes are a multiple of this long
-
-
 def encoder_frames(content: int, opts: TranscribeOptions) -> int:
     """Mel frames the encoder sees for a window that holds ``content`` frames of audio.
 
     The reference's 30 s, or with ``padding_seconds`` the audio plus at least that much padding, rounded up to a
-    multiple of ``PADDING_STEP_SECONDS`` (at most 30 s). The length depends on the window alone, never on the
-    windows it is batched with, so its text does not either; the step keeps the lengths few, so windows of like
-    length still share a batch.
+    multiple of ``padding_step_seconds`` (at most 30 s). The length depends on the window alone, never on the
+    windows it is batched with, so its text does not either; windows of one length share an encoder pass.
     """
     if opts.padding_seconds is None:
         return N_FRAMES
-    step = PADDING_STEP_SECONDS * FRAMES_PER_SECOND
+    step = max(2, 2 * round(opts.padding_step_seconds * FRAMES_PER_SECOND / 2))  # whole encoder positions
     return min(N_FRAMES, -(-(content + round(opts.padding_seconds * FRAMES_PER_SECOND)) // step) * step)
 
 

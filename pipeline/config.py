@@ -129,11 +129,15 @@ class DecodeConfig:
     quiet_log_mel: float | None = -6.0
     # greedy/sampled rows (not beam search) stop once their text cannot pass compression_ratio_threshold (a loop)
     stop_loops: bool = True
-    # each window's encoder pass is its audio plus at least this many seconds of silence, rounded up to 5 s (at most
-    # 30, as whisper.cpp's audio_ctx), so a 6 s utterance costs a 15 s pass; accuracy kept on every set of the
-    # yardstick with tiny.en (docs/accuracy.md). null pads every window to 30 s, as the model was trained and the
-    # reference does (configs/reference.yaml)
+    # each window's encoder pass is its audio plus at least this many seconds of silence, rounded up to a whole
+    # padding_step_seconds (at most 30, as whisper.cpp's audio_ctx), so a 6 s utterance costs an 11 s pass; accuracy
+    # kept on every set of the yardstick with tiny.en (docs/accuracy.md). null pads every window to 30 s, as the
+    # model was trained and the reference does (configs/reference.yaml)
     padding_seconds: float | None = 5.0
+    # with padding_seconds, each encoder pass is rounded up to a multiple of this many seconds (at least 0.02: one
+    # encoder position). Larger: fewer lengths to batch apart, more padding encoded (5 before 2026-12-07: about 7 %
+    # more encoder work at steady state, docs/performance.md)
+    padding_step_seconds: float = 1.0
     # after a pass that ends at a lone timestamp before its window does, the rest is decoded once more at the first
     # temperature and kept when its average log-prob is at least this (no-speech prob <= 0.3). null (the default)
     # skips the rest as the reference does: with the default's short passes every yardstick set's text is the same
@@ -222,6 +226,8 @@ _RESULT_KEYS = ("audio.sample_rate", "audio.max_window_seconds", "audio.cut_sear
                 "audio.vad_pad_seconds")
 # model.compile: the compiled operators give the eager ones' bits (tests/unit/test_fused.py)
 _NO_RESULT_KEYS = ("model.device", "model.batch_size", "model.timeout_seconds", "model.compile")
+# result keys added since runs began storing them, with the value every run stored before had (so those resume)
+RESULT_KEYS_ADDED = {"decode.padding_step_seconds": 5.0}
 
 
 def load_config(source: str | Mapping[str, Any] | None, overrides: list[str] | tuple[str, ...] = (),
@@ -393,6 +399,8 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.model.batch_size >= 0, "model.batch_size must be >= 1, or 0 for as many as free GPU memory holds"),
         (cfg.decode.padding_seconds is None or cfg.decode.padding_seconds >= 0,
          "decode.padding_seconds must be null (pad every window to 30 s) or >= 0"),
+        (0.02 <= cfg.decode.padding_step_seconds <= 30,
+         "decode.padding_step_seconds must be between 0.02 (one encoder position) and 30"),
         (cfg.decode.task in TASKS, f"decode.task must be one of {', '.join(TASKS)}"),
         (cfg.decode.beam_size is None or cfg.decode.beam_size >= 1, "decode.beam_size must be None or >= 1"),
         (len(cfg.decode.temperatures) > 0, "decode.temperatures must not be empty"),
@@ -425,11 +433,14 @@ def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 def config_fingerprint_fields(cfg: RunConfig) -> dict[str, Any]:
     """The flat `section.key -> value` subset that changes transcripts (model, decoding, audio windowing)."""
     flat = {f"{s}.{k}": v for s, values in config_to_dict(cfg).items() for k, v in values.items()}
-    return {
+    fields = {
         key: value
         for key, value in flat.items()
         if (key.split(".")[0] in _RESULT_SECTIONS or key in _RESULT_KEYS) and key not in _NO_RESULT_KEYS
     }
+    if fields["decode.padding_seconds"] is None:  # every pass 30 s: the step changes nothing
+        del fields["decode.padding_step_seconds"]
+    return fields
 
 
 def redacted(cfg: RunConfig) -> dict[str, dict[str, Any]]:

@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from whisper_batch.pipeline.config import ManifestConfig, RunConfig, config_fingerprint_fields, redacted
+from whisper_batch.pipeline.config import (
+    RESULT_KEYS_ADDED,
+    ManifestConfig,
+    RunConfig,
+    config_fingerprint_fields,
+    redacted,
+)
 from whisper_batch.pipeline.inputs import InputFormat
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.manifest import ManifestError, ManifestRow, input_format, read_manifest
@@ -264,6 +270,8 @@ def check_resume(layout: RunLayout, plan: Plan, cfg: RunConfig, model_name: str 
         run = layout.read_json(layout.run_json)
         before = dict(run.get("results_config", {}))
         now = json.loads(json.dumps(config_fingerprint_fields(cfg)))  # same JSON types as the stored values
+        if before:  # what a run stored before a key existed ran with
+            before = {**{k: v for k, v in RESULT_KEYS_ADDED.items() if k in now}, **before}
         if model_name is not None:
             before["model.name"], now["model.name"] = run.get("model"), model_name
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
@@ -271,9 +279,13 @@ def check_resume(layout: RunLayout, plan: Plan, cfg: RunConfig, model_name: str 
             diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
             earlier = ("decode.padding_seconds" in changed and before.get("decode.padding_seconds") is None
                        and "decode.padding_seconds" in before)
+            stepped = "decode.padding_step_seconds" in changed and before.get("decode.padding_step_seconds") == 5.0
             hint = (" (a run started with the defaults before 2026-12-06, when every encoder pass was 30 s, resumes "
                     "with --config configs/reference.yaml, or with `whisper-batch resume`, which reads its config)"
-                    if earlier else "")
+                    if earlier else
+                    " (a run started with the defaults before 2026-12-07, when encoder passes were rounded up to 5 s, "
+                    "resumes with --set decode.padding_step_seconds=5, or with `whisper-batch resume`, which reads its "
+                    "config)" if stepped else "")
             raise PlanMismatch(
                 f"config values that change results differ from the run in {layout.display_uri} ({diffs}): "
                 f"use the same values to resume{hint}, or {start_over}"

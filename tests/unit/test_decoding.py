@@ -611,14 +611,18 @@ def test_loop_stop_names_only_rows_that_already_repeat(tiny_en_tokenizer):
     assert stop(tokens, begin + 24) == []  # too short to judge
 
 
-def test_padding_rule_gives_steps_of_five_seconds_up_to_a_full_window():
-    pad = TranscribeOptions(padding_seconds=10.0)
+def test_padding_rule_gives_steps_of_its_length_up_to_a_full_window():
+    pad = TranscribeOptions(padding_seconds=10.0, padding_step_seconds=5.0)
     assert encoder_frames(450, pad) == 1500  # 4.5 s + 10 s, up to a multiple of 5 s
     assert encoder_frames(1000, pad) == 2000
     assert encoder_frames(1001, pad) == 2500
     assert encoder_frames(2500, pad) == 3000  # never past 30 s
-    assert encoder_frames(1, TranscribeOptions(padding_seconds=0.0)) == 500
+    assert encoder_frames(1, TranscribeOptions(padding_seconds=0.0, padding_step_seconds=5.0)) == 500
     assert encoder_frames(300, TranscribeOptions()) == 3000  # None: the reference's 30 s windows
+    fine = TranscribeOptions(padding_seconds=5.0, padding_step_seconds=1.0)
+    assert [encoder_frames(n, fine) for n in (450, 500, 501, 2401)] == [1000, 1000, 1100, 3000]
+    odd = TranscribeOptions(padding_seconds=5.0, padding_step_seconds=0.03)  # 3 frames: whole positions (4 frames)
+    assert encoder_frames(450, odd) == 952 and encoder_frames(451, odd) == 952
 
 
 def test_with_padding_a_windows_encoder_pass_does_not_depend_on_its_batch(random_model, tiny_en_tokenizer,
@@ -628,7 +632,8 @@ def test_with_padding_a_windows_encoder_pass_does_not_depend_on_its_batch(random
     cannot depend on what it was batched with."""
     frames = [300, 2600]
     mel = padded_mel(frames)
-    opts = TranscribeOptions(decoding=DecodingOptions(sample_len=10), temperatures=(0.0,), padding_seconds=10.0)
+    opts = TranscribeOptions(decoding=DecodingOptions(sample_len=10), temperatures=(0.0,), padding_seconds=10.0,
+                             padding_step_seconds=5.0)
     together = transcribe_windows(random_model, tiny_en_tokenizer, mel, frames, opts)
     features, _, _, lengths = decode_calls[0]
     assert tuple(features.shape[:2]) == (2, 1500) and lengths == [1500, 750]  # longest first: 26 s + 10 s -> 30 s
@@ -662,7 +667,8 @@ def test_windows_of_several_lengths_decode_in_one_batch_as_each_alone(random_set
 def test_short_windows_are_encoded_with_their_padding_trimmed(random_model, tiny_en_tokenizer, decode_calls):
     frames = [450, 300, 120]
     mel = padded_mel(frames)
-    opts = TranscribeOptions(decoding=DecodingOptions(sample_len=10), temperatures=(0.0,), padding_seconds=10.0)
+    opts = TranscribeOptions(decoding=DecodingOptions(sample_len=10), temperatures=(0.0,), padding_seconds=10.0,
+                             padding_step_seconds=5.0)
     out = transcribe_windows(random_model, tiny_en_tokenizer, mel, frames, opts)
     # the first pass: the three windows cut to 4.5 s + 10 s = 1500 frames, 750 encoder positions
     with torch.no_grad():

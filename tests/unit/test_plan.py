@@ -152,9 +152,30 @@ def test_resume_refuses_shard_size_and_results_config(tmp_path):
     assert check_resume(layout, build_plan(path, named), named, model_name="tiny.en").pending == [0, 1]
     with pytest.raises(PlanMismatch, match="model.name: 'tiny.en' -> 'base'"):
         check_resume(layout, build_plan(path, named), named, model_name="base")
+    # a run stored before decode.padding_step_seconds existed ran with 5 s steps: it resumes with them, and the
+    # message for today's default says how
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    del run["results_config"]["decode.padding_step_seconds"]
+    (tmp_path / "out" / "run.json").write_text(json.dumps(run))
+    hint = r"decode.padding_step_seconds: 5.0 -> 1.0.*--set decode.padding_step_seconds=5"
+    with pytest.raises(PlanMismatch, match=hint):
+        check_resume(layout, build_plan(path, cfg), cfg)
+    former = cfg_with(3, "decode.padding_step_seconds=5")
+    assert check_resume(layout, build_plan(path, former), former).pending == [0, 1]
     # throughput knobs may change between invocations
-    faster = cfg_with(3, "ray.model_actors=4", "model.batch_size=64")
+    faster = cfg_with(3, "ray.model_actors=4", "model.batch_size=64", "decode.padding_step_seconds=5")
     assert check_resume(layout, build_plan(path, faster), faster).pending == [0, 1]
+
+
+def test_with_30_s_passes_the_padding_step_is_no_results_setting(tmp_path):
+    path = write_manifest(tmp_path / "m.jsonl", 4)
+    reference = cfg_with(2, "decode.padding_seconds=null")
+    layout = RunLayout(str(tmp_path / "out"))
+    start_run(layout, build_plan(path, reference), reference, "tiny.en")
+    stored = json.loads((tmp_path / "out" / "run.json").read_text())["results_config"]
+    assert "decode.padding_step_seconds" not in stored
+    other = cfg_with(2, "decode.padding_seconds=null", "decode.padding_step_seconds=3")
+    assert check_resume(layout, build_plan(path, other), other).pending == [0, 1]
 
 
 def test_run_json_written_once_without_secrets(tmp_path):
