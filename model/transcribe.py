@@ -93,7 +93,7 @@ class TranscribeOptions:
     # positions per decoded token
     padding_seconds: float | None = None
     # with padding_seconds, encoder passes are a multiple of this long (a multiple of 0.02 s: the encoder's stride)
-    padding_step_seconds: float = 1.0
+    padding_step_seconds: float = 5.0
     # a pass that ends at a lone timestamp before its window's audio does is followed by a probe of the rest: one
     # pass at the first temperature, kept only when this sure of itself (average logprob at least this, no-speech
     # probability at most PROBE_NO_SPEECH), else the rest is silence. None: the rest is skipped, as the reference does

@@ -130,14 +130,14 @@ class DecodeConfig:
     # greedy/sampled rows (not beam search) stop once their text cannot pass compression_ratio_threshold (a loop)
     stop_loops: bool = True
     # each window's encoder pass is its audio plus at least this many seconds of silence, rounded up to a whole
-    # padding_step_seconds (at most 30, as whisper.cpp's audio_ctx), so a 6 s utterance costs an 11 s pass; accuracy
+    # padding_step_seconds (at most 30, as whisper.cpp's audio_ctx), so a 6 s utterance costs a 15 s pass; accuracy
     # kept on every set of the yardstick with tiny.en (docs/accuracy.md). null pads every window to 30 s, as the
     # model was trained and the reference does (configs/reference.yaml)
     padding_seconds: float | None = 5.0
     # with padding_seconds, each encoder pass is rounded up to a multiple of this many seconds (at least 0.02: one
-    # encoder position). Larger: fewer lengths to batch apart, more padding encoded (5 before 2026-12-07: about 7 %
-    # more encoder work at steady state, docs/performance.md)
-    padding_step_seconds: float = 1.0
+    # encoder position). 1 (configs/cpu-fast.yaml): 7 % less encoder work at steady state, accuracy kept on every
+    # yardstick set but a little lower than with 5 on most (docs/accuracy.md)
+    padding_step_seconds: float = 5.0
     # after a pass that ends at a lone timestamp before its window does, the rest is decoded once more at the first
     # temperature and kept when its average log-prob is at least this (no-speech prob <= 0.3). null (the default)
     # skips the rest as the reference does: with the default's short passes every yardstick set's text is the same

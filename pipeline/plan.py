@@ -279,13 +279,9 @@ def check_resume(layout: RunLayout, plan: Plan, cfg: RunConfig, model_name: str 
             diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
             earlier = ("decode.padding_seconds" in changed and before.get("decode.padding_seconds") is None
                        and "decode.padding_seconds" in before)
-            stepped = "decode.padding_step_seconds" in changed and before.get("decode.padding_step_seconds") == 5.0
             hint = (" (a run started with the defaults before 2026-12-06, when every encoder pass was 30 s, resumes "
                     "with --config configs/reference.yaml, or with `whisper-batch resume`, which reads its config)"
-                    if earlier else
-                    " (a run started with the defaults before 2026-12-07, when encoder passes were rounded up to 5 s, "
-                    "resumes with --set decode.padding_step_seconds=5, or with `whisper-batch resume`, which reads its "
-                    "config)" if stepped else "")
+                    if earlier else "")
             raise PlanMismatch(
                 f"config values that change results differ from the run in {layout.display_uri} ({diffs}): "
                 f"use the same values to resume{hint}, or {start_over}"
