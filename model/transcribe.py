@@ -92,7 +92,7 @@ class TranscribeOptions:
     # attending to its own positions). A short window costs a shorter encoder pass and fewer cross-attention
     # positions per decoded token
     padding_seconds: float | None = None
-    # with padding_seconds, encoder passes are a multiple of this long (a multiple of 0.02 s: the encoder's stride)
+    # with padding_seconds, encoder passes are a multiple of this long (rounded to whole encoder positions, 0.02 s)
     padding_step_seconds: float = 5.0
     # a pass that ends at a lone timestamp before its window's audio does is followed by a probe of the rest: one
     # pass at the first temperature, kept only when this sure of itself (average logprob at least this, no-speech

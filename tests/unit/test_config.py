@@ -135,6 +135,7 @@ def test_unknown_section():
         ("decode.temperatures=[0.0, hot]", r"'decode.temperatures\[1\]' must be float"),
         ("model.dtype=fp8", "model.dtype must be one of"),
         ("manifest.shard_size=0", "shard_size must be >= 1"),
+        ("decode.padding_step_seconds=0", r"padding_step_seconds must be between 0.02 \(one encoder position\)"),
         ("audio.sample_rate=8000", "sample_rate is fixed"),
         ("decode.beam_size", "must look like section.key=value"),
     ],
