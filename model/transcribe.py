@@ -241,6 +241,9 @@ def split_segments(r: DecodingResult, tokenizer: Tokenizer, frames: int) -> tupl
         segments.append(segment((piece[0] - tb) * TIME_PRECISION, (piece[-1] - tb) * TIME_PRECISION, piece))
         last = cut
     limit = frames / FRAMES_PER_SECOND  # a timestamp past the window's audio is clipped to its end
+    # a segment that starts at or past the audio's end has no audio to be heard in: the model's text in the padding
+    # (at a hot temperature, the last sentence said again)
+    segments = [s for s in segments if s.start < limit]
     for seg in segments:
         seg.start, seg.end = min(seg.start, limit), min(seg.end, limit)
     segments = [s for s in segments if s.text.strip()]

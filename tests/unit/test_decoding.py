@@ -364,6 +364,8 @@ def test_split_segments_at_timestamp_pairs(tiny_en_tokenizer):
         # an empty piece (two timestamps, no text) is dropped
         "empty piece": ([ts(0), ts(0), *hello, ts(3.0)], [(0, 3.0, " Hello")], 300),
         "nothing": ([], [], 750),
+        # a segment past the audio's end (the padding's text) is dropped; one running past it is clipped to it
+        "past the end": ([ts(6.0), *hello, ts(8.0), ts(7.5), *world, ts(9.0)], [(6.0, 7.5, " Hello")], 750),
     }
     for name, (tokens, expected, consumed) in cases.items():
         segments, used = split_segments(make_result(tokens), tk, frames)
