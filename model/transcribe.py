@@ -240,12 +240,12 @@ def split_segments(r: DecodingResult, tokenizer: Tokenizer, frames: int) -> tupl
         piece = tokens[last:cut]
         segments.append(segment((piece[0] - tb) * TIME_PRECISION, (piece[-1] - tb) * TIME_PRECISION, piece))
         last = cut
-    limit = frames / FRAMES_PER_SECOND  # a timestamp past the window's audio is clipped to its end
+    limit = frames / FRAMES_PER_SECOND
     # a segment that starts at or past the audio's end has no audio to be heard in: the model's text in the padding
-    # (at a hot temperature, the last sentence said again)
+    # (at a hot temperature, the last sentence said again); one that only ends past it is clipped to the end
     segments = [s for s in segments if s.start < limit]
     for seg in segments:
-        seg.start, seg.end = min(seg.start, limit), min(seg.end, limit)
+        seg.end = min(seg.end, limit)
     segments = [s for s in segments if s.text.strip()]
     consumed = (tokens[last - 1] - tb) * FRAMES_PER_TIMESTAMP  # the pair's, or the lone final timestamp's
     return segments, consumed if 0 < consumed < frames else frames

@@ -87,7 +87,7 @@ def silero_detector(opts: VadOptions) -> Callable[[np.ndarray], list[tuple[int, 
         if len(audio) < 512:
             return []
         stamps = get_speech_timestamps_sequence(
-            np.ascontiguousarray(audio, dtype=np.float32),
+            audio,  # made contiguous float32 by the function itself
             model,
             threshold=opts.threshold,
             sampling_rate=SAMPLE_RATE,
