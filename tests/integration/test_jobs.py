@@ -215,7 +215,9 @@ def _check_transcripts(layout: RunLayout, spoken: dict[str, str]) -> None:
     for row in table.to_pylist():
         assert row["error"] is None, row["error"]
         expected = _words(spoken[row["id"]])
-        assert len(_words(row["text"]) & expected) >= 0.6 * len(expected), (row["id"], row["text"])
+        # half its words: the row holds its own utterance (tiny.en hears espeak's voice differently in fp32 and bf16:
+        # "This raining in my city today." on a CPU without bf16)
+        assert len(_words(row["text"]) & expected) >= 0.5 * len(expected), (row["id"], row["text"])
 
 
 def _no_secrets(*texts: str) -> None:

@@ -128,7 +128,9 @@ def test_run_s3_to_s3_then_resume_adds_nothing(endpoint, corpus, tmp_path):
     assert sorted(rows) == sorted(SPOKEN) and table.num_rows == 3
     for name, text in SPOKEN.items():
         assert rows[name]["error"] is None
-        assert len(_words(rows[name]["text"]) & _words(text)) >= 0.6 * len(_words(text)), rows[name]["text"]
+        # half its words: the row holds its own utterance (tiny.en hears espeak's voice differently in fp32 and bf16:
+        # "This raining in my city today." on a CPU without bf16)
+        assert len(_words(rows[name]["text"]) & _words(text)) >= 0.5 * len(_words(text)), rows[name]["text"]
     assert layout.read_json(layout.run_json)["model"] == "s3://models/tiny.en"
     # the checkpoint was fetched once into the node's cache, and read from there
     cached = list((tmp_path / "cache").rglob("model.bin"))
