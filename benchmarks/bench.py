@@ -39,7 +39,7 @@ ENGINES = {
     "whisper-batch-reference": (
         "the same with configs/reference.yaml (every encoder pass 30 s, the fallback's whole ladder: the old default)"
     ),
-    "whisper-batch-fast": "the same with configs/cpu-fast.yaml (calls of 8 rows)",
+    "whisper-batch-fast": "the same with configs/cpu-fast.yaml (encoder passes in 1 s steps)",
     "whisper-batch-vad": "the same with audio.vad=true (speech joined into full windows, the rest left out)",
     "whisper-batch-cond": "the same with decode.condition_on_previous_text=true (a file's windows in order, prompted)",
     "openai": "openai-whisper transcribe(), greedy, fp32",

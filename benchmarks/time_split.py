@@ -2,8 +2,8 @@
 
     python -m benchmarks.time_split MANIFEST [--times N | --hours H] [--set KEY=VALUE ...] [--skip-pipeline]
 
-1. One process, one torch thread, no Ray (what one model actor does, on all of MANIFEST's rows, in model calls of
-   ``ray.model_batch_size`` rows as the pipeline makes them): seconds of features (decode + log-mel), encoder passes
+1. One process, one torch thread, no Ray (what one model actor does, on all of MANIFEST's rows, in model calls as
+   the pipeline's featurizer makes them): seconds of features (decode + log-mel), encoder passes
    (``Whisper.embed_audio``, with the windows encoded), decoding at each temperature (greedy, then the fallback
    passes) with its decoder steps, the alignment passes (word timing, the skip check), and the rest (batching,
    segments, text). Beside the encoder and the decoder steps, the bound each meets: the encoder's arithmetic
@@ -188,9 +188,10 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
     from whisper_batch.model.constants import FRAMES_PER_SECOND
     from whisper_batch.model.transcribe import FRAMES_PER_TIMESTAMP
     from whisper_batch.model.whisper import Whisper
+    from whisper_batch.pipeline.calls import CallShape, iter_calls
+    from whisper_batch.pipeline.cluster import call_windows
     from whisper_batch.pipeline.config import load_config
     from whisper_batch.pipeline.features import Featurizer
-    from whisper_batch.pipeline.graph import call_order
     from whisper_batch.pipeline.manifest import read_manifest
     from whisper_batch.pipeline.transcriber import Transcriber
 
@@ -205,8 +206,8 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     items = Featurizer(cfg, transcriber.n_mels).featurize_rows(rows)
     features_s = time.perf_counter() - t0
-    per_call = cfg.ray.model_batch_size or 4
-    items = call_order(items, per_call, cfg.decode.padding_seconds is not None)
+    shape = CallShape(cfg.ray.model_batch_size or 4, call_windows(cfg, 0.0), 1, cfg.decode.padding_seconds is not None)
+    calls = list(iter_calls(items, shape))  # as one featurizer makes them for a CPU model actor
     totals: dict[str, list[float]] = {}
     work = {"flops": 0.0, "bytes": 0.0}
     weights = decoder_weight_bytes(model)
@@ -241,8 +242,8 @@ def model_split(manifest: str, overrides: list[str]) -> dict[str, Any]:
     ]
     with timed_methods(targets, totals):
         t0 = time.perf_counter()
-        for k in range(0, len(items), per_call):
-            transcriber.transcribe_rows(items[k : k + per_call])
+        for call in calls:
+            transcriber.transcribe_rows(call)
         model_s = time.perf_counter() - t0
     decode = {k: v for k, v in sorted(totals.items()) if k.startswith("decode at")}
     encoder_s, windows = totals.get("encoder", [0.0, 0])

@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from .calls import CallShape
 from .config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,12 @@ class ModelPlan:
     gpus: float  # per actor
     cpus: float  # per actor (Ray's logical share)
     threads: int | None  # torch threads per actor (None: torch's default, on GPUs)
-    rows_per_call: int  # manifest rows per actor call
+    rows_per_call: int  # manifest rows per actor call (with call_windows: the first call's)
+    call_windows: int | None = None  # windows per actor call, on CPUs (None: calls of rows_per_call rows)
+
+    def calls(self, cfg: RunConfig) -> CallShape:
+        """How the featurizers group rows into this plan's model calls."""
+        return CallShape(self.rows_per_call, self.call_windows, self.actors, cfg.decode.padding_seconds is not None)
 
 
 def model_resources(cfg: RunConfig, rows: int | None = None) -> ModelPlan:
@@ -41,8 +47,10 @@ def model_resources(cfg: RunConfig, rows: int | None = None) -> ModelPlan:
     ``ray.model_actors: 0`` means one actor per GPU, or on a CPU cluster one per core: single-threaded replicas
     side by side do more work per core than one replica spread over all cores, whose small decoding steps leave
     threads waiting. The CPU count is capped so that the replicas fit in half of the cluster's memory.
-    ``ray.model_batch_size: 0`` means 64 rows per call on GPUs, where a batch should fill the device, and 4 on
-    CPUs, where a batch gains little and small calls spread a shard's long files over the actors.
+    ``ray.model_batch_size: 0`` means 64 rows per call on GPUs, where a batch should fill the device, and on CPUs
+    calls of one decoding batch of windows (``model.batch_size``; ``call_windows``): a long file alone, short files
+    many to a call, so that the decoder steps over full batches and a shard's long files spread over the actors
+    (with ``decode.condition_on_previous_text``, whose windows go one per file at a time: 4 rows per call).
 
     ``rows``: the rows this run sends to the model stage, where known. With ``ray.model_actors: 0`` there are then
     no more actors than model calls (``rows_per_call`` rows each, a file's windows all in one call): an actor more
@@ -56,6 +64,7 @@ def model_resources(cfg: RunConfig, rows: int | None = None) -> ModelPlan:
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
     per_call = cfg.ray.model_batch_size or (64 if gpus > 0 else 4)
+    windows = call_windows(cfg, gpus)
 
     def auto(most: int) -> int:
         if cfg.ray.model_actors:
@@ -64,17 +73,24 @@ def model_resources(cfg: RunConfig, rows: int | None = None) -> ModelPlan:
         return max(1, min(most, calls))
 
     if gpus > 0:
-        return ModelPlan(auto(int(cluster.get("GPU", 0) // gpus)), gpus, 1.0, None, per_call)
+        return ModelPlan(auto(int(cluster.get("GPU", 0) // gpus)), gpus, 1.0, None, per_call, windows)
     fit = int(cluster.get("memory", 0) / 2 // actor_memory(cfg))  # as many as half the memory holds
     if len(nodes) > 1:
         # several nodes: whole cores, so the actors pack onto nodes whatever their sizes (shares of the cluster's
         # total would not: a node that holds a feature actor has no room left for a 0.67-core share)
-        return ModelPlan(auto(min(cores - cfg.ray.cpu_actors, fit)), 0.0, 1.0, 1, per_call)
+        return ModelPlan(auto(min(cores - cfg.ray.cpu_actors, fit)), 0.0, 1.0, 1, per_call, windows)
     actors = auto(min(cores, fit))
     # CPU inference: the actors share the cores the feature actors leave (logical shares: the feature actors only
     # decode and compute log-mels, a small fraction of the model's work), each runs torch on its share of the cores
     cpus = max(0.01, min(1.0, (cores - cfg.ray.cpu_actors) / actors))
-    return ModelPlan(actors, 0.0, cpus, max(1, cores // actors), per_call)
+    return ModelPlan(actors, 0.0, cpus, max(1, cores // actors), per_call, windows)
+
+
+def call_windows(cfg: RunConfig, gpus: float) -> int | None:
+    """Windows per model call (:func:`model_resources`), or None for calls of a number of rows."""
+    if gpus > 0 or cfg.ray.model_batch_size or cfg.decode.condition_on_previous_text:
+        return None
+    return cfg.model.batch_size or 16
 
 
 def alive_nodes() -> list[dict[str, Any]]:

@@ -180,7 +180,8 @@ class RayConfig:
     # GPUs per model actor; null means 1.0 when the cluster has GPUs, else 0
     gpus_per_model_actor: float | None = None
     # manifest rows (files) per model actor call; their windows are packed into model.batch_size batches.
-    # 0: 64 on GPUs (fill the device), 4 on CPUs (small calls spread a shard's long files over the actors)
+    # 0: 64 on GPUs (fill the device); on CPUs, calls of model.batch_size windows (a long file alone, short files
+    # many to a call: full decoding batches, and a shard's long files spread over the actors)
     model_batch_size: int = 0
     # a run whose graph yields nothing for this many seconds stops with an error instead of hanging
     stall_timeout_seconds: float = 1800.0
@@ -409,7 +410,8 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.ray.model_actors >= 0, "ray.model_actors must be >= 1, or 0 for one per GPU or CPU core"),
         (cfg.ray.gpus_per_model_actor is None or cfg.ray.gpus_per_model_actor >= 0,
          "ray.gpus_per_model_actor must be None or >= 0"),
-        (cfg.ray.model_batch_size >= 0, "ray.model_batch_size must be >= 1, or 0 for 64 on GPUs and 4 on CPUs"),
+        (cfg.ray.model_batch_size >= 0,
+         "ray.model_batch_size must be >= 1, or 0 for 64 rows on GPUs and calls of model.batch_size windows on CPUs"),
         (cfg.ray.shards_per_block >= 1, "ray.shards_per_block must be >= 1"),
         (cfg.ray.max_model_actors >= 0, "ray.max_model_actors must be >= 1, or 0 for no limit"),
         (cfg.ray.max_cpu_actors >= 0, "ray.max_cpu_actors must be >= 1, or 0 for ray.cpu_actors"),

@@ -24,9 +24,9 @@ import pyarrow as pa
 import ray
 
 from .audio import AudioError
+from .calls import FEATURE_CHUNK_CALLS, CallShape, iter_calls, pack_call, unpack_calls
 from .cluster import ModelPlan, actor_pool, check_cluster, log_start_errors, model_resources
 from .config import RunConfig
-from .graph import FEATURE_CHUNK_CALLS, call_order
 from .schema import BASE_FIELDS, FEATURE_SCHEMA
 
 # the features of a user's row: the feature stage's schema plus the row's other columns (``carry``)
@@ -100,12 +100,11 @@ class DatasetFeaturizer:
     """Ray Data callable: a user's rows → feature rows (the features stage of :func:`transcribe_dataset`)."""
 
     @log_start_errors
-    def __init__(self, cfg: RunConfig, n_mels: int, rows_per_call: int, base_dir: str = ""):
+    def __init__(self, cfg: RunConfig, n_mels: int, calls: CallShape, base_dir: str = ""):
         from .features import Featurizer
 
         self.inner = Featurizer(cfg, n_mels)
-        self.cfg, self.rows_per_call, self.base_dir = cfg, rows_per_call, base_dir
-        self.padded = cfg.decode.padding_seconds is not None
+        self.cfg, self.calls, self.base_dir = cfg, calls, base_dir
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         audio_field = self.cfg.manifest.audio_field
@@ -125,17 +124,8 @@ class DatasetFeaturizer:
                          "uri": name if data is None else "", "offset": 0.0, "duration": None, "reference": None,
                          "language": None, "extra_json": None, CARRY: encode_row(keep.slice(i, 1))})
             inline[i] = data
-        chunk, size = [], self.rows_per_call
-        for item in self.inner.iter_items(rows, inline):
-            chunk.append(item)
-            if len(chunk) >= size:
-                yield self._table(chunk)
-                chunk, size = [], FEATURE_CHUNK_CALLS * self.rows_per_call
-        if chunk:
-            yield self._table(chunk)
-
-    def _table(self, items: list[dict[str, Any]]) -> pa.Table:
-        return pa.Table.from_pylist(call_order(items, self.rows_per_call, self.padded), schema=DATASET_FEATURE_SCHEMA)
+        for call in iter_calls(self.inner.iter_items(rows, inline), self.calls):  # one row per model call
+            yield pack_call(call, DATASET_FEATURE_SCHEMA)
 
 
 class DatasetTranscriber:
@@ -153,7 +143,7 @@ class DatasetTranscriber:
         self.text_field = cfg.manifest.text_field
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = self.inner.transcribe_rows(batch.to_pylist())
+        rows = self.inner.transcribe_rows(unpack_calls(batch))
         carried = pa.concat_tables([decode_row(r[CARRY]) for r in rows], promote_options="permissive")
         carried = carried.rename_columns([carried_name(n, self.text_field) for n in carried.column_names])
         ours = pa.Table.from_pylist(
@@ -166,7 +156,6 @@ class DatasetTranscriber:
         return carried
 
 
-FEATURE_BATCH_CALLS = 4  # model calls' rows per featurizer call: several feature actors share a user's large block
 
 
 def transcribe_dataset(ds: ray.data.Dataset, cfg: RunConfig, n_mels: int) -> ray.data.Dataset:
@@ -186,10 +175,10 @@ def transcribe_dataset(ds: ray.data.Dataset, cfg: RunConfig, n_mels: int) -> ray
     share = actor_share(plan, cfg.ray.cpu_actors, ray.cluster_resources().get("CPU", 1))
     ds = ds.map_batches(
         DatasetFeaturizer,
-        fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels, "rows_per_call": plan.rows_per_call,
-                               "base_dir": os.getcwd()},
+        fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels, "calls": plan.calls(cfg), "base_dir": os.getcwd()},
         compute=actor_pool(cfg.ray.cpu_actors, cfg.ray.max_cpu_actors or cfg.ray.cpu_actors),
-        batch_size=FEATURE_BATCH_CALLS * plan.rows_per_call,
+        # a few model calls' rows per featurizer call: several feature actors share a user's large block
+        batch_size=FEATURE_CHUNK_CALLS * (plan.call_windows or plan.rows_per_call),
         batch_format="pyarrow",
         num_cpus=share,
     )
@@ -197,7 +186,7 @@ def transcribe_dataset(ds: ray.data.Dataset, cfg: RunConfig, n_mels: int) -> ray
         DatasetTranscriber,
         fn_constructor_kwargs={"cfg": cfg, "torch_threads": plan.threads},
         compute=actor_pool(plan.actors, cfg.ray.max_model_actors or None),
-        batch_size=plan.rows_per_call,
+        batch_size=1,  # one model call (a row of the featurizer's)
         batch_format="pyarrow",
         num_gpus=plan.gpus,
         num_cpus=plan.cpus * share,

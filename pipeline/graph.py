@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from .calls import CallShape, iter_calls, pack_call, unpack_calls
 from .cluster import (
     ActorStartError,
     NodeWatch,
@@ -38,7 +39,7 @@ from .committer import Incomplete, ShardCommitter  # noqa: F401 - Incomplete: ra
 from .config import RunConfig
 from .layout import RunLayout
 from .ray_compat import set_blocks_ahead, stop_executions
-from .schema import features_table, transcripts_table
+from .schema import FEATURE_SCHEMA, transcripts_table
 from .stager import read_inputs
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class ArrowFeaturizer:
         self,
         cfg: RunConfig,
         n_mels: int,
-        rows_per_call: int,
+        calls: CallShape,
         layout: RunLayout | None = None,
         invocation_id: str = "",
         wait_seconds: float = 0.0,
@@ -66,55 +67,16 @@ class ArrowFeaturizer:
 
         self.inner = Featurizer(cfg, n_mels)
         self.layout, self.invocation_id, self.wait_seconds = layout, invocation_id, wait_seconds
-        self.rows_per_call = rows_per_call
-        self.padded = cfg.decode.padding_seconds is not None
-
-    def order(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return call_order(items, self.rows_per_call, self.padded)
+        self.calls = calls
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        """A block's features, yielded a few model calls' worth at a time: the model stage starts on the first rows
-        instead of waiting for the whole block (with packing on, the packs come at the end, once a shard is read)."""
+        """A block's features, one model call at a time (:func:`~whisper_batch.pipeline.calls.iter_calls`): the
+        model stage starts on the first rows instead of waiting for the whole block (with packing on, the packs come
+        at the end, once a shard is read)."""
         if self.layout is not None:
             batch = read_inputs(batch, self.layout, self.invocation_id, self.wait_seconds)
-        chunk, size = [], self.rows_per_call  # the first call's rows alone: the model actors are waiting
-        for item in self.inner.iter_items(batch.to_pylist()):
-            chunk.append(item)
-            if len(chunk) >= size:
-                yield features_table(self.order(chunk))
-                chunk, size = [], FEATURE_CHUNK_CALLS * self.rows_per_call
-        if chunk:
-            yield features_table(self.order(chunk))
-
-
-FEATURE_CHUNK_CALLS = 4  # model calls' rows per table a featurizer yields
-
-
-def call_order(items: list[dict[str, Any]], rows_per_call: int, padded: bool) -> list[dict[str, Any]]:
-    """The order of featurized rows, ``rows_per_call`` of them to a model call: each call gets one of the longest
-    rows (:func:`balance_order`); with ``decode.padding_seconds`` (``padded``) the calls get rows of like lengths
-    instead (longest first), so that their windows have like encoder lengths and share batches."""
-    if padded:
-        return sorted(items, key=row_cost, reverse=True)
-    return balance_order(items, rows_per_call)
-
-
-def row_cost(item: dict[str, Any]) -> tuple[int, float]:
-    """A featurized row's model work, roughly: its windows, then its seconds."""
-    return len(item.get("mel_frames") or []), item.get("audio_seconds") or 0.0
-
-
-def balance_order(items: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
-    """Order featurized rows so that each run of ``k`` (one model call) holds one of the longest rows and a share of
-    the rest, longest calls first.
-
-    The calls of a block spread over the model actors, and a call takes as long as its windows take; a block's long
-    files gathered in one call would leave the other actors idle at the end while one actor works through them.
-    """
-    cost = sorted(items, key=row_cost, reverse=True)
-    calls = -(-len(cost) // k)
-    heads, rest = cost[:calls], cost[calls:]
-    return [r for c in range(calls) for r in [heads[c], *rest[c * (k - 1) : (c + 1) * (k - 1)]]]
+        for call in iter_calls(self.inner.iter_items(batch.to_pylist()), self.calls):
+            yield pack_call(call, FEATURE_SCHEMA)
 
 
 class ArrowTranscriber:
@@ -140,7 +102,7 @@ class ArrowTranscriber:
         self.inner = Transcriber(cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = self.inner.transcribe_rows(batch.to_pylist())
+        rows = self.inner.transcribe_rows(unpack_calls(batch))
         for r in rows:
             r["duration"] = r.get("duration") or 0.0
         parts = write_parts(transcripts_table(rows), *self.sink)
@@ -197,16 +159,17 @@ def build_dataset(
     rows the input blocks hold, where known: no more model actors than they make model calls).
 
     Two stages, both actor pools: the feature actors (which read the input blocks ``invocation_id`` staged) and the
-    model actors (which write the part files). Every block holds one row (:data:`MAX_BLOCK_BYTES`), so that Ray's
-    bundling gives each model call the next ``rows_per_call`` rows in the featurizer's order, and a shard's calls
-    spread over every model actor, without a split stage (tasks and worker processes of its own) between the two.
+    model actors (which write the part files). The featurizer yields each model call as one row
+    (:mod:`~whisper_batch.pipeline.calls`) and every block holds one row (:data:`MAX_BLOCK_BYTES`), so that each call
+    goes to whichever model actor is free, and a shard's calls spread over every model actor, without a split stage
+    (tasks and worker processes of its own) between the two.
     """
     plan = model_resources(cfg, rows)
     check_cluster(cfg, plan)  # a clear error before any work
     ds = ray.data.from_items([{"path": f} for f in input_files], override_num_blocks=len(input_files))
     ds = ds.map_batches(
         ArrowFeaturizer,
-        fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels, "rows_per_call": plan.rows_per_call, "layout": layout,
+        fn_constructor_kwargs={"cfg": cfg, "n_mels": n_mels, "calls": plan.calls(cfg), "layout": layout,
                                "invocation_id": invocation_id, "wait_seconds": cfg.ray.stall_timeout_seconds},
         compute=actor_pool(cfg.ray.cpu_actors, cfg.ray.max_cpu_actors or cfg.ray.cpu_actors),
         batch_size=None,  # a whole input block (whole shards) per call: containers read once, short rows packed
@@ -217,7 +180,7 @@ def build_dataset(
         ArrowTranscriber,
         fn_constructor_kwargs={"cfg": cfg, "torch_threads": plan.threads, "sink": (layout, invocation_id, extra_types)},
         compute=actor_pool(plan.actors, cfg.ray.max_model_actors or None),
-        batch_size=plan.rows_per_call,
+        batch_size=1,  # one call
         batch_format="pyarrow",
         num_gpus=plan.gpus,
         num_cpus=plan.cpus,
@@ -232,13 +195,13 @@ def build_dataset(
 
 # Bytes, not rows: Ray Data gathers a map task's outputs into blocks of up to target_max_block_size bytes (default
 # 128 MiB) before the next stage sees any of them, and slices larger ones to that size: with 1 byte, every block is
-# one row. The featurizer's chunks go downstream as they are yielded, and the model stage's bundles
-# (batch_size=rows_per_call) are exactly the featurizer's calls, each to whichever model actor is free.
+# one row: one model call, which goes downstream as soon as it is yielded, to whichever model actor is free (with
+# larger blocks, an actor would get several calls in one task).
 MAX_BLOCK_BYTES = 1
 
-# One-row blocks a featurizer call may yield before the driver takes them (Ray Data's default, 2, stalled it after two
-# rows and left the model actors waiting: docs/performance.md); 64 rows are 64 files' log-mel, about 0.5 MB a window.
-FEATURE_BLOCKS_AHEAD = 64
+# Calls a featurizer call may yield before the driver takes them (Ray Data's default, 2, stalled it and left the
+# model actors waiting: docs/performance.md); a call holds up to 16 windows' log-mel on CPUs, about 0.5 MB a window.
+FEATURE_BLOCKS_AHEAD = 16
 
 
 def run_graph(

@@ -128,10 +128,6 @@ def records_table(records: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
 
-def features_table(items: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(items, schema=FEATURE_SCHEMA)
-
-
 def transcripts_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=TRANSCRIPT_SCHEMA)
 

@@ -2,9 +2,10 @@
 
 A real local Ray with 2 CPUs: a one-actor stage taking 1 CPU (as the feature actors do), then two actors of 0.5 CPU
 (as the CPU model actors do), with the graph's block setting (``MAX_BLOCK_BYTES``: one row per block) and no stage
-between them. The second stage must start on the first stage's early rows, not once the first stage has processed
-all of them; each of its calls must get the next rows in the first stage's order (the featurizer orders its rows
-into calls), and the calls must spread over both actors.
+between them. The first stage yields each model call as one row (as the featurizer packs a call's rows,
+pipeline/calls.py). The second stage must start on the first stage's early calls, not once the first stage has
+processed all of them; each of its calls must get exactly one of the first stage's calls, and the calls must spread
+over both actors.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ def two_cpu_ray():
 
 
 class Slow:
-    """Yields its block's rows two at a time (as the featurizer yields its chunks), half a second apart."""
+    """Yields its block's rows two at a time as one row (as the featurizer yields its calls), half a second apart."""
 
     def __call__(self, batch):
-        xs = list(batch["x"])
+        xs = [int(x) for x in batch["x"]]
         for i in range(0, len(xs), PER_CALL):
             time.sleep(SECONDS_PER_CALL)
-            yield {"x": xs[i : i + PER_CALL], "first_done": [time.time()] * len(xs[i : i + PER_CALL])}
+            yield {"xs": [xs[i : i + PER_CALL]], "first_done": [time.time()]}
 
 
 class Stamp:
@@ -47,26 +48,27 @@ class Stamp:
 
     def __call__(self, batch):
         time.sleep(2 * SECONDS_PER_CALL)
-        n = len(batch["x"])
-        call = [int(x) for x in batch["x"]]
-        return {"x": batch["x"], "first_done": batch["first_done"], "second": [time.time()] * n,
-                "call": [call] * n, "pid": [os.getpid()] * n}
+        call = [[int(x) for x in xs] for xs in batch["xs"]]
+        n = len(call)
+        return {"first_done": batch["first_done"], "second": [time.time()] * n, "call": call, "rows": [n] * n,
+                "pid": [os.getpid()] * n}
 
 
 def test_model_stage_starts_early_and_gets_the_featurizer_calls(two_cpu_ray):
     ds = ray.data.from_items([{"x": i} for i in range(ROWS)], override_num_blocks=1)
     ds = ds.map_batches(Slow, compute=ray.data.ActorPoolStrategy(size=1), batch_size=None, num_cpus=1)
-    ds = ds.map_batches(Stamp, compute=ray.data.ActorPoolStrategy(size=2), batch_size=PER_CALL, num_cpus=0.5)
+    ds = ds.map_batches(Stamp, compute=ray.data.ActorPoolStrategy(size=2), batch_size=1, num_cpus=0.5)
     ds.context.target_max_block_size = MAX_BLOCK_BYTES
     rows = list(ds.iter_rows())
-    assert sorted(r["x"] for r in rows) == list(range(ROWS))  # every row once
+    assert sorted(x for r in rows for x in r["call"]) == list(range(ROWS))  # every row once
     first_stage_end = max(r["first_done"] for r in rows)
     second_stage_start = min(r["second"] for r in rows)
     # streaming within the first stage's one task: the second stage works while most of its rows are still to come
     # (with Ray's default block size, the task's rows would leave as one block when it ends)
     assert second_stage_start < first_stage_end - SECONDS_PER_CALL * ROWS / PER_CALL / 2, (
         second_stage_start, first_stage_end)
-    # every call is one of the first stage's pairs, in its order: rows 2k and 2k+1
+    # every call is one of the first stage's, alone: rows 2k and 2k+1
+    assert all(r["rows"] == 1 for r in rows)
     calls = {tuple(r["call"]) for r in rows}
     assert calls == {(x, x + 1) for x in range(0, ROWS, PER_CALL)}, sorted(calls)
     assert len({r["pid"] for r in rows}) == 2  # both model actors got calls

@@ -29,7 +29,7 @@ def _cluster(monkeypatch, nodes: list[dict]) -> None:
 def test_cpu_plan_on_several_nodes_takes_whole_cores(monkeypatch):
     _cluster(monkeypatch, [_node("a", 1), _node("b", 1), _node("c", 1)])
     # one core per model actor, one left for the feature actor: they pack whatever the nodes' sizes
-    assert cluster.model_resources(load_config(None, [])) == cluster.ModelPlan(2, 0.0, 1.0, 1, 4)
+    assert cluster.model_resources(load_config(None, [])) == cluster.ModelPlan(2, 0.0, 1.0, 1, 4, 16)
 
 
 def test_a_node_whose_raylet_is_gone_is_left_out_of_the_plan(monkeypatch, caplog):

@@ -13,20 +13,6 @@ from whisper_batch.pipeline.config import load_config
 # --- the model stage: its plan and the order of rows over its calls ------------------------------------------------
 
 
-def test_each_model_call_holds_one_of_the_longest_rows():
-    from whisper_batch.pipeline.graph import balance_order
-
-    # (windows, seconds) per row: three long files among short ones, the longest last as in the eval manifest
-    shapes = [(1, 5), (1, 3), (1, 7), (1, 2), (1, 9), (1, 4), (1, 6), (2, 60), (4, 100), (3, 89)]
-    items = [{"id": i, "mel_frames": [3000] * n, "audio_seconds": float(s)} for i, (n, s) in enumerate(shapes)]
-    out = balance_order(items, 4)
-    assert sorted(r["id"] for r in out) == list(range(10))  # every row once
-    calls = [[r["id"] for r in out[k : k + 4]] for k in range(0, len(out), 4)]
-    assert [c[0] for c in calls] == [8, 9, 7]  # the three longest lead a call each, longest first
-    assert all(not {7, 8, 9} & set(c[1:]) for c in calls)
-    assert [r["id"] for r in balance_order(items, 16)][:3] == [8, 9, 7]
-
-
 @pytest.fixture
 def plan(monkeypatch):
     """plan(resources, *sets, rows=None): the model stage's plan on a cluster of ``resources`` for a run of ``rows``."""
@@ -42,11 +28,15 @@ def plan(monkeypatch):
 def test_model_stage_plan_from_the_cluster(plan):
     import whisper_batch.pipeline.cluster as cluster
 
-    # CPUs: one single-threaded actor per core, sharing the cores the feature actor leaves; small calls
-    assert plan({"CPU": 2.0, "memory": 16e9}) == cluster.ModelPlan(2, 0.0, 0.5, 1, 4)
-    assert plan({"CPU": 16.0, "memory": 64e9}) == cluster.ModelPlan(16, 0.0, 15 / 16, 1, 4)
+    # CPUs: one single-threaded actor per core, sharing the cores the feature actor leaves; calls of one decoding
+    # batch of windows (model.batch_size), the first of 4 rows
+    assert plan({"CPU": 2.0, "memory": 16e9}) == cluster.ModelPlan(2, 0.0, 0.5, 1, 4, 16)
+    assert plan({"CPU": 16.0, "memory": 64e9}) == cluster.ModelPlan(16, 0.0, 15 / 16, 1, 4, 16)
+    assert plan({"CPU": 2.0, "memory": 16e9}, "model.batch_size=8").call_windows == 8
+    # windows go one per file at a time: calls of rows
+    assert plan({"CPU": 2.0, "memory": 16e9}, "decode.condition_on_previous_text=true").call_windows is None
     # one core, held by the feature actor: the model actor still gets a (small) logical share, so it is scheduled
-    assert plan({"CPU": 1.0, "memory": 16e9}) == cluster.ModelPlan(1, 0.0, 0.01, 1, 4)
+    assert plan({"CPU": 1.0, "memory": 16e9}) == cluster.ModelPlan(1, 0.0, 0.01, 1, 4, 16)
     # ... as many as half the memory holds
     small = plan({"CPU": 16.0, "memory": 4 * 2**30})
     assert 1 <= small.actors < 16 and small.actors * cluster.actor_memory(load_config(None, [])) <= 2 * 2**30
@@ -65,9 +55,9 @@ def test_no_more_model_actors_than_the_run_has_model_calls(plan):
     import whisper_batch.pipeline.cluster as cluster
 
     cpu2, cpu16, gpu4 = {"CPU": 2.0, "memory": 16e9}, {"CPU": 16.0, "memory": 64e9}, {"CPU": 16.0, "GPU": 4.0}
-    assert plan(cpu2, rows=4) == cluster.ModelPlan(1, 0.0, 1.0, 2, 4)  # one call of 4 rows: one actor, both cores
-    assert plan(cpu2, rows=5) == plan(cpu2) == cluster.ModelPlan(2, 0.0, 0.5, 1, 4)
-    assert plan(cpu16, rows=9) == cluster.ModelPlan(3, 0.0, 1.0, 5, 4)  # 3 calls
+    assert plan(cpu2, rows=4) == cluster.ModelPlan(1, 0.0, 1.0, 2, 4, 16)  # one call of 4 rows: one actor, both cores
+    assert plan(cpu2, rows=5) == plan(cpu2) == cluster.ModelPlan(2, 0.0, 0.5, 1, 4, 16)
+    assert plan(cpu16, rows=9) == cluster.ModelPlan(3, 0.0, 1.0, 5, 4, 16)  # 3 calls
     assert plan(cpu16, rows=1000) == plan(cpu16)
     assert plan(gpu4, rows=100) == cluster.ModelPlan(2, 1.0, 1.0, None, 64)  # 2 calls of 64 rows
     assert plan(gpu4, "ray.model_batch_size=1", rows=3).actors == 3
@@ -78,14 +68,15 @@ def test_no_more_model_actors_than_the_run_has_model_calls(plan):
 # --- the featurizer -----------------------------------------------------------------------------------------------
 
 
-def test_the_featurizer_yields_a_block_a_few_model_calls_at_a_time(tmp_path):
-    """The model stage starts on a block's first rows: the first table is one model call's rows, then a few calls'
-    at a time, every row once, each table ordered for its calls."""
+def test_the_featurizer_yields_a_block_one_model_call_at_a_time(tmp_path):
+    """The model stage starts on a block's first rows: each table the featurizer yields is one row holding one model
+    call, the first of the plan's first rows, the last ones spread over the model actors; every row once."""
     import wave
 
     import pyarrow as pa
 
-    from whisper_batch.pipeline.graph import FEATURE_CHUNK_CALLS, ArrowFeaturizer
+    from whisper_batch.pipeline.calls import CallShape, unpack_calls
+    from whisper_batch.pipeline.graph import ArrowFeaturizer
     from whisper_batch.pipeline.schema import RECORD_SCHEMA
 
     rows = []
@@ -97,25 +88,13 @@ def test_the_featurizer_yields_a_block_a_few_model_calls_at_a_time(tmp_path):
             f.writeframes((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
         rows.append({"shard_id": 0, "row_index": i, "id": f"r{i}", "audio_filepath": str(path), "uri": str(path),
                      "offset": 0.0, "duration": None, "reference": None, "language": None, "extra_json": "{}"})
-    featurizer = ArrowFeaturizer(load_config(None, []), 80, rows_per_call=2)
+    featurizer = ArrowFeaturizer(load_config(None, []), 80, CallShape(rows=2, windows=16, actors=2))
     tables = list(featurizer(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)))
-    assert [t.num_rows for t in tables] == [2, 2 * FEATURE_CHUNK_CALLS, 11 - 2 - 2 * FEATURE_CHUNK_CALLS]
-    got = [r for t in tables for r in t.column("row_index").to_pylist()]
-    assert sorted(got) == list(range(11))
-    assert all(len(r) == 1 for t in tables for r in t.column("mel_frames").to_pylist())
-
-
-def test_with_padding_seconds_as_by_default_a_model_call_gets_rows_of_like_lengths():
-    from whisper_batch.pipeline.graph import ArrowFeaturizer
-
-    shapes = [(1, 5), (1, 3), (4, 100), (1, 7), (1, 2), (3, 89), (1, 9), (1, 4)]
-    items = [{"id": i, "mel_frames": [3000] * n, "audio_seconds": float(s)} for i, (n, s) in enumerate(shapes)]
-    padded = ArrowFeaturizer(load_config(None, []), 80, rows_per_call=4)  # the default pads to 10 s
-    # longest first: the short rows share calls, so their encoder pass is short
-    assert [r["id"] for r in padded.order(items)] == [2, 5, 6, 3, 0, 7, 1, 4]
-    plain = ArrowFeaturizer(load_config(None, ["decode.padding_seconds=null"]), 80, rows_per_call=4)
-    assert [r["id"] for r in plain.order(items)][::4] == [2, 5]  # 30 s passes: each call leads with one of the longest
-
+    assert [t.num_rows for t in tables] == [1, 1, 1]
+    calls = [unpack_calls(t) for t in tables]
+    assert [len(c) for c in calls] == [2, 5, 4]  # 9 one-window rows left at the end: over 2 actors
+    assert sorted(r["row_index"] for c in calls for r in c) == list(range(11))
+    assert all(len(r["mel_frames"]) == 1 and len(r["mel"]) > 0 for c in calls for r in c)
 
 
 # --- part files and shard commits --------------------------------------------------------------------------------
