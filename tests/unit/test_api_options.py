@@ -22,7 +22,7 @@ def test_options_by_flag_name_field_name_or_section():
     cfg = whisper_batch.load_config("configs/cpu-fast.yaml", beam_size=3, cpu_actors=2, decode__patience=1.5,
                                     vad=True)
     assert (cfg.decode.beam_size, cfg.ray.cpu_actors, cfg.decode.patience, cfg.audio.vad) == (3, 2, 1.5, True)
-    assert cfg.ray.model_batch_size == 8  # the file's own fields stay
+    assert cfg.decode.padding_step_seconds == 1.0  # the file's own fields stay
     again = whisper_batch.load_config(cfg, language="en")  # a loaded config is a starting point too
     assert again.decode.beam_size == 3 and again.decode.language == "en"
     assert whisper_batch.load_config({"decode": {"beam_size": 2}}).decode.beam_size == 2
