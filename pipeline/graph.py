@@ -2,10 +2,11 @@
 
 input block paths (the driver's :class:`~whisper_batch.pipeline.stager.InputStager` writes the pending manifest
 records as input blocks) → ``ArrowFeaturizer`` (CPU actor pool: reads an input block, then fetch, decode, windows,
-log-mel; one row per output block) → ``ArrowTranscriber`` (model actor pool, one Whisper replica each, a GPU each when
-the cluster has GPUs; a call gets ``rows_per_call`` consecutive rows and writes them as a part file per shard) → small
-part records stream back to the driver, whose :class:`~whisper_batch.pipeline.committer.ShardCommitter` commits a
-shard (in one of its threads) as soon as all its rows are written: the shard's parts merged into
+log-mel; one model call per output row and block: :mod:`~whisper_batch.pipeline.calls`) → ``ArrowTranscriber``
+(model actor pool, one Whisper replica each, a GPU each when the cluster has GPUs; a call's rows are written as a part
+file per shard) → small part records stream back to the driver, whose
+:class:`~whisper_batch.pipeline.committer.ShardCommitter` commits a shard (in one of its threads) as soon as all its
+rows are written: the shard's parts merged into
 ``transcripts/shard-NNNNN.parquet`` (one atomic write) and its completion record. Rows and features never pass
 through the driver; actors live for the whole run.
 """
