@@ -53,7 +53,8 @@ def model_resources(cfg: RunConfig, rows: int | None = None) -> ModelPlan:
     (with ``decode.condition_on_previous_text``, whose windows go one per file at a time: 4 rows per call).
 
     ``rows``: the rows this run sends to the model stage, where known. With ``ray.model_actors: 0`` there are then
-    no more actors than model calls (``rows_per_call`` rows each, a file's windows all in one call): an actor more
+    no more actors than model calls, counted as ``rows_per_call`` rows each (calls by windows hold at least as many
+    short rows, but a run's last rows are spread over the actors, so the count stands): an actor more
     would load the model and get no work (a small run, a retry of a few failed rows on a large cluster). On a CPU
     node the fewer actors each get more of its cores.
     """
