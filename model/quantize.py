@@ -13,6 +13,12 @@ cost more than the int8 product saves on tiny.en's small matmuls.
 Per-token activation scales are what ``torch.ao`` dynamic quantisation does not do (it scales the whole activation
 tensor with one number, so one loud token coarsens every other row of the batch; that cost WER on the dev set).
 
+Which int8 product runs depends on the CPU (:func:`int8_kernel`). ``torch._int_mm`` is fast only with VNNI; on an
+AVX2 core without it, it is a slow loop (30-60x slower than fp32), while FBGEMM's dynamic int8 linear runs at 1.6x fp32
+on the encoder's matmuls and 4x on the vocabulary projection. There each layer divides its input rows by their
+absolute maxima before handing them to the dynamic linear (which then quantises them all with one scale, to 7 bits),
+and multiplies its output rows back: scales per token, at half the resolution.
+
 The projection onto the vocabulary (the tied token embedding, the largest matmul of every decoding step) is int8 as
 well by default (``projection="int8"``); ``projection="float"`` keeps it in fp32 through oneDNN's packed weight.
 """
@@ -25,12 +31,35 @@ import torch
 from torch import Tensor, nn
 
 from .fused import QMAX, fused_quantize_rows, fused_rescale, quantize_rows, rescale, warm_up
-from .torch_compat import int_mm, int_mm_works, pack_linear_weight, packed_linear
+from .torch_compat import (
+    dynamic_int8_linear,
+    dynamic_int8_works,
+    int_mm,
+    int_mm_works,
+    pack_linear_weight,
+    packed_linear,
+    prepack_dynamic_int8,
+    vnni,
+)
 from .whisper import Linear, MultiHeadAttention, Whisper
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QMAX", "FloatProjection", "Int8Linear", "quantize_int8", "quantize_rows"]
+__all__ = ["KERNELS", "QMAX", "FloatProjection", "Int8Linear", "int8_kernel", "quantize_int8", "quantize_rows"]
+
+
+KERNELS = ("int_mm", "dynamic", "float")
+
+
+def int8_kernel() -> str:
+    """The int8 product this machine runs fastest: ``"int_mm"`` (``torch._int_mm``) on a CPU with VNNI;
+    ``"dynamic"`` (torch's dynamic int8 linear, FBGEMM on x86) without VNNI, where ``torch._int_mm`` is a slow loop;
+    else whichever runs, ``"float"`` (the int8 values multiplied in fp32) last."""
+    if int_mm_works() and vnni():
+        return "int_mm"
+    if dynamic_int8_works():
+        return "dynamic"
+    return "int_mm" if int_mm_works() else "float"
 
 
 class Int8Linear(nn.Module):
@@ -38,18 +67,28 @@ class Int8Linear(nn.Module):
 
     ``weight_t`` is W^T (in, out), contiguous: the layout ``torch._int_mm`` reads fastest. Layers that read the same
     input (an attention's query, key and value) share ``shared``, a one-entry memo, so the input is quantised once.
+
+    ``kernel`` (:data:`KERNELS`, default :func:`int8_kernel`): ``"int_mm"`` and ``"float"`` quantise each row to 8 bits
+    (symmetric) and multiply the integers (``"float"`` in fp32: exact while a row's sum stays below 2^24, K <= 1040).
+    ``"dynamic"`` divides each row by its absolute maximum, then hands the rows to torch's dynamic int8 linear, which
+    quantises the whole tensor at once to 7 bits (a step of 2/127 of each row's maximum against 1/127), and multiplies
+    each output row back: per-token scales still, so a loud token does not coarsen the other rows.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, use_int_mm: bool = True, shared: list | None = None,
+    def __init__(self, weight: Tensor, bias: Tensor | None, kernel: str | None = None, shared: list | None = None,
                  fused: bool = False):
         super().__init__()
+        kernel = kernel or int8_kernel()
+        if kernel not in KERNELS:
+            raise ValueError(f"int8 kernel must be one of {KERNELS}, not {kernel!r}")
         w = weight.detach().float()
         q, scale = quantize_rows(w)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         self.register_buffer("weight_t", q.t().contiguous())
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.use_int_mm = use_int_mm
+        self.kernel = kernel
+        self.dynamic = prepack_dynamic_int8(q, scale) if kernel == "dynamic" else None
         self.shared = shared
         self.fused = fused
 
@@ -57,14 +96,24 @@ class Int8Linear(nn.Module):
         memo = self.shared
         if memo is not None and memo[0] is x:
             return memo[1], memo[2]
-        q, scale = (fused_quantize_rows if self.fused else quantize_rows)(x.reshape(-1, x.shape[-1]))
+        rows = x.reshape(-1, x.shape[-1])
+        if self.kernel == "dynamic":  # each row at unit maximum, for the dynamic linear to quantise
+            scale = rows.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
+            q = rows.float() / scale
+        else:
+            q, scale = (fused_quantize_rows if self.fused else quantize_rows)(rows)
         if memo is not None:
             memo[:] = [x, q, scale]
         return q, scale
 
     def forward(self, x: Tensor) -> Tensor:
         q, scale = self._quantized_input(x)
-        if self.use_int_mm:
+        if self.kernel == "dynamic":
+            y = dynamic_int8_linear(q, self.dynamic) * scale
+            if self.bias is not None:
+                y += self.bias
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if self.kernel == "int_mm":
             acc = int_mm(q, self.weight_t)
         else:  # exact while a row's sum stays below 2^24 (K * 127^2): K <= 1040; above, off by float rounding
             acc = q.float() @ self.weight_t.float()
@@ -103,25 +152,25 @@ def quantize_int8(model: Whisper, projection: str = "int8", fused: bool = False)
                          f"{model.device}")
     if projection not in ("int8", "float"):
         raise ValueError(f"projection must be 'int8' or 'float', not {projection!r}")
-    use_int_mm = int_mm_works()
-    if not use_int_mm:
-        logger.warning("torch._int_mm does not run here: int8 layers multiply their int8 values in fp32 (same "
-                       "numbers up to rounding, not faster)")
+    kernel = int8_kernel()
+    if kernel == "float":
+        logger.warning("neither torch._int_mm nor torch's dynamic int8 linear runs here: int8 layers multiply their "
+                       "int8 values in fp32 (same numbers up to rounding, not faster)")
     for module in list(model.modules()):
         # an attention's query, key and value read the same input (cross-attention's key/value: the encoder output)
         shared = [None, None, None] if isinstance(module, MultiHeadAttention) else None
         for name, child in list(module.named_children()):
             if isinstance(child, Linear):
                 memo = shared if name in ("query", "key", "value") else None
-                setattr(module, name, Int8Linear(child.weight, child.bias, use_int_mm, memo, fused))
+                setattr(module, name, Int8Linear(child.weight, child.bias, kernel, memo, fused))
     emb = model.decoder.token_embedding.weight
     if projection == "int8":
-        model.decoder.out_proj = Int8Linear(emb, None, use_int_mm, fused=fused)
+        model.decoder.out_proj = Int8Linear(emb, None, kernel, fused=fused)
     elif model.dtype == torch.float32:
         model.decoder.out_proj = FloatProjection(emb)
     # else a bf16 model keeps its own projection (the tied embedding, packed by pack_cpu_weights)
     model.decoder.packed_projection = None
-    if fused:
+    if fused and kernel != "dynamic":  # the dynamic linear quantises inside torch: nothing to compile
         seconds = warm_up(model.dtype)
         if seconds:
             logger.info("int8 layers: quantisation and rescale compiled in %.1f s (inductor's cache: later loads "

@@ -9,11 +9,16 @@ callers take the public path: slower, the same results (int8 excepted: see :func
   torch.compile's CPU freezing does to linear layers, without torch.compile. Fallback: ``F.linear``.
 - ``torch._int_mm`` (int8 x int8 -> int32): the int8 layers of ``model.quantize=int8``. Fallback: the int8 values
   multiplied in fp32.
+- ``torch.cpu._is_vnni_supported``: picks the int8 product. Fallback: assume VNNI (``torch._int_mm``).
+- ``torch.ops.quantized.linear_dynamic`` (public, but torch 2.13 deprecates quantized tensors for removal): the int8
+  product on a CPU without VNNI. Fallback: ``torch._int_mm``.
 - ``Tensor._version`` (the counter torch bumps on every in-place change): lets a layer norm keep its fp32 parameters
   until they change. Fallback: converted on every call.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +75,45 @@ def int_mm_works() -> bool:
         b = torch.randint(-127, 128, (32, 8), generator=g, dtype=torch.int8)
         return bool(torch.equal(int_mm(a, b), (a.long() @ b.long()).int()))
     except (AttributeError, RuntimeError):
+        return False
+
+
+def vnni() -> bool:
+    """Whether this CPU has VNNI (AVX512-VNNI or AVX-VNNI), which ``torch._int_mm`` needs to be fast: without it
+    torch's integer product is a slow loop (2026-12-07, an AVX2 core: 1000 x 384 x 1536 in 386-813 ms against 13 ms
+    for fp32). ``torch.cpu._is_vnni_supported`` is private; where it is missing, True (the int8 path as before)."""
+    try:
+        return bool(torch.cpu._is_vnni_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def prepack_dynamic_int8(q: Tensor, scale: Tensor) -> object:
+    """int8 weights ``q`` (out, in) with one scale per output channel, packed for :func:`dynamic_int8_linear`
+    (FBGEMM's or oneDNN's packed int8 weight: ``torch.ops.quantized.linear_prepack``, public)."""
+    zero = torch.zeros(q.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors (its issue 184982); see the fallback
+        warnings.simplefilter("ignore", UserWarning)
+        w = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(), zero, 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(w, None)
+
+
+def dynamic_int8_linear(x: Tensor, packed: object) -> Tensor:
+    """fp32 (M, in) -> fp32 (M, out) through torch's dynamic int8 linear: the input quantised per tensor to 7 bits
+    (``reduce_range``: no int16 overflow in the u8 x s8 pairs of AVX2's int8 product), int32 accumulation."""
+    return torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
+def dynamic_int8_works() -> bool:
+    """Whether :func:`dynamic_int8_linear` runs here and gives the float product within int8's error."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        w, x = torch.randn(16, 32, generator=g), torch.randn(3, 32, generator=g)
+        scale = w.abs().amax(dim=1) / 127
+        q = torch.round(w / scale[:, None]).to(torch.int8)
+        y, ref = dynamic_int8_linear(x, prepack_dynamic_int8(q, scale)), F.linear(x, w)
+        return y.shape == (3, 16) and bool(((y - ref).norm() / ref.norm()) < 0.05)
+    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
         return False
 
 

@@ -24,7 +24,7 @@ from whisper_batch.model.constants import SAMPLE_RATE, TASKS
 from .secrets import redact_options, redact_uri
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "auto")
 
 
 class ConfigError(ValueError):
@@ -91,7 +91,8 @@ class ModelConfig:
     # memory holds (16 on cpu). A batch that runs out of memory is halved and retried, and the smaller size kept.
     batch_size: int = 16
     # none, or int8 for dynamic int8 quantisation of the linear layers (cpu): with dtype auto the rest runs in
-    # float32, with dtype bfloat16 in bf16 (attention included; the vocabulary projection then stays bf16)
+    # float32, with dtype bfloat16 in bf16 (attention included; the vocabulary projection then stays bf16); auto is
+    # int8 on a CPU without native bf16, else none
     quantize: str = "none"
     # compile the int8 layers' input quantisation and rescale into one loop each (torch.compile, cached on disk per
     # node); where compiling fails the same operators run eagerly, with a warning

@@ -25,7 +25,17 @@ def pick_device(m: ModelConfig) -> tuple[str, torch.dtype]:
         return device, getattr(torch, m.dtype)
     if device.startswith("cuda"):
         return device, torch.float16
-    return device, torch.bfloat16 if m.quantize == "none" and cpu_has_bf16() else torch.float32
+    return device, torch.bfloat16 if quantize_mode(m, device) == "none" and cpu_has_bf16() else torch.float32
+
+
+def quantize_mode(m: ModelConfig, device: str) -> str:
+    """``model.quantize`` resolved: ``auto`` is int8 on a CPU without native bf16 (there int8 layers beat fp32; on a
+    bf16 CPU the model runs in bf16, which int8 in fp32 does not beat), else none. int8 is a CPU's: none off it."""
+    if not device.startswith("cpu"):
+        return "none"
+    if m.quantize == "auto":
+        return "none" if cpu_has_bf16() else "int8"
+    return m.quantize
 
 
 def is_out_of_memory(e: BaseException) -> bool:

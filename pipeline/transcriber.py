@@ -26,7 +26,7 @@ from whisper_batch.model.transcribe import TranscribeOptions, prompt_after, tran
 
 from . import faults
 from .config import DecodeConfig, RunConfig
-from .device import auto_batch_size, free_cached_memory, is_out_of_memory, pick_device
+from .device import auto_batch_size, free_cached_memory, is_out_of_memory, pick_device, quantize_mode
 from .features import Featurizer, mel_windows
 from .packing import FEATURE_KEYS, member_share, pack_ok
 
@@ -139,7 +139,8 @@ class Transcriber:
         self.model, self.tokenizer, ckpt = load_model(
             cfg.model.name, device=device, dtype=dtype, fetch=fetcher(cfg.storage.storage_options)
         )
-        if cfg.model.quantize == "int8" and device == "cpu":
+        int8 = quantize_mode(cfg.model, device) == "int8"
+        if int8:
             from whisper_batch.model.quantize import quantize_int8
 
             # a bf16 model keeps its bf16 projection onto the vocabulary (packed below)
@@ -151,7 +152,7 @@ class Transcriber:
             logger.warning("model.quantize=int8 is for CPUs: on %s the model runs unquantised in %s", device,
                            str(dtype).replace("torch.", ""))
         logger.info("model %s on %s in %s%s", ckpt.name, device, str(dtype).replace("torch.", ""),
-                    ", int8 linear layers" if cfg.model.quantize == "int8" and device == "cpu" else "")
+                    ", int8 linear layers" if int8 else "")
         self.model_name = ckpt.name
         self.load_s = time.perf_counter() - t0
         self.opts = transcribe_options(cfg.decode)

@@ -3,7 +3,8 @@
 Stated tolerance on real windows (tiny.en, the four example recordings, logits teacher-forced on the fp32 greedy
 tokens): max |int8 - fp32| logit below 3.0 (the logits' spread is about 6; measured 2.15), mean below 0.5
 (measured 0.31), the same top token at
-90 % of positions or more; and greedy decoding gives the same text on every window.
+90 % of positions or more; and greedy decoding gives the same text on every window (on a CPU without VNNI, whose
+dynamic int8 linear quantises activations to 7 bits, texts within 5 % WER of fp32's).
 """
 
 import copy
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 
 from whisper_batch.model.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
 from whisper_batch.model.decoding import DecodingOptions, decode, initial_tokens
-from whisper_batch.model.quantize import Int8Linear, quantize_int8, quantize_rows
+from whisper_batch.model.quantize import KERNELS, Int8Linear, int8_kernel, quantize_int8, quantize_rows
+from whisper_batch.model.torch_compat import dynamic_int8_works, int_mm_works
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -30,27 +32,51 @@ def test_rows_round_trip_within_half_a_step():
     assert (q[4] == 0).all()
 
 
-@pytest.mark.parametrize("int_mm", [True, False], ids=["int_mm", "float-fallback"])
-def test_int8_linear_is_close_to_fp32(int_mm):
-    if int_mm and not hasattr(torch, "_int_mm"):
-        pytest.skip("this torch has no _int_mm")
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_linear_is_close_to_fp32(kernel):
+    if kernel == "int_mm" and not int_mm_works():
+        pytest.skip("torch._int_mm does not run on this torch or CPU")
+    if kernel == "dynamic" and not dynamic_int8_works():
+        pytest.skip("torch's dynamic int8 linear does not run on this torch or CPU")
     torch.manual_seed(0)
     w, b = torch.randn(96, 64) / 8, torch.randn(96)
     x = torch.randn(3, 7, 64)
     x[0, 0] *= 50  # one loud token must not coarsen the others (per-tensor scaling would)
-    layer = Int8Linear(w, b, use_int_mm=int_mm)
+    layer = Int8Linear(w, b, kernel)
     y, ref = layer(x), F.linear(x, w, b)
     assert y.shape == (3, 7, 96) and y.dtype == torch.float32
     rel = (y - ref).norm(dim=-1) / ref.norm(dim=-1)
-    assert rel.max() < 0.02, rel.max()
+    # 8-bit rows (int_mm, float) within 2 %; the dynamic linear's 7-bit rows within 4 %
+    assert rel.max() < (0.04 if kernel == "dynamic" else 0.02), rel.max()
+    if kernel == "dynamic":  # and per token: the same rows alone give the same result as beside the loud one
+        quiet = Int8Linear(w, b, kernel)(x[1:])
+        torch.testing.assert_close(quiet, y[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_the_int8_product_is_chosen_by_the_cpu(monkeypatch):
+    import whisper_batch.model.quantize as quantize
+
+    monkeypatch.setattr(quantize, "int_mm_works", lambda: True)
+    monkeypatch.setattr(quantize, "dynamic_int8_works", lambda: True)
+    monkeypatch.setattr(quantize, "vnni", lambda: True)
+    assert quantize.int8_kernel() == "int_mm"  # VNNI: torch._int_mm, as measured there
+    monkeypatch.setattr(quantize, "vnni", lambda: False)
+    assert quantize.int8_kernel() == "dynamic"  # AVX2 alone: _int_mm is a slow loop, FBGEMM's int8 is not
+    monkeypatch.setattr(quantize, "dynamic_int8_works", lambda: False)  # e.g. a torch without quantized ops
+    assert quantize.int8_kernel() == "int_mm"
+    monkeypatch.setattr(quantize, "int_mm_works", lambda: False)
+    assert quantize.int8_kernel() == "float"
+    with pytest.raises(ValueError, match="int8 kernel"):
+        Int8Linear(torch.ones(2, 2), None, "fp8")
 
 
 def test_shared_input_is_quantised_once_with_the_same_result():
     torch.manual_seed(1)
     memo = [None, None, None]
     w = [torch.randn(32, 48) for _ in range(3)]
-    shared = [Int8Linear(wi, None, shared=memo) for wi in w]
-    alone = [Int8Linear(wi, None) for wi in w]
+    kernel = int8_kernel()
+    shared = [Int8Linear(wi, None, kernel, shared=memo) for wi in w]
+    alone = [Int8Linear(wi, None, kernel) for wi in w]
     x = torch.randn(2, 5, 48)
     for a, b in zip(shared, alone):
         assert torch.equal(a(x), b(x))
@@ -115,7 +141,12 @@ def test_int8_logits_and_greedy_text_match_fp32_on_real_windows(fp32_and_int8):
     options = DecodingOptions(language="en")
     feats, qfeats = model.embed_audio(mel), q8.embed_audio(mel)
     ref, out = decode(model, tokenizer, feats, options), decode(q8, tokenizer, qfeats, options)
-    assert [r.text for r in out] == [r.text for r in ref]
+    if q8.decoder.out_proj.kernel == "dynamic":  # 7-bit activations: a word may change (anna: 'the sea' -> 'Nasi')
+        import jiwer
+
+        assert jiwer.wer([r.text for r in ref], [r.text for r in out]) < 0.05
+    else:
+        assert [r.text for r in out] == [r.text for r in ref]
     for i, r in enumerate(ref):
         tokens = torch.tensor([initial_tokens(tokenizer, options, "en", model.dims.n_text_ctx) + list(r.tokens)])
         a, b = model.logits(tokens, feats[i : i + 1]), q8.logits(tokens, qfeats[i : i + 1])

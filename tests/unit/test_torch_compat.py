@@ -112,19 +112,22 @@ def test_int8_layers_fall_back_to_float_products_without_int_mm(monkeypatch, mak
                                                                tiny_en_tokenizer):
     model = make_random_whisper(tiny_dims, tiny_en_tokenizer.eot)
     tokens, mel = torch.tensor([[50257, 440, 2068]]), random((1, 80, 3000), 4)
+    import whisper_batch.model.quantize as quantize
+
     with_int_mm = int_mm_works()
     monkeypatch.delattr(torch, "_int_mm", raising=False)
+    monkeypatch.setattr(quantize, "dynamic_int8_works", lambda: False)  # nor torch's dynamic int8 linear
     assert not int_mm_works()
     quantize_int8(model)
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    assert layers and not any(layer.use_int_mm for layer in layers)
+    assert layers and all(layer.kernel == "float" for layer in layers)
     with torch.no_grad():
         fallback = model.logits(tokens, model.embed_audio(mel))
     assert fallback.isfinite().all()
     if with_int_mm:  # the same model on the integer path: the same numbers up to float rounding
         monkeypatch.undo()
         for layer in layers:
-            layer.use_int_mm = True
+            layer.kernel = "int_mm"
         with torch.no_grad():
             exact = model.logits(tokens, model.embed_audio(mel))
         torch.testing.assert_close(fallback, exact, atol=1e-3, rtol=1e-4)

@@ -183,6 +183,19 @@ def test_auto_dtype_on_cpu_is_bf16_only_where_native():
     assert pick_device(load_config(None, ["model.device=cpu", "model.dtype=float32"]).model)[1] == torch.float32
 
 
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-cpu", "avx2-cpu"])
+def test_quantize_auto_is_int8_only_on_a_cpu_without_bf16(monkeypatch, bf16):
+    import whisper_batch.pipeline.device as device
+
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: bf16)
+    auto = load_config(None, ["model.device=cpu", "model.quantize=auto"]).model
+    assert device.quantize_mode(auto, "cpu") == ("none" if bf16 else "int8")
+    assert device.pick_device(auto) == ("cpu", torch.bfloat16 if bf16 else torch.float32)
+    assert device.quantize_mode(auto, "cuda") == "none"  # int8 layers are the CPU's
+    assert device.quantize_mode(load_config(None, ["model.quantize=int8"]).model, "cpu") == "int8"
+    assert device.quantize_mode(load_config(None, []).model, "cpu") == "none"
+
+
 def test_out_of_memory_errors_are_recognised():
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
