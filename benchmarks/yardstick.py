@@ -38,7 +38,7 @@ def file_overrides(path: Path) -> list[str]:
 REFERENCE_WINDOWS = ["decode.padding_seconds=null", "decode.temperatures=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0]",
                      "decode.probe_logprob_threshold=-0.7"]
 CONFIGS: dict[str, list[str]] = {
-    "fp32": ["model.dtype=float32", *REFERENCE_WINDOWS],
+    "fp32": ["model.dtype=float32", "model.quantize=none", *REFERENCE_WINDOWS],
     "default": [],
     "int8": ["model.quantize=int8"],
     "int8-bf16": ["model.quantize=int8", "model.dtype=bfloat16"],

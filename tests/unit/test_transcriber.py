@@ -178,7 +178,7 @@ def test_pack_decodes_that_cannot_be_split_are_refused():
 
 def test_auto_dtype_on_cpu_is_bf16_only_where_native():
     cfg = load_config(None, ["model.device=cpu"])
-    assert pick_device(cfg.model) == ("cpu", torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert pick_device(cfg.model) == ("cpu", torch.bfloat16 if cpu_has_bf16() else torch.float32)  # else int8 + fp32
     assert pick_device(load_config(None, ["model.device=cpu", "model.quantize=int8"]).model)[1] == torch.float32
     assert pick_device(load_config(None, ["model.device=cpu", "model.dtype=float32"]).model)[1] == torch.float32
 
@@ -193,7 +193,10 @@ def test_quantize_auto_is_int8_only_on_a_cpu_without_bf16(monkeypatch, bf16):
     assert device.pick_device(auto) == ("cpu", torch.bfloat16 if bf16 else torch.float32)
     assert device.quantize_mode(auto, "cuda") == "none"  # int8 layers are the CPU's
     assert device.quantize_mode(load_config(None, ["model.quantize=int8"]).model, "cpu") == "int8"
-    assert device.quantize_mode(load_config(None, []).model, "cpu") == "none"
+    assert device.quantize_mode(load_config(None, []).model, "cpu") == ("none" if bf16 else "int8")  # the default
+    # the reference's arithmetic: no int8
+    reference = load_config(str(EXAMPLES.parent / "configs" / "reference.yaml"), []).model
+    assert device.quantize_mode(reference, "cpu") == "none"
 
 
 def test_out_of_memory_errors_are_recognised():

@@ -69,7 +69,8 @@ def test_configurations_by_name_or_overrides_always_with_the_fp32_reference():
     from whisper_batch.pipeline.config import load_config
 
     reference = load_config(None, parse_configs("int8")["fp32"])  # fp32 with the reference's windows and fallback
-    assert (reference.model.dtype, reference.decode.padding_seconds) == ("float32", None)
+    assert (reference.model.dtype, reference.model.quantize, reference.decode.padding_seconds) == ("float32", "none",
+                                                                                                 None)
     assert reference.decode.temperatures == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     assert parse_configs("int8")["int8"] == ["model.quantize=int8"]
     custom = parse_configs("default,pad10:decode.padding_seconds=10+decode.beam_size=5")
