@@ -92,8 +92,8 @@ class ModelConfig:
     batch_size: int = 16
     # none, or int8 for dynamic int8 quantisation of the linear layers (cpu): with dtype auto the rest runs in
     # float32, with dtype bfloat16 in bf16 (attention included; the vocabulary projection then stays bf16); auto is
-    # int8 on a CPU without native bf16 (1.4x fp32 there, accuracy kept on every yardstick set), else none
-    quantize: str = "auto"
+    # int8 on a CPU without native bf16 (1.4x fp32 there), else none
+    quantize: str = "none"
     # compile the int8 layers' input quantisation and rescale into one loop each (torch.compile, cached on disk per
     # node); where compiling fails the same operators run eagerly, with a warning
     compile: bool = True
