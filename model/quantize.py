@@ -71,9 +71,10 @@ class Int8Linear(nn.Module):
     ``kernel`` (:data:`KERNELS`, default :func:`int8_kernel`): ``"int_mm"`` and ``"float"`` quantise each row to 8 bits
     (symmetric) and multiply the integers (``"float"`` in fp32: exact while a row's sum stays below 2^24, K <= 1040).
     ``"dynamic"`` divides each row by its absolute maximum, then hands the rows to torch's dynamic int8 linear, which
-    quantises the whole tensor at once to 7 bits (a step of 2/127 of each row's maximum against 1/127; one extra row
-    pins the tensor's range to [-1, 1]), and multiplies each output row back: per-token scales still, so a row's
-    result is the same whatever rows share its call.
+    quantises the whole tensor at once to 7 bits (a step of 2/127 of each row's maximum against 1/127), and multiplies
+    each output row back: per-token scales still, so a loud token does not coarsen the other rows. The grid spans the
+    call's own range ([-1, 1] once rows of both signs meet in it), so, as in bf16, a row's result can depend on the rows
+    beside it; pinning it to [-1, 1] cost accuracy (docs/accuracy.md).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, kernel: str | None = None, shared: list | None = None,
@@ -98,16 +99,9 @@ class Int8Linear(nn.Module):
         if memo is not None and memo[0] is x:
             return memo[1], memo[2]
         rows = x.reshape(-1, x.shape[-1])
-        if self.kernel == "dynamic":
-            # each row at unit maximum, and one more row of +1 and -1: the dynamic linear's one scale and zero point
-            # come from the tensor's minimum and maximum, so they are pinned to [-1, 1] and a row's result does not
-            # depend on the rows beside it in the call
-            n = rows.shape[0]
+        if self.kernel == "dynamic":  # each row at unit maximum, for the dynamic linear to quantise
             scale = rows.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
-            q = torch.empty(n + 1, rows.shape[1])
-            torch.div(rows, scale, out=q[:n])
-            q[n] = 0.0
-            q[n, 0], q[n, -1] = 1.0, -1.0
+            q = rows.float() / scale
         else:
             q, scale = (fused_quantize_rows if self.fused else quantize_rows)(rows)
         if memo is not None:
@@ -117,7 +111,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         q, scale = self._quantized_input(x)
         if self.kernel == "dynamic":
-            y = dynamic_int8_linear(q, self.dynamic)[:-1] * scale
+            y = dynamic_int8_linear(q, self.dynamic) * scale
             if self.bias is not None:
                 y += self.bias
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
