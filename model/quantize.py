@@ -62,6 +62,11 @@ def int8_kernel() -> str:
     return "int_mm" if int_mm_works() else "float"
 
 
+# The dynamic kernel's grid for an MLP's second layer, whose input is a GELU's output (never below -0.17): [-0.25, 1]
+# keeps 7 bits for the positive side where [-1, 1] would halve them (which lost accuracy on long-10min)
+GELU_FLOOR = -0.25
+
+
 class Int8Linear(nn.Module):
     """``y = x W^T + b`` with W int8 per output channel, x int8 per row, int32 accumulation, fp32 out.
 
@@ -70,15 +75,15 @@ class Int8Linear(nn.Module):
 
     ``kernel`` (:data:`KERNELS`, default :func:`int8_kernel`): ``"int_mm"`` and ``"float"`` quantise each row to 8 bits
     (symmetric) and multiply the integers (``"float"`` in fp32: exact while a row's sum stays below 2^24, K <= 1040).
-    ``"dynamic"`` divides each row by its absolute maximum, then hands the rows to torch's dynamic int8 linear, which
-    quantises the whole tensor at once to 7 bits (a step of 2/127 of each row's maximum against 1/127), and multiplies
-    each output row back: per-token scales still, so a loud token does not coarsen the other rows. The grid spans the
-    call's own range ([-1, 1] once rows of both signs meet in it), so, as in bf16, a row's result can depend on the rows
-    beside it; pinning it to [-1, 1] cost accuracy (docs/accuracy.md).
+    ``"dynamic"`` scales each row into ``[floor, 1]`` (by its maximum, or by its minimum over ``-floor`` where that
+    is larger; ``floor=-1``: by its absolute maximum), then hands the rows to torch's dynamic int8 linear, which
+    quantises the whole tensor on one 7-bit grid, and multiplies each output row back: per-token scales still, so a
+    loud token does not coarsen the other rows. One extra row of ``1`` and ``floor`` pins that grid to
+    ``[floor, 1]``, so a row's result is the same whatever rows share its call.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, kernel: str | None = None, shared: list | None = None,
-                 fused: bool = False):
+                 fused: bool = False, floor: float = -1.0):
         super().__init__()
         kernel = kernel or int8_kernel()
         if kernel not in KERNELS:
@@ -86,22 +91,31 @@ class Int8Linear(nn.Module):
         w = weight.detach().float()
         q, scale = quantize_rows(w)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
-        self.register_buffer("weight_t", q.t().contiguous())
+        # the dynamic kernel reads only its prepacked copy
+        self.register_buffer("weight_t", None if kernel == "dynamic" else q.t().contiguous())
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.kernel = kernel
         self.dynamic = prepack_dynamic_int8(q, scale) if kernel == "dynamic" else None
         self.shared = shared
         self.fused = fused
+        self.floor = floor
+        # the dynamic kernel's extra row: the call's minimum and maximum, so its grid is [floor, 1] whatever the rows
+        self.pin = torch.zeros(1, self.in_features)
+        self.pin[0, 0], self.pin[0, -1] = 1.0, floor
 
     def _quantized_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         memo = self.shared
         if memo is not None and memo[0] is x:
             return memo[1], memo[2]
         rows = x.reshape(-1, x.shape[-1])
-        if self.kernel == "dynamic":  # each row at unit maximum, for the dynamic linear to quantise
-            scale = rows.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
-            q = rows.float() / scale
+        if self.kernel == "dynamic":  # few ops: at a decoding step's 16 rows each costs about a tenth of the product
+            if self.floor == -1.0:
+                scale = rows.abs().amax(dim=-1, keepdim=True)
+            else:
+                scale = torch.maximum(rows.amax(dim=-1, keepdim=True), rows.amin(dim=-1, keepdim=True) / self.floor)
+            scale = scale.float().clamp_min_(1e-12)
+            q = torch.cat([rows / scale, self.pin])
         else:
             q, scale = (fused_quantize_rows if self.fused else quantize_rows)(rows)
         if memo is not None:
@@ -111,7 +125,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         q, scale = self._quantized_input(x)
         if self.kernel == "dynamic":
-            y = dynamic_int8_linear(q, self.dynamic) * scale
+            y = dynamic_int8_linear(q, self.dynamic)[:-1] * scale
             if self.bias is not None:
                 y += self.bias
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -164,7 +178,9 @@ def quantize_int8(model: Whisper, projection: str = "int8", fused: bool = False)
         for name, child in list(module.named_children()):
             if isinstance(child, Linear):
                 memo = shared if name in ("query", "key", "value") else None
-                setattr(module, name, Int8Linear(child.weight, child.bias, kernel, memo, fused))
+                after_gelu = isinstance(module, nn.Sequential) and isinstance(module[int(name) - 1], nn.GELU)
+                floor = GELU_FLOOR if after_gelu else -1.0
+                setattr(module, name, Int8Linear(child.weight, child.bias, kernel, memo, fused, floor))
     emb = model.decoder.token_embedding.weight
     if projection == "int8":
         model.decoder.out_proj = Int8Linear(emb, None, kernel, fused=fused)
