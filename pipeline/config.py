@@ -90,10 +90,11 @@ class ModelConfig:
     # 30 s windows per forward pass (windows from many files are batched together); 0 = as many as the free GPU
     # memory holds (16 on cpu). A batch that runs out of memory is halved and retried, and the smaller size kept.
     batch_size: int = 16
-    # auto: int8 on a CPU without native bf16 (1.2-1.4x fp32 there, the same accuracy), else none;
-    # none; or int8: dynamic int8 quantisation of the linear layers (cpu): with dtype auto the rest runs in float32,
-    # with dtype bfloat16 in bf16 (attention included; the vocabulary projection then stays bf16)
-    quantize: str = "auto"
+    # none; int8: dynamic int8 quantisation of the linear layers (cpu): with dtype auto the rest runs in
+    # float32, with dtype bfloat16 in bf16 (attention included; the vocabulary projection then stays bf16); or auto:
+    # int8 on a CPU without native bf16 (1.2-1.4x fp32 there; not the default: it lost a sentence after music in a
+    # test, docs/accuracy.md)
+    quantize: str = "none"
     # compile the int8 layers' input quantisation and rescale into one loop each (torch.compile, cached on disk per
     # node); where compiling fails the same operators run eagerly, with a warning
     compile: bool = True

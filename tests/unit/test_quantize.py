@@ -33,12 +33,16 @@ def test_rows_round_trip_within_half_a_step():
     assert (q[4] == 0).all()
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_int8_linear_is_close_to_fp32(kernel):
+def _skip_unless_it_runs(kernel: str) -> None:
     if kernel == "int_mm" and not int_mm_works():
         pytest.skip("torch._int_mm does not run on this torch or CPU")
     if kernel == "dynamic" and not dynamic_int8_works():
         pytest.skip("torch's dynamic int8 linear does not run on this torch or CPU")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_linear_is_close_to_fp32(kernel):
+    _skip_unless_it_runs(kernel)
     torch.manual_seed(0)
     w, b = torch.randn(96, 64) / 8, torch.randn(96)
     x = torch.randn(3, 7, 64)
@@ -60,10 +64,7 @@ def test_int8_linear_is_close_to_fp32(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_after_a_gelu_the_grid_keeps_its_bits_for_the_positive_side(kernel):
-    if kernel == "int_mm" and not int_mm_works():
-        pytest.skip("torch._int_mm does not run on this torch or CPU")
-    if kernel == "dynamic" and not dynamic_int8_works():
-        pytest.skip("torch's dynamic int8 linear does not run on this torch or CPU")
+    _skip_unless_it_runs(kernel)
     torch.manual_seed(0)
     w, x = torch.randn(96, 256) / 16, F.gelu(torch.randn(12, 256) * 2)
     ref = F.linear(x, w)

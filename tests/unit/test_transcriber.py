@@ -193,7 +193,7 @@ def test_quantize_auto_is_int8_only_on_a_cpu_without_bf16(monkeypatch, bf16):
     assert device.pick_device(auto) == ("cpu", torch.bfloat16 if bf16 else torch.float32)
     assert device.quantize_mode(auto, "cuda") == "none"  # int8 layers are the CPU's
     assert device.quantize_mode(load_config(None, ["model.quantize=int8"]).model, "cpu") == "int8"
-    assert device.quantize_mode(load_config(None, []).model, "cpu") == ("none" if bf16 else "int8")  # the default
+    assert device.quantize_mode(load_config(None, []).model, "cpu") == "none"  # the default
     # the reference's arithmetic: no int8
     reference = load_config(str(EXAMPLES.parent / "configs" / "reference.yaml"), []).model
     assert device.quantize_mode(reference, "cpu") == "none"
