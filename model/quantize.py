@@ -101,8 +101,10 @@ class Int8Linear(nn.Module):
         self.fused = fused
         self.floor = floor
         # the dynamic kernel's extra row: the call's minimum and maximum, so its grid is [floor, 1] whatever the rows
-        self.pin = torch.zeros(1, self.in_features)
-        self.pin[0, 0], self.pin[0, -1] = 1.0, floor
+        self.pin = None
+        if kernel == "dynamic":
+            self.pin = torch.zeros(1, self.in_features)
+            self.pin[0, 0], self.pin[0, -1] = 1.0, floor
 
     def _quantized_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         memo = self.shared
