@@ -133,7 +133,7 @@ def run_bench(args: argparse.Namespace) -> tuple[list[Timing], dict[str, float],
         from whisper_batch.model.quantize import quantize_int8
 
         model = quantize_int8(model, projection="float" if args.quantize == "int8-float-projection" else "int8",
-                              fused=args.fused)
+                              fused=args.fused, decoder=args.quantize != "int8-encoder")
     model.pack_cpu_weights()  # as the pipeline's CPU model actors do (a no-op off the CPU; int8 layers stay int8)
     loads = {"ours: load_model": time.perf_counter() - start}
     start = time.perf_counter()
@@ -217,9 +217,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default=str(EVAL_DIR), help="eval data directory with manifest.jsonl")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="our model's dtype (the reference runs in fp32 on the CPU)")
-    parser.add_argument("--quantize", default="none", choices=("none", "int8", "int8-float-projection"),
+    parser.add_argument("--quantize", default="none",
+                        choices=("none", "int8", "int8-float-projection", "int8-encoder"),
                         help="int8 layers (model/quantize.py; needs --dtype float32); int8-float-projection keeps the "
-                             "vocabulary projection in fp32")
+                             "vocabulary projection in fp32, int8-encoder quantises the encoder only")
     parser.add_argument("--fused", action="store_true",
                         help="int8 layers' quantisation and rescale compiled (torch.compile), as model.compile does")
     parser.add_argument("--no-reference", action="store_true", help="leave openai-whisper out (ours only)")

@@ -156,7 +156,7 @@ class FloatProjection(nn.Module):
         return x.float() @ self.weight.T
 
 
-def quantize_int8(model: Whisper, projection: str = "int8", fused: bool = False) -> Whisper:
+def quantize_int8(model: Whisper, projection: str = "int8", fused: bool = False, decoder: bool = True) -> Whisper:
     """Quantise ``model`` (fp32 or bf16, CPU) in place and return it.
 
     Args:
@@ -164,6 +164,8 @@ def quantize_int8(model: Whisper, projection: str = "int8", fused: bool = False)
             the model's dtype, packed for oneDNN).
         fused: the quantisation and rescale around each int8 product compiled into one loop each (compiled here,
             or loaded from inductor's cache; eager where that fails).
+        decoder: False quantises the encoder's layers only: the decoder and its projection keep the model's dtype
+            (``model.quantize: int8-encoder``).
     """
     if model.dtype not in (torch.float32, torch.bfloat16) or model.device.type != "cpu":
         raise ValueError(f"int8 quantisation is for fp32 or bf16 models on the CPU, not {model.dtype} on "
@@ -174,7 +176,7 @@ def quantize_int8(model: Whisper, projection: str = "int8", fused: bool = False)
     if kernel == "float":
         logger.warning("neither torch._int_mm nor torch's dynamic int8 linear runs here: int8 layers multiply their "
                        "int8 values in fp32 (same numbers up to rounding, not faster)")
-    for module in list(model.modules()):
+    for module in list((model if decoder else model.encoder).modules()):
         # an attention's query, key and value read the same input (cross-attention's key/value: the encoder output)
         shared = [None, None, None] if isinstance(module, MultiHeadAttention) else None
         for name, child in list(module.named_children()):
@@ -183,13 +185,14 @@ def quantize_int8(model: Whisper, projection: str = "int8", fused: bool = False)
                 after_gelu = isinstance(module, nn.Sequential) and isinstance(module[int(name) - 1], nn.GELU)
                 floor = GELU_FLOOR if after_gelu else -1.0
                 setattr(module, name, Int8Linear(child.weight, child.bias, kernel, memo, fused, floor))
-    emb = model.decoder.token_embedding.weight
-    if projection == "int8":
-        model.decoder.out_proj = Int8Linear(emb, None, kernel, fused=fused)
-    elif model.dtype == torch.float32:
-        model.decoder.out_proj = FloatProjection(emb)
-    # else a bf16 model keeps its own projection (the tied embedding, packed by pack_cpu_weights)
-    model.decoder.packed_projection = None
+    if decoder:  # else the projection stays the tied embedding (packed by pack_cpu_weights)
+        emb = model.decoder.token_embedding.weight
+        if projection == "int8":
+            model.decoder.out_proj = Int8Linear(emb, None, kernel, fused=fused)
+        elif model.dtype == torch.float32:
+            model.decoder.out_proj = FloatProjection(emb)
+        # else a bf16 model keeps its own projection (the tied embedding, packed by pack_cpu_weights)
+        model.decoder.packed_projection = None
     if fused and kernel != "dynamic":  # the dynamic linear quantises inside torch: nothing to compile
         seconds = warm_up(model.dtype)
         if seconds:

@@ -24,7 +24,7 @@ from whisper_batch.model.constants import SAMPLE_RATE, TASKS
 from .secrets import redact_options, redact_uri
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-QUANTIZE = ("none", "int8", "auto")
+QUANTIZE = ("none", "int8", "int8-encoder", "auto")
 
 
 class ConfigError(ValueError):
@@ -91,9 +91,10 @@ class ModelConfig:
     # memory holds (16 on cpu). A batch that runs out of memory is halved and retried, and the smaller size kept.
     batch_size: int = 16
     # none; int8: dynamic int8 quantisation of the linear layers (cpu): with dtype auto the rest runs in
-    # float32, with dtype bfloat16 in bf16 (attention included; the vocabulary projection then stays bf16); or auto:
-    # int8 on a CPU without native bf16 (1.2-1.4x fp32 there; not the default: it lost a sentence after music in a
-    # test, docs/accuracy.md)
+    # float32, with dtype bfloat16 in bf16 (attention included; the vocabulary projection then stays bf16);
+    # int8-encoder: the encoder's linear layers only (the decoder keeps the model's dtype); or auto: int8-encoder on a
+    # CPU without native bf16 (1.13x fp32 there, accuracy kept on every yardstick set; not the default: two long-form
+    # tests lost a word or a segment's end, docs/accuracy.md)
     quantize: str = "none"
     # compile the int8 layers' input quantisation and rescale into one loop each (torch.compile, cached on disk per
     # node); where compiling fails the same operators run eagerly, with a warning

@@ -139,20 +139,21 @@ class Transcriber:
         self.model, self.tokenizer, ckpt = load_model(
             cfg.model.name, device=device, dtype=dtype, fetch=fetcher(cfg.storage.storage_options)
         )
-        int8 = quantize_mode(cfg.model, device) == "int8"
-        if int8:
+        mode = quantize_mode(cfg.model, device)
+        if mode != "none":
             from whisper_batch.model.quantize import quantize_int8
 
             # a bf16 model keeps its bf16 projection onto the vocabulary (packed below)
             projection = "int8" if dtype == torch.float32 else "float"
-            self.model = quantize_int8(self.model, projection=projection, fused=cfg.model.compile)
+            self.model = quantize_int8(self.model, projection=projection, fused=cfg.model.compile,
+                                       decoder=mode == "int8")
         if device == "cpu":
             self.model.pack_cpu_weights()
-        elif cfg.model.quantize == "int8":  # int8 kernels are the CPU's: say what runs instead
-            logger.warning("model.quantize=int8 is for CPUs: on %s the model runs unquantised in %s", device,
-                           str(dtype).replace("torch.", ""))
-        logger.info("model %s on %s in %s%s", ckpt.name, device, str(dtype).replace("torch.", ""),
-                    ", int8 linear layers" if int8 else "")
+        elif cfg.model.quantize.startswith("int8"):  # int8 kernels are the CPU's: say what runs instead
+            logger.warning("model.quantize=%s is for CPUs: on %s the model runs unquantised in %s", cfg.model.quantize,
+                           device, str(dtype).replace("torch.", ""))
+        layers = {"int8": ", int8 linear layers", "int8-encoder": ", the encoder's linear layers int8"}
+        logger.info("model %s on %s in %s%s", ckpt.name, device, str(dtype).replace("torch.", ""), layers.get(mode, ""))
         self.model_name = ckpt.name
         self.load_s = time.perf_counter() - t0
         self.opts = transcribe_options(cfg.decode)

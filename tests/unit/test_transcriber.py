@@ -184,15 +184,19 @@ def test_auto_dtype_on_cpu_is_bf16_only_where_native():
 
 
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16-cpu", "avx2-cpu"])
-def test_quantize_auto_is_int8_only_on_a_cpu_without_bf16(monkeypatch, bf16):
+def test_quantize_auto_is_the_encoders_int8_only_on_a_cpu_without_bf16(monkeypatch, bf16):
     import whisper_batch.pipeline.device as device
 
     monkeypatch.setattr(device, "cpu_has_bf16", lambda: bf16)
     auto = load_config(None, ["model.device=cpu", "model.quantize=auto"]).model
-    assert device.quantize_mode(auto, "cpu") == ("none" if bf16 else "int8")
+    assert device.quantize_mode(auto, "cpu") == ("none" if bf16 else "int8-encoder")
     assert device.pick_device(auto) == ("cpu", torch.bfloat16 if bf16 else torch.float32)
     assert device.quantize_mode(auto, "cuda") == "none"  # int8 layers are the CPU's
     assert device.quantize_mode(load_config(None, ["model.quantize=int8"]).model, "cpu") == "int8"
+    encoder = load_config(None, ["model.device=cpu", "model.quantize=int8-encoder"]).model
+    assert device.quantize_mode(encoder, "cpu") == "int8-encoder" and device.quantize_mode(encoder, "cuda") == "none"
+    # the decoder of int8-encoder keeps bf16 where the CPU has it
+    assert device.pick_device(encoder)[1] == (torch.bfloat16 if bf16 else torch.float32)
     assert device.quantize_mode(load_config(None, []).model, "cpu") == "none"  # the default
     # the reference's arithmetic: no int8
     reference = load_config(str(EXAMPLES.parent / "configs" / "reference.yaml"), []).model
