@@ -141,7 +141,6 @@ def test_a_bf16_model_gets_int8_layers_and_keeps_its_bf16_projection(make_random
         assert torch.allclose(logits, ref_logits, atol=0.3, rtol=0.1)
 
 
-
 def test_encoder_only_leaves_the_decoder_as_it_was(make_random_whisper, tiny_dims, tiny_en_tokenizer):
     """model.quantize=int8-encoder: the encoder's linear layers int8; the decoder, its projection included, runs
     exactly as the unquantised model on the same encoder output."""
@@ -162,6 +161,7 @@ def test_encoder_only_leaves_the_decoder_as_it_was(make_random_whisper, tiny_dim
         xa, ref = model.embed_audio(mel), plain.embed_audio(mel)
         assert not torch.equal(xa, ref) and torch.allclose(xa, ref, atol=0.2, rtol=0.1)  # int8 encoder: near
         assert torch.equal(model.logits(tokens, xa), plain.logits(tokens, xa))  # the decoder: the same bits
+
 
 def _windows():
     from whisper_batch.pipeline.audio import decode_audio

@@ -203,6 +203,23 @@ def test_quantize_auto_is_the_encoders_int8_only_on_a_cpu_without_bf16(monkeypat
     assert device.quantize_mode(reference, "cpu") == "none"
 
 
+
+@pytest.mark.parametrize("mode", ["int8", "int8-encoder"])
+def test_the_model_actor_quantises_the_layers_its_setting_names(mode):
+    """Real tiny.en: int8 makes every linear layer and the vocabulary projection int8; int8-encoder only the
+    encoder's, the decoder left as loaded."""
+    from whisper_batch.model.quantize import Int8Linear
+    from whisper_batch.model.whisper import Linear
+
+    model = Transcriber(load_config(None, ["model.device=cpu", f"model.quantize={mode}", "model.compile=false"])).model
+    assert not [m for m in model.encoder.modules() if isinstance(m, Linear)]
+    decoder_int8 = [m for m in model.decoder.modules() if isinstance(m, Int8Linear)]
+    if mode == "int8":
+        assert decoder_int8 and isinstance(model.decoder.out_proj, Int8Linear)
+    else:
+        assert not decoder_int8 and model.decoder.out_proj is None
+        assert [m for m in model.decoder.modules() if isinstance(m, Linear)]
+
 def test_out_of_memory_errors_are_recognised():
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
