@@ -27,6 +27,7 @@ from whisper_batch.jobs.report_model import SIGNALS, Aggregate
 from whisper_batch.pipeline.layout import RunLayout
 from whisper_batch.pipeline.schema import error_cause, extra_column_name
 from whisper_batch.pipeline.secrets import redact_uri
+from whisper_batch.pipeline.sink import parquet_source
 
 SEGMENT_COLUMNS = [f"segments.list.element.{name}" for name, *_ in SIGNALS] + [
     f"segments.list.element.{name}" for name in ("temperature", "language", "fallback_failed")]
@@ -41,7 +42,7 @@ class ReportError(ValueError):
 def read_shard_columns(layout: RunLayout, shard_id: int, wanted: list[str]) -> pa.Table:
     """The shard's columns among ``wanted`` (leaf paths such as ``segments.list.element.avg_logprob`` read only
     that number of each segment)."""
-    f = pq.ParquetFile(pa.BufferReader(layout.read_bytes(layout.shard_file(shard_id))))
+    f = pq.ParquetFile(parquet_source(layout.read_bytes(layout.shard_file(shard_id))))
     paths = {c.path for c in f.schema}
     top = {p.split(".")[0] for p in paths}
     return f.read(columns=[c for c in wanted if c in paths or c in top])

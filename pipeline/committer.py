@@ -3,7 +3,6 @@ committed (:func:`commit_shard`) in one of the driver's threads while the graph 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -13,7 +12,7 @@ import pyarrow.parquet as pq
 
 from .layout import RunLayout
 from .schema import merge_output
-from .sink import commit_shard_table
+from .sink import commit_shard_table, parquet_source
 
 
 class Incomplete(RuntimeError):
@@ -124,10 +123,9 @@ def commit_shard(
     """Merge a shard's part files (a row written twice by a retried task is kept once) and commit the shard.
 
     The parts are output tables already: they are concatenated and de-duplicated, never converted again."""
-    # read without Arrow's thread pool: commits run in the driver, and a process that used the pool can abort as
-    # the interpreter exits (apache/arrow#34314, seen in `whisper-batch eval`); a part is a few rows
+    # commits run in the driver: read over Arrow-owned copies, or its exit can abort (see parquet_source)
     table = merge_output(
-        [pq.read_table(io.BytesIO(layout.read_bytes(p)), use_threads=False) for p in parts], extra_types
+        [pq.read_table(parquet_source(layout.read_bytes(p)), use_threads=False) for p in parts], extra_types
     )
     model = next((m for m in table.column("model").to_pylist() if m), None)
     record = commit_shard_table(layout, shard_id, table, extra_types, model, stats, replace_failed)

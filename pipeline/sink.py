@@ -116,12 +116,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def parquet_source(data: bytes) -> pa.BufferReader:
+    """A Parquet file's bytes as a reader over an Arrow-owned copy. Arrow's I/O threads can drop the last reference
+    to a file's reader after the read has returned; over Python bytes that release needs the GIL, and once the
+    interpreter is exiting it aborts the process ("terminate called without an active exception", exit 134) after the
+    command's output (apache/arrow#34314; `use_threads=False` does not prevent it). A copy Arrow owns is freed
+    without Python."""
+    buf = pa.allocate_buffer(len(data))
+    pa.FixedSizeBufferWriter(buf).write(data)
+    return pa.BufferReader(buf)
+
+
 def read_shard(layout: RunLayout, shard_id: int, columns: list[str] | None = None) -> pa.Table:
-    """A committed shard's rows, read without Arrow's thread pool: the commands that read shards in the driver
-    (status, eval, export, run's summary) otherwise abort now and then as the interpreter exits, after their output
-    (apache/arrow#34314)."""
+    """A committed shard's rows (status, eval, export, run's summary, verify)."""
     data = layout.read_bytes(layout.shard_file(shard_id))
-    return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
+    return pq.read_table(parquet_source(data), columns=columns, use_threads=False)
 
 
 def iter_committed(layout: RunLayout, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:

@@ -7,7 +7,6 @@ Both sides find the blocks and the ``ABORT`` file of a failed staging through :c
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import threading
 import time
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 from .config import RunConfig
 from .layout import RunLayout
 from .schema import RECORD_SCHEMA, records_table
-from .sink import table_to_parquet_bytes
+from .sink import parquet_source, table_to_parquet_bytes
 
 if TYPE_CHECKING:  # the feature actors import this module for read_inputs: not the manifest readers
     from .plan import Plan
@@ -200,5 +199,5 @@ def read_inputs(batch: pa.Table, layout: RunLayout, invocation_id: str, wait_sec
             if layout.exists(abort):
                 raise RuntimeError(layout.read_bytes(abort).decode())
             time.sleep(0.2)
-        tables.append(pq.read_table(io.BytesIO(layout.read_bytes(path))))
+        tables.append(pq.read_table(parquet_source(layout.read_bytes(path))))  # Arrow-owned: see its doc
     return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from .layout import STAGING, RunLayout
 from .plan import Plan
-from .sink import read_invocations
+from .sink import parquet_source, read_invocations
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def _check_shard(
     elif hashlib.sha256(data).hexdigest() != checksum:
         return corrupt("its sha256 differs from its completion record's (the file changed after its commit)")
     try:
-        table = pq.read_table(pa.BufferReader(data), columns=_COLUMNS, use_threads=False)
+        table = pq.read_table(parquet_source(data), columns=_COLUMNS, use_threads=False)
     except (pa.ArrowException, OSError, ValueError, KeyError) as e:
         return corrupt(f"not readable as Parquet ({type(e).__name__}: {e})")
     if table.num_rows != record["rows"]:
@@ -294,7 +294,7 @@ def _duplicate_ids(layout: RunLayout, shards: list[int], digests: array) -> list
     holders: dict[str, list[int]] = {}
     for shard in shards:
         data = layout.read_bytes(layout.shard_file(shard))
-        for row_id in pq.read_table(pa.BufferReader(data), columns=["id"], use_threads=False)["id"].to_pylist():
+        for row_id in pq.read_table(parquet_source(data), columns=["id"], use_threads=False)["id"].to_pylist():
             if _id_digest(row_id) in repeated:
                 holders.setdefault(row_id, []).append(shard)
     by_shard: dict[int, list[str]] = {}

@@ -153,3 +153,27 @@ def test_layout_pickles_for_ray_workers(tmp_path):
     layout = pickle.loads(pickle.dumps(RunLayout(str(tmp_path / "out"), {"auto_mkdir": True})))
     write_shard(layout, 5, make_rows(5, [9]), EXTRA, "m")
     assert layout.list_done_shards() == {5} and layout.storage_options == {"auto_mkdir": True}
+
+
+def test_parquet_bytes_are_read_over_a_copy_that_holds_no_python_object():
+    """A reader Arrow's I/O threads may release after the read must not hold the caller's bytes: its release would
+    need the GIL, and at the interpreter's exit that aborts the process (exit 134, apache/arrow#34314, seen in
+    `whisper-batch verify` after it printed "ok")."""
+    import io
+    import sys
+
+    import pyarrow as pa
+
+    from whisper_batch.pipeline.sink import parquet_source
+
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"id": ["a", "b"], "n": [1, 2]}), sink)
+    data = sink.getvalue()
+    before = sys.getrefcount(data)
+    over_the_bytes = pa.BufferReader(data)  # what the readers were given before: Arrow holds the bytes object
+    assert sys.getrefcount(data) == before + 1
+    del over_the_bytes
+    reader = parquet_source(data)
+    table = pq.read_table(reader)
+    assert sys.getrefcount(data) == before
+    assert table.to_pydict() == {"id": ["a", "b"], "n": [1, 2]}
